@@ -1,0 +1,406 @@
+"""The model-independent parts of the Decom-CAM evaluation protocol (paper section 4, DESIGN.md).
+
+Pointing game (Zhang et al.), paper section 2.3 / Table 1
+    ``pointing_hit`` scores one saliency map against the ground-truth boxes of its target class;
+    ``center_point_hit`` / ``random_point_hit`` are the usual baselines; ``pointing_game_summary``
+    turns (class, hit) records into per-class accuracies and their mean over classes (the paper's number).
+
+Deletion / insertion (RISE, Petsiuk et al.), paper section 2.3
+    ``perturbation_curve`` produces the class-probability curve as pixels are removed (deletion) or put
+    back (insertion) in saliency order; ``auc`` is RISE's trapezoid area under it.
+
+The paper's new protocol, section 4.1 / Figure 4 / Table 2
+    ``accuracy_bins`` groups classes by the model's per-class accuracy into 10% bins;
+    ``binned_protocol`` keeps only correctly predicted images, averages insertion / deletion / overall
+    (= insertion - deletion) per bin, and reports the area under metric-versus-accuracy;
+    ``plot_binned`` draws the Figure-4 style plot for several methods.
+
+Coordinate conventions
+    Saliency maps are ``[H, W]`` arrays indexed ``[row, col] = [y, x]``. Boxes are ``[K, 4]`` arrays of
+    ``(xmin, ymin, xmax, ymax)`` in 0-based *inclusive* pixel coordinates: a box covers the pixels with
+    ``xmin <= x <= xmax`` and ``ymin <= y <= ymax``. VOC XML stores 1-based inclusive coordinates;
+    ``benchmarks.quality.voc`` subtracts 1 when it reads them, so boxes from there can be passed as is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+__all__ = [
+    "pointing_hit",
+    "center_point_hit",
+    "random_point_hit",
+    "pointing_game_summary",
+    "perturbation_curve",
+    "auc",
+    "accuracy_bins",
+    "binned_protocol",
+    "plot_binned",
+    "METRICS",
+]
+
+#: The three per-image metrics of the binned protocol, in plotting order.
+METRICS = ("insertion", "deletion", "overall")
+
+# Slack for float bin edges: 0.7 / 0.1 == 6.999999999999999 must land in bin 7.
+_BIN_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------------
+# Pointing game
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_boxes(boxes) -> np.ndarray:
+    """Validate and return boxes as float64 [K, 4] (K may be 0)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.ndim == 1 and b.size == 4:
+        b = b[None, :]  # a single box given as (4,)
+    if b.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [K, 4] (xmin, ymin, xmax, ymax), got {b.shape}")
+    return b
+
+
+def _point_in_boxes(x: float, y: float, boxes, tolerance: float) -> bool:
+    """True when (x, y) lies inside any box grown by ``tolerance`` pixels on every side."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    b = _as_boxes(boxes)  # [K, 4]
+    if len(b) == 0:
+        return False
+    inside = (
+        (b[:, 0] - tolerance <= x)
+        & (x <= b[:, 2] + tolerance)
+        & (b[:, 1] - tolerance <= y)
+        & (y <= b[:, 3] + tolerance)
+    )  # [K]
+    return bool(inside.any())
+
+
+def pointing_hit(saliency: np.ndarray, boxes: np.ndarray, tolerance: float = 0.0) -> bool:
+    """One pointing-game trial: does the saliency maximum fall inside a box of the target class?
+
+    saliency  : [H, W] map in the *original image* coordinates (resize it to the image first).
+    boxes     : [K, 4] (xmin, ymin, xmax, ymax), 0-based inclusive pixel coordinates, all the
+                ground-truth boxes of the target class in this image (K = 0 is always a miss).
+    tolerance : grow every box by this many pixels on each side (an axis-aligned expansion).
+                0 is the paper's strict test; 15 is the usual variant of Zhang et al.'s pointing game.
+                (TorchRay's implementation of that variant uses a disc of radius 15 around the point
+                instead of a square; the two differ only near box corners.)
+
+    Ties: the maximum is the *first* argmax in row-major order (``np.argmax`` on the flattened map),
+    so a constant map points at pixel (0, 0). Non-finite values are rejected.
+    """
+    s = np.asarray(saliency)
+    if s.ndim != 2 or s.size == 0:
+        raise ValueError(f"saliency must be a non-empty [H, W] array, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("saliency contains NaN or inf")
+    y, x = np.unravel_index(int(np.argmax(s)), s.shape)  # first maximum, row-major
+    return _point_in_boxes(float(x), float(y), boxes, tolerance)
+
+
+def center_point_hit(h: int, w: int, boxes: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Centre-point baseline: always point at the image centre ((w - 1) / 2, (h - 1) / 2).
+
+    The centre is taken in continuous 0-based pixel coordinates, so for even sizes it lies between
+    two pixels and is inside a box exactly when both of its neighbours are.
+    """
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got h={h}, w={w}")
+    return _point_in_boxes((w - 1) / 2.0, (h - 1) / 2.0, boxes, tolerance)
+
+
+def random_point_hit(
+    h: int, w: int, boxes: np.ndarray, rng: np.random.Generator, tolerance: float = 0.0
+) -> bool:
+    """Random-point baseline: point at a pixel drawn uniformly from the h x w image with ``rng``."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got h={h}, w={w}")
+    x = int(rng.integers(0, w))
+    y = int(rng.integers(0, h))
+    return _point_in_boxes(float(x), float(y), boxes, tolerance)
+
+
+def pointing_game_summary(records: Iterable[tuple[str, bool]]) -> dict:
+    """Aggregate pointing-game trials.
+
+    records : iterable of (class_name, hit) pairs, one per (image, target class) trial.
+    Returns ``{"per_class": {name: hits / trials}, "mean_accuracy": mean of per_class over classes,
+    "n": number of trials}``. The mean is over classes, not over trials (paper section 2.3), so a
+    rare class weighs as much as a common one. ``per_class`` is ordered by class name.
+    """
+    hits: dict[str, int] = defaultdict(int)
+    trials: dict[str, int] = defaultdict(int)
+    n = 0
+    for name, hit in records:
+        trials[name] += 1
+        hits[name] += int(bool(hit))
+        n += 1
+    if n == 0:
+        raise ValueError("pointing_game_summary: no records")
+    per_class = {name: hits[name] / trials[name] for name in sorted(trials)}
+    mean = float(np.mean(list(per_class.values())))
+    return {"per_class": per_class, "mean_accuracy": mean, "n": n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Deletion / insertion
+# --------------------------------------------------------------------------------------------------
+
+
+def perturbation_curve(
+    x: np.ndarray,
+    saliency: np.ndarray,
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    mode: str,
+    step: int,
+    substrate: np.ndarray,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """RISE-style deletion or insertion curve for one image.
+
+    x         : [3, H, W] model-input image (already normalised, as the model consumes it).
+    saliency  : [H, W] saliency in model-input coordinates.
+    score_fn  : maps a batch [N, 3, H, W] (dtype of ``x``) to [N] scores, e.g. the target-class probability.
+    mode      : "deletion"  - start from x and replace the most salient pixels with ``substrate``;
+                "insertion" - start from ``substrate`` and put x's most salient pixels back.
+    step      : pixels changed per step; n_steps = ceil(H * W / step), the last step may be smaller.
+    substrate : [3, H, W] what removed pixels become (zeros in normalised space = the mean colour,
+                or a blurred copy of x).
+    batch_size: images per ``score_fn`` call.
+
+    Pixels are ranked by saliency, descending, with a stable sort (equal values keep row-major index
+    order). Point i of the curve (0 <= i <= n_steps) has the top min(i * step, H * W) pixels changed, so
+    point 0 is the untouched start (x for deletion, substrate for insertion) and the last point is the
+    other end. Returns the [n_steps + 1] scores as float64.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    x = np.asarray(x)
+    substrate = np.asarray(substrate)
+    sal = np.asarray(saliency)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"x must be [3, H, W], got {x.shape}")
+    _, h, w = x.shape
+    if sal.shape != (h, w):
+        raise ValueError(f"saliency must be [H, W] = {(h, w)} to match x, got {sal.shape}")
+    if substrate.shape != x.shape:
+        raise ValueError(f"substrate must match x's shape {x.shape}, got {substrate.shape}")
+    if not np.all(np.isfinite(sal)):
+        raise ValueError("saliency contains NaN or inf")
+    if int(step) != step or step < 1:
+        raise ValueError(f"step must be a positive integer, got {step}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    step, batch_size = int(step), int(batch_size)
+
+    n_pix = h * w
+    n_steps = math.ceil(n_pix / step)
+    # Flat pixel indices, most salient first; stable so ties keep ascending index order.
+    order = np.argsort(-sal.reshape(-1).astype(np.float64), kind="stable")  # [H*W]
+
+    src = x.reshape(3, n_pix)  # [3, H*W]
+    sub = substrate.reshape(3, n_pix).astype(x.dtype, copy=False)  # [3, H*W]
+    start, finish = (src, sub) if mode == "deletion" else (sub, src)
+    current = start.copy()  # [3, H*W], evolves step by step
+
+    scores = np.empty(n_steps + 1, dtype=np.float64)
+    batch: list[np.ndarray] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal filled
+        if not batch:
+            return
+        out = np.asarray(score_fn(np.stack(batch).reshape(len(batch), 3, h, w)), dtype=np.float64)
+        out = out.reshape(-1)
+        if out.shape[0] != len(batch):
+            raise ValueError(f"score_fn returned {out.shape[0]} scores for a batch of {len(batch)}")
+        scores[filled : filled + len(batch)] = out
+        filled += len(batch)
+        batch.clear()
+
+    for i in range(n_steps + 1):
+        if i > 0:
+            idx = order[(i - 1) * step : i * step]  # the next `step` pixels in saliency order
+            current[:, idx] = finish[:, idx]
+        batch.append(current.copy())
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return scores
+
+
+def auc(curve: np.ndarray) -> float:
+    """Area under a curve sampled at evenly spaced x in [0, 1], by the trapezoid rule (as RISE).
+
+    auc = (sum(c) - (c[0] + c[-1]) / 2) / (len(c) - 1)
+    """
+    c = np.asarray(curve, dtype=np.float64).reshape(-1)
+    if c.shape[0] < 2:
+        raise ValueError(f"auc needs a curve of at least 2 points, got {c.shape[0]}")
+    return float((c.sum() - (c[0] + c[-1]) / 2.0) / (c.shape[0] - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's accuracy-binned protocol
+# --------------------------------------------------------------------------------------------------
+
+
+def _n_bins(width: float) -> int:
+    n = int(round(1.0 / width)) if width > 0 else 0
+    if n < 1 or abs(n * width - 1.0) > 1e-9:
+        raise ValueError(f"width must divide 1 into a whole number of bins, got {width}")
+    return n
+
+
+def _bin_index(acc: float, width: float, n_bins: int) -> int:
+    if not (0.0 <= acc <= 1.0) or not math.isfinite(acc):
+        raise ValueError(f"accuracy must lie in [0, 1], got {acc}")
+    return min(int(math.floor(acc / width + _BIN_EPS)), n_bins - 1)
+
+
+def accuracy_bins(per_class_accuracy: dict[str, float], width: float = 0.1) -> dict[int, list[str]]:
+    """Group classes by the model's per-class accuracy.
+
+    Bin b (0 <= b < 1 / width) holds the classes with accuracy in [b * width, (b + 1) * width);
+    accuracy 1.0 goes in the last bin, which is therefore closed: [0.9, 1.0] for width 0.1.
+    Edges are compared with a 1e-9 slack so that e.g. 0.7 lands in bin 7 despite 0.7 / 0.1 < 7 in
+    floating point. Only populated bins are returned, keys ascending, names sorted within a bin.
+    """
+    n_bins = _n_bins(width)
+    bins: dict[int, list[str]] = defaultdict(list)
+    for name, acc in per_class_accuracy.items():
+        bins[_bin_index(float(acc), width, n_bins)].append(name)
+    return {b: sorted(bins[b]) for b in sorted(bins)}
+
+
+def _mean_level(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoid area of y over x divided by the x-span; a single point is its own level."""
+    if len(x) == 1:
+        return float(y[0])
+    area = float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
+    return area / float(x[-1] - x[0])
+
+
+def binned_protocol(
+    per_image: list[dict], per_class_accuracy: dict[str, float], width: float = 0.1
+) -> dict:
+    """The paper's deletion/insertion protocol (section 4.1): bin by class accuracy, keep correct images.
+
+    per_image          : rows ``{"class": name, "correct": bool, "insertion": auc, "deletion": auc}``,
+                         one per test image (the AUCs of its insertion / deletion curves).
+    per_class_accuracy : the model's accuracy for each class on this test set, in [0, 1].
+    width              : bin width (0.1 = the paper's 10% bins), see ``accuracy_bins``.
+
+    Rows with ``correct`` false are dropped. Each image goes to its class's bin. For every bin with at
+    least one kept image the result holds (means over the bin's images, not over its classes)::
+
+        {"bin": b, "accuracy": (b + 0.5) * width (the bin centre), "lo": b * width, "hi": (b + 1) * width,
+         "n": images, "classes": sorted class names with kept images,
+         "insertion": mean, "deletion": mean, "overall": insertion - deletion}
+
+    ``auc`` is the area under each metric-versus-accuracy polyline (Table 2): the trapezoid rule over
+    the populated bins' centre accuracies (x) of the per-bin means (y), divided by the x-span between
+    the first and last populated centres. That makes it a mean level on the metric's own scale (in
+    [0, 1] for probability AUCs), comparable between methods and between runs whose populated bins
+    differ. With one populated bin it is that bin's mean. ``overall``'s area equals insertion's minus
+    deletion's (the trapezoid rule is linear).
+
+    Returns ``{"bins": [...ascending by bin...], "auc": {"insertion", "deletion", "overall"},
+    "n_images": kept images, "n_dropped": incorrect rows dropped}``.
+    """
+    n_bins = _n_bins(width)
+    groups: dict[int, list[dict]] = defaultdict(list)
+    n_dropped = 0
+    for row in per_image:
+        name = row["class"]
+        if name not in per_class_accuracy:
+            raise ValueError(f"class {name!r} of a per-image row has no entry in per_class_accuracy")
+        if not bool(row["correct"]):
+            n_dropped += 1
+            continue
+        groups[_bin_index(float(per_class_accuracy[name]), width, n_bins)].append(row)
+    if not groups:
+        raise ValueError("binned_protocol: no correctly predicted images to evaluate")
+
+    bins = []
+    for b in sorted(groups):
+        rows = groups[b]
+        ins = float(np.mean([float(r["insertion"]) for r in rows]))
+        dele = float(np.mean([float(r["deletion"]) for r in rows]))
+        bins.append(
+            {
+                "bin": b,
+                "accuracy": (b + 0.5) * width,
+                "lo": b * width,
+                "hi": (b + 1) * width,
+                "n": len(rows),
+                "classes": sorted({r["class"] for r in rows}),
+                "insertion": ins,
+                "deletion": dele,
+                "overall": ins - dele,
+            }
+        )
+    xs = np.array([r["accuracy"] for r in bins], dtype=np.float64)  # [B] bin centres
+    areas = {m: _mean_level(xs, np.array([r[m] for r in bins], dtype=np.float64)) for m in METRICS}
+    return {
+        "bins": bins,
+        "auc": areas,
+        "n_images": int(sum(r["n"] for r in bins)),
+        "n_dropped": n_dropped,
+    }
+
+
+def plot_binned(results_by_method: dict[str, dict], path) -> None:
+    """Figure-4 style plot: insertion, deletion and overall versus model accuracy, one line per method.
+
+    results_by_method : {method name: result of ``binned_protocol``}.
+    path              : PNG to write; written to a temporary name in the same folder, then renamed
+                        with ``os.replace`` so readers never see a partial file.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch); matplotlib is
+    imported here so the rest of the module does not need it.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results_by_method:
+        raise ValueError("plot_binned: no methods to plot")
+    path = Path(path)
+    fig = Figure(figsize=(13, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    titles = {"insertion": "Insertion (higher is better)", "deletion": "Deletion (lower is better)",
+              "overall": "Overall = insertion - deletion"}
+    for ax, metric in zip(axes, METRICS):
+        for method, res in results_by_method.items():
+            xs = [100.0 * r["accuracy"] for r in res["bins"]]
+            ys = [r[metric] for r in res["bins"]]
+            label = f"{method} ({res['auc'][metric]:.3f})"
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_title(titles[metric])
+        ax.set_xlabel("model accuracy of the class subset (%)")
+        ax.set_xlim(0, 100)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("AUC")
+    fig.tight_layout()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

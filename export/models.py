@@ -1,0 +1,243 @@
+"""CLIP ResNet model registry and loading.
+
+The registry lists every CLIP ResNet open_clip ships (RN50, RN101, RN50x4, RN50x16, RN50x64) and tiny
+configs of the same architecture (open_clip's ModifiedResNet + attention pool) for fast tests.
+
+`load_model(name, pretrained)` where `pretrained` is
+    "openai"     the open_clip tag (downloads; offline this is a clear error naming the two ways out),
+    a path       a local checkpoint (.pt/.pth/.bin state dict loaded with weights_only=True, an OpenAI
+                 TorchScript archive, or .safetensors); a checkpoint of another architecture is an error
+                 that names the missing and unexpected keys,
+    "none"       a seeded random model whose BatchNorm layers are calibrated on random inputs and then given
+                 random affine parameters, so every residual branch is live (open_clip zeroes bn3.weight).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import open_clip
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str           # open_clip architecture name
+    image_size: int     # input side in pixels
+    tiny: bool          # a test config of the same family (no pretrained weights exist)
+
+
+_MODELS = {
+    "RN50": ModelInfo("RN50", 224, False),
+    "RN101": ModelInfo("RN101", 224, False),
+    "RN50x4": ModelInfo("RN50x4", 288, False),
+    "RN50x16": ModelInfo("RN50x16", 384, False),
+    "RN50x64": ModelInfo("RN50x64", 448, False),
+    "RN-tiny": ModelInfo("RN-tiny", 128, True),
+    "RN-tiny-96": ModelInfo("RN-tiny-96", 96, True),
+}
+
+PRETRAINED_TAGS = ("openai",)
+
+
+class ModelError(ValueError):
+    """A model name, checkpoint or pretrained source that cannot be used."""
+
+
+class PretrainedUnavailable(ModelError):
+    """Pretrained weights could not be obtained (offline, or not published)."""
+
+
+def list_models(include_tiny: bool = True) -> list[str]:
+    return [n for n, m in _MODELS.items() if include_tiny or not m.tiny]
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in _MODELS:
+        raise ModelError(f"unknown model '{name}'; valid models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module          # open_clip CLIP model, eval mode, fp32
+    name: str                 # architecture
+    pretrained: str           # "openai", "none" or the checkpoint path as given
+    pretrained_id: str        # "openai", "none:seed=S" or "sha256:<hex>" of the checkpoint file
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    random_weights: bool      # True when no trained weights were loaded
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: str | None = None) -> LoadedModel:
+    """Build the named CLIP ResNet and load its weights; see the module docstring for `pretrained`."""
+    info = model_info(name)
+    if pretrained in PRETRAINED_TAGS:
+        if info.tiny:
+            raise ModelError(f"model '{name}' is a test config with no published weights; use pretrained='none'")
+        model = _load_tag(name, pretrained, cache_dir)
+        pid, random_weights = pretrained, False
+    elif pretrained == "none":
+        with torch.random.fork_rng():  # open_clip's init draws from the global RNG
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None)
+        randomize_model(model, seed)
+        pid, random_weights = f"none:seed={seed}", True
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ModelError(
+                f"pretrained '{pretrained}' is neither a tag ({', '.join(PRETRAINED_TAGS)}), 'none', nor an existing file"
+            )
+        model = open_clip.create_model(name, pretrained=None)
+        load_checkpoint(model, path)
+        pid, random_weights = f"sha256:{sha256_file(path)}", False
+    model.eval()
+    mean = tuple(float(v) for v in open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(float(v) for v in open_clip.OPENAI_DATASET_STD)
+    return LoadedModel(model, name, pretrained, pid, info.image_size, mean, std, random_weights)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_tag_file(name: str, tag: str, cache_dir: str | None) -> str | None:
+    """Path of already-downloaded weights for (name, tag) in the Hugging Face cache, if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    repo = (open_clip.get_pretrained_cfg(name, tag).get("hf_hub") or "").rstrip("/")
+    for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, fname, cache_dir=cache_dir) if repo else None
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _load_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
+    ways_out = "Pass a local checkpoint with --pretrained PATH, or --pretrained none for random weights."
+    cached = _cached_tag_file(name, tag, cache_dir)
+    if cached is not None:
+        model = open_clip.create_model(name, pretrained=None)
+        load_checkpoint(model, cached)
+        return model
+    if not _hub_reachable():  # fail fast instead of the hub client's retry loop
+        raise PretrainedUnavailable(
+            f"the '{tag}' weights for {name} are not cached and the model hub cannot be reached (offline). {ways_out}"
+        )
+    try:
+        return open_clip.create_model(name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True)
+    except Exception as e:  # network errors come in many types (OSError, HTTP errors, hub errors)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PretrainedUnavailable(
+            f"could not obtain the '{tag}' weights for {name} ({type(e).__name__}: {reason[:200]}). {ways_out}"
+        ) from e
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+        if is_torchscript:  # the OpenAI release format; loading TorchScript runs no pickled Python
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict into `model` strictly; a mismatch names the missing and unexpected keys."""
+    path = Path(path)
+    sd = _read_state_dict(path)
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata entries
+        sd.pop(key, None)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or mismatched:
+
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch: {few(mismatched)}")
+        raise ModelError(f"{path}: checkpoint does not fit this architecture; " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+@torch.no_grad()
+def randomize_model(model: nn.Module, seed: int = 0, calib_batches: int = 2) -> None:
+    """Seeded random weights with live residual branches.
+
+    Conv/linear weights keep open_clip's init; every BatchNorm gets running statistics measured on
+    random inputs (so activations stay well scaled through the depth) and then random affine parameters
+    (weight in [0.5, 1.5], bias ~ N(0, 0.1)), so no residual branch is switched off.
+    """
+    g = torch.Generator().manual_seed(seed)
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    bns = [m for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+    visual.train()
+    for _ in range(calib_batches):
+        visual(torch.randn(2, 3, size, size, generator=g))
+    visual.eval()
+    for bn in bns:
+        bn.momentum = 0.1
+        bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
+        bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=g))
+    model.logit_scale.fill_(float(torch.log(torch.tensor(100.0))))  # CLIP's trained value
+
+
+def has_live_residuals(model: nn.Module) -> bool:
+    """True when no bn3 (last BN of a residual branch) has an all-zero weight."""
+    return all(
+        m.bn3.weight.abs().sum() > 0 for m in model.visual.modules() if hasattr(m, "bn3") and hasattr(m, "conv3")
+    )

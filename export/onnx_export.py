@@ -1,0 +1,382 @@
+"""Export the three graphs, validate them against PyTorch, and write the manifest.
+
+`export_model(...)` writes into an artifacts folder:
+    explain.onnx, classify.onnx, head.onnx   the graphs declared in runtime/spec.py
+    classes/<set>.txt, classes/<set>.npy     class sets: label names and L2-normalised embeddings [L, D]
+    manifest.json                            model, weights, preprocessing, dims, versions, graphs (sha256 +
+                                             I/O spec), class sets and the validation report
+
+Validation always runs before anything is called a success: ONNX Runtime (CPU) and PyTorch see the same
+inputs at several (batch, L) sizes, including batch 1 and an odd batch. explain.onnx is compared with torch
+autograd on the unmodified open_clip module, classify.onnx with open_clip's encode_image, head.onnx with
+open_clip's attention pool. Each output passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every
+element (atol is in units of the output's scale, so one table serves every model size). Running the written
+files at sizes other than the traced ones also proves the dynamic axes are really dynamic. Every failure is
+collected into one `ValidationError`; the graphs are written under temporary names and renamed only after
+they pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from runtime.spec import CLASSIFY, EXPLAIN, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
+
+from .classes import ClassSet, text_embeddings
+from .graphs import ClassifyModule, ExplainModule, HeadModule, autograd_reference
+from .models import LoadedModel
+
+OPSET = 20
+# (batch, L) sizes the written graphs are run at. The export traces (2, 5); the others prove the axes are dynamic.
+VALIDATION_SIZES = ((1, 3), (3, 7))
+TRACE_SIZE = (2, 5)
+
+
+class ExportError(RuntimeError):
+    """The export could not produce valid graphs."""
+
+
+class ValidationError(ExportError):
+    """ORT and PyTorch disagree; `failures` lists every failing output with its max differences."""
+
+    def __init__(self, failures: list[dict]):
+        self.failures = failures
+        lines = [
+            f"  {f['graph']}.{f['output']} at batch={f['batch']} L={f['L']}: max abs {f['max_abs']:.3g}, "
+            f"max rel {f['max_rel']:.3g} (allowed atol {f['atol']:g}*scale + rtol {f['rtol']:g})"
+            + (f" [{f['reason']}]" if f.get("reason") else "")
+            for f in failures
+        ]
+        super().__init__("ONNX validation failed:\n" + "\n".join(lines))
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_dims(lm: LoadedModel) -> dict[str, int]:
+    v = lm.model.visual
+    c = v.attnpool.k_proj.in_features
+    side = lm.image_size // 32
+    d = v.attnpool.c_proj.out_features
+    return {"3": 3, "H": lm.image_size, "W": lm.image_size, "C": c, "h": side, "w": side, "D": d}
+
+
+def sample_inputs(lm: LoadedModel, batch: int, n_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """Smooth, image-like normalised inputs plus random unit class embeddings and targets."""
+    g = torch.Generator().manual_seed(seed)
+    s = lm.image_size
+    low = torch.rand(batch, 3, 8, 8, generator=g)
+    pix = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
+    pix = (pix + 0.1 * torch.rand(batch, 3, s, s, generator=g)).clamp(0, 1)
+    mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(lm.std).view(1, 3, 1, 1)
+    d = model_dims(lm)["D"]
+    text = torch.nn.functional.normalize(torch.randn(n_classes, d, generator=g), dim=-1)
+    target = torch.randint(0, n_classes, (batch,), generator=g)
+    return {"image": ((pix - mean) / std).float(), "text": text, "target": target}
+
+
+def _modules(lm: LoadedModel, target_layer: str):
+    return {
+        "explain": ExplainModule(lm.model, target_layer).eval(),
+        "classify": ClassifyModule(lm.model, target_layer).eval(),
+        "head": HeadModule(lm.model).eval(),
+    }
+
+
+def _export_one(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path, opset: int) -> None:
+    dims = {"batch": torch.export.Dim("batch"), "L": torch.export.Dim("L")}
+    dyn = {t.name: {i: dims[a] for i, a in enumerate(t.axes) if a in dims} or None for t in spec.inputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dyn, opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def _check_structure(path: Path, spec: GraphSpec, dims: dict[str, int]) -> list[dict]:
+    """onnx.checker full check, standard-domain ops only, and declared (symbolic) axes in the file."""
+    fails = []
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # checker raises several types
+        fails.append({"graph": spec.name, "output": "*", "reason": f"onnx.checker: {str(e).splitlines()[0]}"})
+    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if domains:
+        fails.append({"graph": spec.name, "output": "*", "reason": f"non-standard op domains: {domains}"})
+    declared = {t.name: t for t in spec.inputs + spec.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        t = declared.get(vi.name)
+        if t is None:
+            fails.append({"graph": spec.name, "output": vi.name, "reason": "undeclared graph input/output"})
+            continue
+        for axis, dim in zip(t.axes, vi.type.tensor_type.shape.dim):
+            if axis in ("batch", "L") and not dim.dim_param:
+                fails.append({"graph": spec.name, "output": vi.name,
+                              "reason": f"axis '{axis}' is baked to {dim.dim_value}"})
+            elif axis not in ("batch", "L") and dim.dim_value != dims[axis]:
+                fails.append({"graph": spec.name, "output": vi.name,
+                              "reason": f"axis '{axis}' is {dim.dim_value or dim.dim_param}, expected {dims[axis]}"})
+    return fails
+
+
+def compare(ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict:
+    """Per-output comparison; `ok` when every element is within atol*max|ref| + rtol*|ref|."""
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(ort_out, np.float64)
+    if out.shape != ref.shape:
+        return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"), "cosine": float("nan"),
+                "reason": f"shape {out.shape} != {ref.shape}"}
+    diff = np.abs(out - ref)
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    ok = bool(np.all(diff <= atol * scale + rtol * np.abs(ref))) and bool(np.all(np.isfinite(out)))
+    denom = np.linalg.norm(out) * np.linalg.norm(ref)
+    return {
+        "ok": ok,
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12 + 1e-6 * scale)).max()) if diff.size else 0.0,
+        "cosine": float((out * ref).sum() / denom) if denom > 0 else 1.0,
+        "scale": scale,
+    }
+
+
+@torch.no_grad()
+def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+    """Independent PyTorch results from the unmodified open_clip module."""
+    m = lm.model
+    logits, act, grad = autograd_reference(m, feed["image"], feed["text"], feed["target"])
+    pooled = torch.nn.functional.normalize(m.visual.attnpool(act), dim=-1)
+    head_logits = m.logit_scale.exp() * pooled @ feed["text"].T
+    return {
+        "explain": {"logits": logits.numpy(), "activations": act.numpy(), "gradients": grad.numpy()},
+        "classify": {"logits": logits.numpy()},
+        "head": {"logits": head_logits.numpy(), "_activations": act.numpy()},
+    }
+
+
+def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SIZES, seed: int = 1234,
+                    spin: bool = True) -> dict:
+    """Run the written graphs with ORT-CPU against PyTorch; raise ValidationError listing all failures."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()}
+    rows, failures = [], []
+    for i, (b, l) in enumerate(sizes):
+        feed = sample_inputs(lm, b, l, seed + i)
+        refs = _references(lm, feed)
+        for name, sess in sessions.items():
+            spec = GRAPHS[name]
+            if name == "head":
+                inputs = {"activations": refs["head"]["_activations"].astype(np.float32), "text": feed["text"].numpy()}
+            else:
+                inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
+            try:
+                outs = dict(zip(spec.output_names, sess.run(spec.output_names, inputs)))
+            except Exception as e:  # ORT raises its own exception types for shape errors
+                failures.append({"graph": name, "output": "*", "batch": b, "L": l, "max_abs": float("inf"),
+                                 "max_rel": float("inf"), "atol": 0, "rtol": 0,
+                                 "reason": f"ORT run failed: {str(e).splitlines()[0][:200]}"})
+                continue
+            for out_name, tol in spec.tolerances.items():
+                r = compare(outs[out_name], refs[name][out_name], tol.atol, tol.rtol)
+                row = {"graph": name, "output": out_name, "batch": b, "L": l, "atol": tol.atol, "rtol": tol.rtol, **r}
+                rows.append(row)
+                if not r["ok"]:
+                    failures.append(row)
+    if failures:
+        raise ValidationError(failures)
+    return {"sizes": [list(s) for s in sizes], "rows": rows}
+
+
+def format_parity_table(report: dict) -> str:
+    head = f"{'graph':<9} {'output':<12} {'batch':>5} {'L':>3} {'max_abs':>10} {'max_rel':>10} {'cosine':>12} {'scale':>9}  ok"
+    lines = [head, "-" * len(head)]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['graph']:<9} {r['output']:<12} {r['batch']:>5} {r['L']:>3} {r['max_abs']:>10.2e} "
+            f"{r['max_rel']:>10.2e} {r['cosine']:>12.9f} {r['scale']:>9.3g}  {'yes' if r['ok'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import open_clip
+
+    try:
+        import onnxscript
+
+        oss = onnxscript.__version__
+    except ImportError:  # onnxscript is needed by the exporter; report it if present
+        oss = "absent"
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
+            "onnxscript": oss, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
+    cdir = out_dir / "classes"
+    cdir.mkdir(parents=True, exist_ok=True)
+    npy = cdir / f"{cs.name}.npy"
+    tmp = cdir / f".{cs.name}.tmp{os.getpid()}.npy"
+    np.save(tmp, emb.astype(np.float32))
+    os.replace(tmp, npy)
+    _atomic_write_text(cdir / f"{cs.name}.txt", "\n".join(cs.labels) + "\n")
+    return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
+            "templates": list(cs.templates), "sha256": sha256_path(npy)}
+
+
+def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
+    """Add (or replace) a class set in an existing export without touching the graphs."""
+    out_dir = Path(artifacts)
+    manifest = read_manifest_raw(out_dir)
+    if manifest["model"] != lm.name or manifest["pretrained_id"] != lm.pretrained_id:
+        raise ExportError(f"{out_dir}: artifacts are for {manifest['model']} ({manifest['pretrained_id']}), "
+                          f"not {lm.name} ({lm.pretrained_id})")
+    emb = text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
+    manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
+    if make_default or not manifest.get("default_class_set"):
+        manifest["default_class_set"] = cs.name
+    _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest_raw(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ExportError(f"{path}: no manifest; run `python -m export` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict
+    report: dict
+    seconds: dict = field(default_factory=dict)
+
+
+def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.PathLike,
+                 target_layer: str = "layer4", opset: int = OPSET, overwrite: bool = True) -> ExportResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dims = model_dims(lm)
+    tmp_dir = out_dir / f".export-tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    timings = {}
+    try:
+        t0 = time.perf_counter()
+        mods = _modules(lm, target_layer)
+        feed = sample_inputs(lm, *TRACE_SIZE, seed=0)
+        act = mods["explain"].trunk(feed["image"]).detach()
+        args = {"explain": (feed["image"], feed["text"], feed["target"]), "classify": (feed["image"], feed["text"]),
+                "head": (act, feed["text"])}
+        paths = {}
+        for name in ("explain", "classify", "head"):
+            spec = GRAPHS[name]
+            log(f"[export] {lm.name}: writing {spec.filename} ...")
+            t = time.perf_counter()
+            paths[name] = tmp_dir / spec.filename
+            _export_one(mods[name], spec, args[name], paths[name], opset)
+            timings[f"export_{name}_s"] = time.perf_counter() - t
+        structural = [f for name, p in paths.items() for f in _check_structure(p, GRAPHS[name], dims)]
+        if structural:
+            raise ValidationError([{"batch": "-", "L": "-", "max_abs": float("nan"), "max_rel": float("nan"),
+                                    "atol": 0, "rtol": 0, **f} for f in structural])
+        log(f"[export] {lm.name}: validating against PyTorch at (batch, L) = {list(VALIDATION_SIZES)} ...")
+        t = time.perf_counter()
+        report = validate_graphs(lm, paths)
+        timings["validate_s"] = time.perf_counter() - t
+
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "model": lm.name,
+            "pretrained": lm.pretrained,
+            "pretrained_id": lm.pretrained_id,
+            "random_weights": lm.random_weights,
+            "target_layer": target_layer,
+            "input_size": lm.image_size,
+            "mean": list(lm.mean),
+            "std": list(lm.std),
+            "logit_scale": float(lm.model.logit_scale.detach().exp()),
+            "dims": {k: v for k, v in dims.items() if k != "3"},
+            "opset": opset,
+            "versions": versions(),
+        }
+        meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in manifest.items()}
+        graphs = {}
+        for name, p in paths.items():
+            model = onnx.load(str(p))
+            onnx.helper.set_model_props(model, {**meta, "decomcam.graph": name,
+                                                "decomcam.io": json.dumps(GRAPHS[name].to_json())})
+            onnx.save(model, str(p))
+            graphs[name] = {"file": GRAPHS[name].filename, "sha256": sha256_path(p), "bytes": p.stat().st_size,
+                            **GRAPHS[name].to_json()}
+        manifest["graphs"] = graphs
+        manifest["class_sets"] = {}
+        t = time.perf_counter()
+        for cs in class_sets:
+            emb = text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
+            manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
+        timings["class_sets_s"] = time.perf_counter() - t
+        manifest["default_class_set"] = class_sets[0].name if class_sets else None
+        manifest["validation"] = {"sizes": report["sizes"], "max": _summarise(report)}
+        for name, p in paths.items():
+            os.replace(p, out_dir / GRAPHS[name].filename)
+        _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2))
+        timings["total_s"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return ExportResult(out_dir, manifest, report, timings)
+
+
+def _summarise(report: dict) -> dict:
+    out: dict[str, dict] = {}
+    for r in report["rows"]:
+        k = f"{r['graph']}.{r['output']}"
+        cur = out.setdefault(k, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
+        cur["max_abs"] = max(cur["max_abs"], r["max_abs"])
+        cur["max_rel"] = max(cur["max_rel"], r["max_rel"])
+        cur["min_cosine"] = min(cur["min_cosine"], r["cosine"])
+    return out
+
+
+def ops_used(path: str | os.PathLike) -> list[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})
+
+
+__all__ = ["export_model", "validate_graphs", "add_class_set", "ValidationError", "ExportError", "ops_used",
+           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD"]
