@@ -102,7 +102,9 @@ class Trunk(nn.Module):
 
 
 class ExplainModule(nn.Module):
-    """image [B,3,H,W], text [L,D], target [B] -> logits [B,L], activations [B,C,h,w], gradients [B,C,h,w]."""
+    """image [B,3,H,W], text [L,D], target [B] -> logits [B,L], activations [B,C,h,w], gradients [B,C,h,w].
+
+    A negative target selects the image's top-1 class, so the default explanation needs one pass."""
 
     def __init__(self, clip_model: nn.Module, target_layer: str = "layer4"):
         super().__init__()
@@ -112,6 +114,7 @@ class ExplainModule(nn.Module):
     def forward(self, image, text, target):
         a = self.trunk(image)
         logits, cache = self.head.forward_cache(a, text)
+        target = torch.where(target < 0, logits.argmax(1), target)  # -1: explain the top-1 class
         return logits, a, self.head.backward(cache, text, target)
 
 
@@ -152,6 +155,7 @@ def autograd_reference(clip_model: nn.Module, image: torch.Tensor, text: torch.T
             feats = clip_model.encode_image(image, normalize=True)
             logits = clip_model.logit_scale.exp() * feats @ text.T
             a = store["a"]
+            target = torch.where(target < 0, logits.argmax(1), target)
             sel = logits.gather(1, target[:, None]).sum()
             (grad,) = torch.autograd.grad(sel, a)
     finally:

@@ -94,6 +94,7 @@ def sample_inputs(lm: LoadedModel, batch: int, n_classes: int, seed: int) -> dic
     d = model_dims(lm)["D"]
     text = torch.nn.functional.normalize(torch.randn(n_classes, d, generator=g), dim=-1)
     target = torch.randint(0, n_classes, (batch,), generator=g)
+    target[0] = -1  # the top-1 path
     return {"image": ((pix - mean) / std).float(), "text": text, "target": target}
 
 

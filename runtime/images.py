@@ -213,15 +213,17 @@ def _exif_orientation(kind: str, data: bytes) -> int:
     """EXIF Orientation (1..8) of a JPEG, PNG or WebP file; 1 when absent or unreadable."""
     mv = memoryview(data)
     if kind == "jpeg":
-        blocks = (p[6:] for m, p in _jpeg_segments(mv) if m == 0xE1 and bytes(p[:6]) == b"Exif\0\0")
+        blocks = (p for m, p in _jpeg_segments(mv) if m == 0xE1 and bytes(p[:6]) == b"Exif\0\0")
     elif kind == "png":
         blocks = (p for t, p in _png_chunks(mv) if t == b"eXIf")
     elif kind == "webp":
-        blocks = (p[6:] if bytes(p[:6]) == b"Exif\0\0" else p for t, p in _webp_chunks(mv) if t == b"EXIF")
+        blocks = (p for t, p in _webp_chunks(mv) if t == b"EXIF")
     else:
         return 1
     try:
         for block in blocks:
+            if bytes(block[:6]) == b"Exif\0\0":  # always there in JPEG APP1, optional in PNG and WebP
+                block = block[6:]
             value = _tiff_tags(block, {_TIFF_ORIENTATION}).get(_TIFF_ORIENTATION, 1)
             return value if 1 <= value <= 8 else 1
     except (struct.error, IndexError, KeyError):
@@ -334,7 +336,6 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 # Resizing: Pillow's bicubic resampling in numpy
 
 _PRECISION_BITS = 22  # Pillow's fixed-point weight precision for 8-bit images (Resample.c: 32 - 8 - 2)
-_BLOCK = 32           # output pixels per matrix product: each block touches only its kernel's inputs
 
 
 def _bicubic_kernel(x: np.ndarray) -> np.ndarray:
@@ -347,50 +348,62 @@ def _bicubic_kernel(x: np.ndarray) -> np.ndarray:
 
 
 def _pillow_weights(in_size: int, out_size: int, first: int, count: int) -> np.ndarray:
-    """Weights [count, in_size] of outputs first .. first+count-1 of a bicubic in_size -> out_size resize,
-    computed as Pillow's precompute_coeffs and normalize_coeffs_8bpc do: integers (stored as float64)
-    in units of 2**-22."""
+    """int32 weights [count, in_size] (units of 2**-22) of outputs first .. first+count-1 of a bicubic
+    in_size -> out_size resize, as Pillow's precompute_coeffs and normalize_coeffs_8bpc compute them."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)  # downscaling widens the kernel: Pillow's antialiasing
     support = 2.0 * filterscale
     centre = (np.arange(first, first + count) + 0.5) * scale                 # [count]
-    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)            # [count]
-    hi = np.minimum((centre + support + 0.5).astype(np.int64), in_size)      # [count]
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)            # [count] window start
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), in_size)      # [count] window end
     x = np.arange(in_size)                                                    # [in]
     w = _bicubic_kernel((x - centre[:, None] + 0.5) * (1.0 / filterscale))   # [count, in]
     w[(x < lo[:, None]) | (x >= hi[:, None])] = 0.0
     total = w.sum(axis=1, keepdims=True)
     np.divide(w, total, out=w, where=total != 0)
-    return np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+    return np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5)).astype(np.int32)
 
 
-def _resample_axis(x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """Contract uint8 ``x`` with ``weights`` [n_out, x.shape[axis]] along ``axis`` and round as Pillow does.
+def _resample_rows(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Resample uint8 x [n_in, ...] along its first axis with weights [n_out, n_in], rounding as Pillow
+    does -> uint8 [n_out, ...].
 
-    Returns uint8 [n_out, *other axes of x]. Integer weights times uint8 sum exactly in float64.
+    Sums run in int32 as in Pillow, so the result is exact. Each step adds one kernel tap for every
+    output (a row gather), so the cost is n_out * kernel width rows, and no BLAS call is made.
     """
-    blocks = []
-    for start in range(0, len(weights), _BLOCK):
-        w = weights[start:start + _BLOCK]                    # [b, n_in]
-        used = np.flatnonzero(w.any(axis=0))
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        part = x[(slice(None),) * axis + (slice(lo, hi),)].astype(np.float64)
-        blocks.append(np.tensordot(w[:, lo:hi], part, axes=([1], [axis])))  # [b, *other axes]
-    acc = np.concatenate(blocks)
-    half, unit = 1 << (_PRECISION_BITS - 1), 1 << _PRECISION_BITS
-    return np.clip(np.floor((acc + half) / unit), 0, 255).astype(np.uint8)
+    n_out, n_in = weights.shape
+    nonzero = weights != 0
+    start = nonzero.argmax(axis=1)                                       # [n_out] first input used
+    taps = int((n_in - nonzero[:, ::-1].argmax(axis=1) - start).max())   # widest window
+    outputs = np.arange(n_out)
+    acc = np.zeros((n_out,) + x.shape[1:], np.int32)                     # [n_out, ...]
+    for k in range(taps):
+        at = start + k                                                   # [n_out] input row of tap k
+        idx = np.minimum(at, n_in - 1)
+        w = np.where(at < n_in, weights[outputs, idx], 0)               # [n_out], 0 past the window
+        acc += w.reshape((n_out,) + (1,) * (x.ndim - 1)) * x[idx]
+    acc += 1 << (_PRECISION_BITS - 1)
+    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
 def _resize_crop(rgb: np.ndarray, resized_hw: tuple[int, int], top: int, left: int, size: int) -> np.ndarray:
     """uint8 [H, W, C] -> the size x size window at (top, left) of its bicubic resize to resized_hw,
     exactly as Pillow's Image.resize(..., BICUBIC) followed by a crop: uint8 [size, size, C]."""
     (h, w), (rh, rw) = rgb.shape[:2], resized_hw
-    wv = _pillow_weights(h, rh, top, size)                   # [size, H]
-    wh = _pillow_weights(w, rw, left, size)                  # [size, W]
-    rows = np.flatnonzero(wv.any(axis=0))                    # input rows the crop depends on
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    tmp = _resample_axis(rgb[r0:r1], wh, axis=1)             # horizontal pass first, as Pillow: [size, r1-r0, C]
-    return _resample_axis(tmp, wv[:, r0:r1], axis=1)         # vertical pass: [size, size, C]
+    wv = _pillow_weights(h, rh, top, size)                         # [size, H]
+    wh = _pillow_weights(w, rw, left, size)                        # [size, W]
+    r0, r1 = _support(wv)                                          # input rows the crop depends on
+    c0, c1 = _support(wh)                                          # input columns
+    cols = np.ascontiguousarray(rgb[r0:r1, c0:c1].transpose(1, 0, 2))   # [c1-c0, r1-r0, C]
+    tmp = _resample_rows(cols, wh[:, c0:c1])                       # horizontal pass first, as Pillow: [size, r1-r0, C]
+    tmp = np.ascontiguousarray(tmp.transpose(1, 0, 2))             # [r1-r0, size, C]
+    return _resample_rows(tmp, wv[:, r0:r1])                       # vertical pass: [size, size, C]
+
+
+def _support(weights: np.ndarray) -> tuple[int, int]:
+    """[first, last + 1) of the inputs that any output uses."""
+    used = np.flatnonzero(weights.any(axis=0))
+    return int(used[0]), int(used[-1]) + 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -109,14 +109,15 @@ EXPLAIN = GraphSpec(
     outputs=(
         _LOGITS,
         TensorSpec("activations", "float32", ("batch", "C", "h", "w")),
-        TensorSpec("gradients", "float32", ("batch", "C", "h", "w")),  # d logits[b, target[b]] / d activations
+        TensorSpec("gradients", "float32", ("batch", "C", "h", "w")),  # d logits[b, t_b] / d activations
     ),
     tolerances={
         "logits": Tolerance(atol=1e-3, rtol=1e-3),
         "activations": Tolerance(atol=1e-4, rtol=1e-3),
         "gradients": Tolerance(atol=2e-3, rtol=1e-2),
     },
-    doc="Forward to logits plus the target layer's activations and the target logit's gradient (explicit backward).",
+    doc="Forward to logits plus the target layer's activations and the target logit's gradient (explicit "
+        "backward). t_b = target[b], or the top-1 class where target[b] < 0.",
 )
 
 CLASSIFY = GraphSpec(

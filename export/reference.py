@@ -1,0 +1,188 @@
+"""Eager PyTorch reference of Decom-CAM: the oracle every runtime parity check compares with.
+
+Written independently of runtime/: gradients by torch autograd on the unmodified open_clip module, a full
+SVD (torch.linalg.svd, float64) with the paper's projection F* = U_p^T S*, torch interpolation, a
+conv2d Gaussian blur, and the eager CLIP model for the masked forwards. The open choices (sign, rank,
+epsilon, blur, blend space) are the ones runtime/config.py documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from runtime.config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
+
+from .graphs import autograd_reference
+
+
+@dataclass
+class ReferenceResult:
+    saliency: np.ndarray            # [B, S, S] float32
+    components: np.ndarray          # [B, p, S, S] H_i, normalised upsampled feature maps
+    feature_maps: np.ndarray        # [B, p, h, w] F_i, signed, before upsampling
+    weights: np.ndarray             # [B, p] softmax weights (0 for null components)
+    scores: np.ndarray              # [B, p] C_i (gains over the blurred image)
+    explained_variance: np.ndarray  # [B, p] sigma_i^2 / sum sigma^2
+    singular_values: np.ndarray     # [B, p]
+    logits: np.ndarray              # [B, L]
+    target: np.ndarray              # [B] int64
+
+
+def gaussian_kernel1d(sigma: float, radius: int) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """[N, 3, H, W] separable Gaussian blur with reflect (reflect-101) padding."""
+    k = gaussian_kernel1d(sigma, radius).to(img.dtype)
+    c = img.shape[1]
+    x = F.pad(img, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1] over the last two axes; constant maps become 0."""
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    return (x - lo) / torch.clamp(hi - lo, min=NORM_EPS)
+
+
+def orient(fmaps: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """fmaps [p, n] float64, g [n]: make <F_i, g> positive, else the largest-magnitude entry."""
+    dots = fmaps @ g
+    tiny = dots.abs() <= SIGN_TOL * fmaps.norm(dim=1) * g.norm()
+    idx = fmaps.abs().argmax(dim=1)
+    fallback = torch.sign(fmaps.gather(1, idx[:, None]).squeeze(1))
+    s = torch.where(tiny, fallback, torch.sign(dots))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return fmaps * s[:, None]
+
+
+def decompose_paper(act: torch.Tensor, grad: torch.Tensor, p: int):
+    """One image: act, grad [C, h, w] -> F [p, h*w] (float64), sigma [p], explained variance [p], null [p]."""
+    c = act.shape[0]
+    s = (grad.double() * act.double()).reshape(c, -1)          # S* [C, n]
+    u, sv, vh = torch.linalg.svd(s, full_matrices=False)       # u [C, k], sv [k], vh [k, n]
+    fm = u[:, :p].T @ s                                        # F* = U_p^T S*  [p, n]
+    fm = orient(fm, s.sum(0))
+    total = (sv ** 2).sum()
+    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64)
+    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool)
+    fm = torch.where(null[:, None], torch.zeros_like(fm), fm)
+    return fm, sv[:p], evr, null
+
+
+def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int):
+    """The authors' code: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions,
+    components clamped at 0."""
+    c = act.shape[0]
+    alpha = grad.double().reshape(c, -1).mean(1)                   # [C]
+    k = min(top_k, c)
+    keep = torch.argsort(alpha, descending=True, stable=True)[:k]
+    m = alpha[keep, None] * act.double().reshape(c, -1)[keep]       # [K, n]
+    x = m.T - m.T.mean(0, keepdim=True)                             # [n, K] centred over positions
+    _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    comps = (x @ vh[:p].T).T                                        # [p, n] projections onto the principal axes
+    comps = orient(comps, m.sum(0))
+    total = (sv ** 2).sum()
+    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64)
+    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool)
+    comps = torch.where(null[:, None], torch.zeros_like(comps), comps.clamp_min(0))
+    return comps, sv[:p], evr, null
+
+
+@torch.no_grad()
+def eager_logits(clip_model, images: torch.Tensor, text: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        feats = clip_model.encode_image(images[i:i + batch_size], normalize=True)
+        out.append(clip_model.logit_scale.exp() * feats @ text.T)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean, std,
+                       target: torch.Tensor | None = None, config: DecomCamConfig = DecomCamConfig(),
+                       batch_size: int = 32, grads=None) -> ReferenceResult:
+    """Eager Decom-CAM. image [B, 3, S, S] normalised, text [L, D] unit rows; target [B] or None for top-1.
+
+    `grads` may pass precomputed (logits, activations, gradients) from `autograd_reference`."""
+    clip_model.eval()
+    b, _, size, _ = image.shape
+    if target is None:
+        with torch.no_grad():
+            target = eager_logits(clip_model, image, text, batch_size).argmax(1)
+    target = torch.as_tensor(target, dtype=torch.long).reshape(b)
+    logits, act, grad = grads if grads is not None else autograd_reference(clip_model, image, text, target)
+    c, h, w = act.shape[1:]
+    p = config.effective_p(c, h * w)
+
+    fmaps, svals, evrs, nulls = [], [], [], []
+    for i in range(b):
+        if config.variant == "paper":
+            fm, sv, evr, null = decompose_paper(act[i], grad[i], p)
+        else:
+            fm, sv, evr, null = decompose_authors(act[i], grad[i], p, config.authors_top_k)
+        fmaps.append(fm.reshape(p, h, w))
+        svals.append(sv)
+        evrs.append(evr)
+        nulls.append(null)
+    fmaps = torch.stack(fmaps)                                       # [B, p, h, w] float64
+    null = torch.stack(nulls)                                        # [B, p]
+    mode = "bilinear" if config.variant == "paper" else "bicubic"
+    up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)
+    comps = minmax(up)                                               # [B, p, S, S]
+    comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    sigma, radius = config.sigma(size), config.radius(size)
+    if config.blend_space == "pixel":
+        pix = image * std_t + mean_t
+        pix_b = gaussian_blur(pix, sigma, radius)
+        blurred = (pix_b - mean_t) / std_t
+    else:
+        pix = image
+        pix_b = blurred = gaussian_blur(image, sigma, radius)
+    hm = comps[:, :, None]                                           # [B, p, 1, S, S]
+    masked = torch.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))  # [B, p, 3, S, S]
+    if config.blend_space == "pixel":
+        masked = (masked - mean_t[:, None]) / std_t[:, None]
+    batch = torch.cat([masked.reshape(b * p, 3, size, size), blurred])
+    lg = eager_logits(clip_model, batch, text, batch_size)
+    lg_masked = lg[: b * p].reshape(b, p, -1)
+    lg_blur = lg[b * p:]
+    tsel = target[:, None, None].expand(b, p, 1)
+    y_masked = lg_masked.gather(2, tsel).squeeze(2)                   # [B, p]
+    y_blur = lg_blur.gather(1, target[:, None])                       # [B, 1]
+    if config.variant == "paper":
+        scores = y_masked - y_blur
+        z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
+        wts = torch.softmax(z, dim=1)
+        wts = torch.nan_to_num(wts, nan=0.0)                          # every component null -> all zero
+        sal = (wts.float()[:, :, None, None] * comps).sum(1)
+    else:
+        scale = clip_model.logit_scale.exp()
+        scores = (y_masked - y_blur) / scale                          # cosine-similarity gains
+        z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
+        sm = torch.nan_to_num(torch.softmax(z, dim=1), nan=0.0)
+        wts = torch.where(null, torch.zeros_like(sm), scores.double() * sm)
+        sal = minmax(torch.relu((wts.float()[:, :, None, None] * comps).sum(1)))
+    return ReferenceResult(
+        saliency=sal.float().numpy(),
+        components=comps.float().numpy(),
+        feature_maps=fmaps.float().numpy(),
+        weights=wts.float().numpy(),
+        scores=scores.float().numpy(),
+        explained_variance=torch.stack(evrs).float().numpy(),
+        singular_values=torch.stack(svals).float().numpy(),
+        logits=logits.float().numpy(),
+        target=target.numpy().astype(np.int64),
+    )

@@ -1,0 +1,74 @@
+"""Decom-CAM settings shared by the runtime and the eager reference.
+
+The paper (section 3.2) fixes the algorithm but leaves these choices open; the toolkit makes them here,
+once, and both implementations read them:
+
+- Sign of each component. Singular vectors have no sign, so each feature map F_i is oriented to agree with
+  the channel sum of the class-discriminative map, g = sum_c S*[c, :] (the un-rectified Grad-CAM-style
+  map): sign(<F_i, g>) is made positive. When |<F_i, g>| is tiny (<= 1e-6 * |F_i| |g|) the entry of F_i with
+  the largest magnitude is made positive instead. The result does not depend on the SVD library.
+- Rank. p is clipped to min(C, h*w). Components with sigma_i <= 1e-6 * sigma_1 (and all components when
+  sigma_1 == 0, e.g. an all-zero gradient) are null: their map is 0, their weight 0, and they are left out
+  of the softmax. If every component is null the saliency is all zeros.
+- Normalisation s(x) = (x - min) / max(max - min, eps), eps = 1e-7: a constant map becomes 0, never NaN.
+- Upsampling: bilinear, half-pixel centres (torch align_corners=False, OpenCV INTER_LINEAR).
+- Blur: Gaussian, sigma = blur_sigma pixels of the model input (default 10 * S / 224, the authors' 10 px at
+  224), kernel radius ceil(4 sigma) (40 px at 224), reflect-101 borders (OpenCV's default, torch 'reflect').
+- Blending happens in [0, 1] pixel space: P = x * std + mean, the paper's max(P * H, blur(P) * (1 - H)), then
+  re-normalised. (In normalised space pixel values are negative and the max would pick the wrong image.)
+- Scores: C_i = logit_target(masked_i) - logit_target(blurred), logits as the graph emits them (CLIP's
+  logit_scale * cosine); weights = softmax over the non-null C_i; saliency = sum_i w_i H_i (a convex
+  combination of [0, 1] maps, so it lies in [0, 1]; it is not re-normalised).
+
+The authors' public code differs; `variant="authors"` follows it: rank channels by the Grad-CAM weight
+alpha_c = mean(dy/dA_c), keep the top K, decompose alpha * A with a PCA centred over positions, clamp the
+components at 0, upsample bicubically, blur, and weight by w * softmax(w) of the cosine-similarity gains
+w_i = cos(masked_i) - cos(blurred); the saliency is ReLU'd and min-max normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+VARIANTS = ("paper", "authors")
+BLEND_SPACES = ("pixel", "normalized")
+
+NORM_EPS = 1e-7
+NULL_TOL = 1e-6
+SIGN_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class DecomCamConfig:
+    top_p: int = 10                  # number of orthogonal feature maps p
+    variant: str = "paper"           # "paper" (the equations, default) or "authors" (the public code)
+    blur_sigma: float | None = None  # Gaussian sigma in model-input pixels; None = 10 * S / 224
+    blend_space: str = "pixel"       # "pixel" ([0,1] pixels, then re-normalised) or "normalized"
+    authors_top_k: int = 100         # channels kept by the authors' variant (by Grad-CAM weight)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown Decom-CAM variant '{self.variant}'; valid: {', '.join(VARIANTS)}")
+        if self.blend_space not in BLEND_SPACES:
+            raise ValueError(f"unknown blend space '{self.blend_space}'; valid: {', '.join(BLEND_SPACES)}")
+        if int(self.top_p) < 1:
+            raise ValueError(f"top_p must be >= 1, got {self.top_p}")
+        if self.blur_sigma is not None and not self.blur_sigma > 0:
+            raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma}")
+        if int(self.authors_top_k) < 1:
+            raise ValueError(f"authors_top_k must be >= 1, got {self.authors_top_k}")
+
+    def sigma(self, size: int) -> float:
+        return float(self.blur_sigma) if self.blur_sigma is not None else 10.0 * size / 224.0
+
+    def radius(self, size: int) -> int:
+        """Kernel radius, kept below the image side so reflect-101 padding is defined."""
+        return min(int(math.ceil(4.0 * self.sigma(size))), size - 1)
+
+    def effective_p(self, channels: int, positions: int) -> int:
+        k = min(channels, int(self.authors_top_k)) if self.variant == "authors" else channels
+        return min(int(self.top_p), k, positions)
+
+    def with_(self, **kw) -> "DecomCamConfig":
+        return replace(self, **kw)

@@ -1,0 +1,155 @@
+"""Decom-CAM over an array back end (numpy on the CPU, cupy on the GPU).
+
+Three steps around the two graphs (runtime/explainer.py runs them):
+
+    decompose(act, grad)           S = dy/dA * A -> top-p orthogonal feature maps F [B, p, h*w]
+    build_masks(x, F)              H = s(Up(F)); masked = max(P * H, blur(P) * (1 - H)) -> (p+1)B images
+    integrate(logits, target, H)   C_i = y(masked_i) - y(blurred); saliency = sum softmax(C)_i H_i
+
+The decomposition uses the Gram matrix G = S*^T S* [h*w, h*w] (49 x 49 at 224 px) and its eigenvectors,
+batched over images in float64, instead of a full SVD of S* [C, h*w]: V_p and sigma_p = sqrt(lambda_p)
+give F* = Sigma_p V_p^T, which equals the paper's U_p^T S*. Every open choice (sign, rank, epsilon, blur,
+blend space) follows runtime/config.py, like the eager reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backend import Backend
+from .config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
+
+
+@dataclass
+class Decomposition:
+    feature_maps: object        # [B, p, n] float64, signed F_i (n = h*w); null components are 0
+    singular_values: object     # [B, p] float64
+    explained_variance: object  # [B, p] float64, sigma_i^2 / sum of all sigma^2
+    null: object                # [B, p] bool
+
+
+def _orient(xp, fm, g):
+    """fm [B, p, n], g [B, n]: make <F_i, g> positive, else the largest-magnitude entry positive."""
+    dots = xp.einsum("bpn,bn->bp", fm, g)
+    norms = xp.linalg.norm(fm, axis=2) * xp.linalg.norm(g, axis=1)[:, None]
+    idx = xp.argmax(xp.abs(fm), axis=2)
+    peak = xp.take_along_axis(fm, idx[:, :, None], axis=2)[:, :, 0]
+    s = xp.where(xp.abs(dots) <= SIGN_TOL * norms, xp.sign(peak), xp.sign(dots))
+    s = xp.where(s == 0, 1.0, s)
+    return fm * s[:, :, None]
+
+
+def _top_eig(be: Backend, gram, p: int):
+    """gram [B, n, n] float64 -> (sigma [B, p] descending, V [B, n, p], total variance [B])."""
+    xp = be.xp
+    lam, vec = be.eigh(gram)                      # ascending
+    lam = lam[:, ::-1][:, :p]
+    vec = vec[:, :, ::-1][:, :, :p]
+    sigma = xp.sqrt(xp.clip(lam, 0.0, None))
+    total = xp.trace(gram, axis1=1, axis2=2)      # = sum of all sigma^2 = |S*|_F^2
+    return sigma, vec, total
+
+
+def _finish(xp, fm, sigma, total):
+    s1 = sigma[:, :1]
+    null = (sigma <= NULL_TOL * s1) | (s1 <= 0)
+    fm = xp.where(null[:, :, None], 0.0, fm)
+    safe_total = xp.where(total > 0, total, 1.0)
+    evr = xp.where(total[:, None] > 0, sigma ** 2 / safe_total[:, None], 0.0)
+    return Decomposition(fm, sigma, evr, null)
+
+
+def decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
+    """act, grad [B, C, h, w] (float32, on the back end's device) -> the top-p feature maps."""
+    xp = be.xp
+    b, c, h, w = act.shape
+    n = h * w
+    p = config.effective_p(c, n)
+    if config.variant == "paper":
+        s = (grad.astype(xp.float64) * act.astype(xp.float64)).reshape(b, c, n)   # S* [B, C, n]
+        gram = xp.matmul(s.transpose(0, 2, 1), s)                                  # [B, n, n]
+        sigma, vec, total = _top_eig(be, gram, p)
+        fm = (vec * sigma[:, None, :]).transpose(0, 2, 1)                          # Sigma_p V_p^T  [B, p, n]
+        fm = _orient(xp, fm, s.sum(1))
+        return _finish(xp, fm, sigma, total)
+    # authors' variant: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
+    k = min(int(config.authors_top_k), c)
+    alpha = grad.astype(xp.float64).reshape(b, c, n).mean(2)                       # [B, C]
+    keep = xp.argsort(-alpha, axis=1, kind="stable")[:, :k]                        # [B, K]
+    a64 = act.astype(xp.float64).reshape(b, c, n)
+    m = xp.take_along_axis(alpha, keep, 1)[:, :, None] * xp.take_along_axis(a64, keep[:, :, None], 1)  # [B, K, n]
+    x = m.transpose(0, 2, 1)
+    x = x - x.mean(1, keepdims=True)                                               # [B, n, K]
+    gram = xp.matmul(x.transpose(0, 2, 1), x) if k <= n else None
+    if gram is not None:                                                           # K x K covariance
+        sigma, vec, total = _top_eig(be, gram, p)
+        comps = xp.matmul(x, vec).transpose(0, 2, 1)                               # X V_p  [B, p, n]
+    else:                                                                          # n x n: X X^T = U S^2 U^T
+        sigma, vec, total = _top_eig(be, xp.matmul(x, x.transpose(0, 2, 1)), p)
+        comps = (vec * sigma[:, None, :]).transpose(0, 2, 1)                       # U_p Sigma_p
+    comps = _orient(xp, comps, m.sum(1))
+    comps = xp.clip(comps, 0.0, None)
+    return _finish(xp, comps, sigma, total)
+
+
+def minmax(xp, maps):
+    """Per-map min-max over the last two axes to [0, 1]; constant maps -> 0."""
+    lo = maps.min(axis=(-2, -1), keepdims=True)
+    hi = maps.max(axis=(-2, -1), keepdims=True)
+    return (maps - lo) / xp.maximum(hi - lo, NORM_EPS)
+
+
+def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
+    """F [B, p, n] -> H [B, p, S, S] float32 in [0, 1]; null components are 0."""
+    xp = be.xp
+    b, p, _ = dec.feature_maps.shape
+    interp = "bilinear" if config.variant == "paper" else "bicubic"
+    up = be.resize(dec.feature_maps.reshape(b * p, h, w).astype(xp.float32), size, interp).reshape(b, p, size, size)
+    comps = minmax(xp, up).astype(xp.float32)
+    return xp.where(dec.null[:, :, None, None], xp.float32(0), comps)
+
+
+def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig):
+    """x [B, 3, S, S] normalised, comps H [B, p, S, S] -> (masked [B, p, 3, S, S], blurred [B, 3, S, S]),
+    both normalised, ready for classify."""
+    xp = be.xp
+    size = x.shape[-1]
+    m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
+    sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
+    sigma, radius = config.sigma(size), config.radius(size)
+    if config.blend_space == "pixel":
+        pix = x * sd + m
+        pix_b = be.blur(pix, sigma, radius)
+        blurred = (pix_b - m) / sd
+    else:
+        pix = x
+        pix_b = blurred = be.blur(x, sigma, radius)
+    hm = comps[:, :, None]                                               # [B, p, 1, S, S]
+    masked = xp.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))    # [B, p, 3, S, S]
+    if config.blend_space == "pixel":
+        masked = (masked - m[:, None]) / sd[:, None]
+    return masked.astype(xp.float32), blurred.astype(xp.float32)
+
+
+def _softmax_masked(xp, z, null):
+    z = xp.where(null, -xp.inf, z)
+    zmax = z.max(axis=1, keepdims=True)
+    zmax = xp.where(xp.isfinite(zmax), zmax, 0.0)
+    e = xp.where(null, 0.0, xp.exp(z - zmax))
+    tot = e.sum(axis=1, keepdims=True)
+    return e / xp.where(tot > 0, tot, 1.0)
+
+
+def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float):
+    """y_masked [B, p], y_blur [B] target logits -> (saliency [B, S, S], weights [B, p], scores [B, p])."""
+    xp = be.xp
+    scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
+    if config.variant == "paper":
+        wts = _softmax_masked(xp, scores, null)
+        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
+    else:
+        scores = scores / logit_scale                                             # cosine-similarity gains
+        wts = xp.where(null, 0.0, scores * _softmax_masked(xp, scores, null))
+        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
+        sal = minmax(xp, xp.maximum(sal, 0))
+    return sal.astype(xp.float32), wts, scores

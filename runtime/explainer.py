@@ -1,0 +1,261 @@
+"""The Python API: `Explainer.from_artifacts(dir).explain(images)`.
+
+One explanation of B images:
+    preprocess (runtime.images)          -> x [B, 3, S, S]
+    explain.onnx (x, text, target)       -> logits [B, L], activations, gradients [B, C, h, w]
+    method (e.g. Decom-CAM)              -> decompose, masks, classify.onnx on (p+1)B images, integrate
+    Explanation per image                -> maps in model-input and original coordinates, top-5, timings
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import Artifacts, load_artifacts
+from .backend import Backend, get_backend
+from .config import DecomCamConfig
+from .engines import EngineOptions, create_session
+from .images import Geometry, load_image, preprocess
+from .methods import MethodContext, get_method
+from .runner import GraphRunner
+from .spec import GRAPHS
+
+
+class TargetError(ValueError):
+    """An unknown or out-of-range target class."""
+
+
+@dataclass
+class Explanation:
+    source: str | None                 # file path, or None for an array input
+    method: str
+    target: int                        # explained class index
+    target_name: str
+    saliency: np.ndarray               # [S, S] float32 in [0, 1], model-input coordinates
+    saliency_original: np.ndarray      # [H0, W0] float32, original image coordinates
+    components: np.ndarray | None      # [p, S, S] feature-level maps (Decom-CAM), model-input coordinates
+    weights: np.ndarray | None         # [p]
+    scores: np.ndarray | None          # [p] gains C_i
+    explained_variance: np.ndarray | None  # [p]
+    singular_values: np.ndarray | None     # [p]
+    logits: np.ndarray                 # [L]
+    top5: list[tuple[str, float]]      # (class, softmax probability over the class set)
+    geometry: Geometry
+    timings: dict = field(default_factory=dict)  # stage -> seconds, per image (batch stages are shared)
+    random_weights: bool = False       # the model carries random weights (maps show the method only)
+
+    def components_original(self) -> np.ndarray | None:
+        """[p, H0, W0] component maps in original image coordinates (computed on demand)."""
+        if self.components is None:
+            return None
+        return np.stack([self.geometry.to_original(c) for c in self.components])
+
+    def summary(self) -> dict:
+        """JSON-ready numbers (no maps)."""
+
+        def lst(a):
+            return None if a is None else [float(v) for v in np.asarray(a).ravel()]
+
+        return {
+            "source": self.source,
+            "method": self.method,
+            "target": {"index": self.target, "name": self.target_name},
+            "top5": [{"class": n, "probability": p} for n, p in self.top5],
+            "weights": lst(self.weights),
+            "scores": lst(self.scores),
+            "explained_variance": lst(self.explained_variance),
+            "singular_values": lst(self.singular_values),
+            "input_size": int(self.saliency.shape[-1]),
+            "original_size": [int(self.geometry.orig_h), int(self.geometry.orig_w)],
+            "timings_ms": {k: 1e3 * v for k, v in self.timings.items()},
+            "random_weights": self.random_weights,
+        }
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Explainer:
+    """Sessions are created once per Explainer and reused for every call."""
+
+    def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
+                 batch_size: int = 32, engine_options: EngineOptions | None = None,
+                 backend: Backend | str | None = None, resize_mode: str = "crop",
+                 config: DecomCamConfig | None = None):
+        self.artifacts = artifacts
+        self.engine = engine
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.options = engine_options or EngineOptions()
+        if engine == "trt" and self.options.trt_cache_dir is None:
+            self.options.trt_cache_dir = str(artifacts.root / "trt-cache")
+        if backend is None:
+            backend = "cupy" if engine in ("cuda", "trt") else "numpy"
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.resize_mode = resize_mode
+        self.config = config or DecomCamConfig()
+        self.classes = artifacts.load_class_set(class_set)
+        self.text = self.backend.asarray(self.classes.embeddings)
+        self.size = artifacts.input_size
+        self._sessions: dict[str, GraphRunner] = {}
+
+    @classmethod
+    def from_artifacts(cls, root: str | os.PathLike, engine: str = "cpu", verify: bool = True, **kw) -> "Explainer":
+        return cls(load_artifacts(root, verify=verify), engine=engine, **kw)
+
+    # -- graphs -----------------------------------------------------------------------------------------
+    def runner(self, name: str) -> GraphRunner:
+        r = self._sessions.get(name)
+        if r is None:
+            sess = create_session(self.artifacts.graph_path(name), self.engine, self.options)
+            r = self._sessions[name] = GraphRunner(sess, GRAPHS[name], self.backend, self.artifacts.dims,
+                                                   self.options.device_id)
+        return r
+
+    def classify(self, images) -> object:
+        """images [N, 3, S, S] -> logits [N, L], in chunks of batch_size."""
+        xp = self.backend.xp
+        r = self.runner("classify")
+        outs = [r.run({"image": images[i:i + self.batch_size], "text": self.text})["logits"]
+                for i in range(0, images.shape[0], self.batch_size)]
+        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+
+    def head(self, acts) -> object:
+        """activations [N, C, h, w] -> logits [N, L], in chunks of batch_size."""
+        xp = self.backend.xp
+        r = self.runner("head")
+        outs = [r.run({"activations": acts[i:i + self.batch_size], "text": self.text})["logits"]
+                for i in range(0, acts.shape[0], self.batch_size)]
+        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+
+    # -- targets ----------------------------------------------------------------------------------------
+    def resolve_target(self, target) -> int:
+        """A class name or index -> index; -1 for None (top-1)."""
+        labels = self.classes.labels
+        if target is None:
+            return -1
+        if isinstance(target, (int, np.integer)):
+            if not 0 <= int(target) < len(labels):
+                raise TargetError(f"target index {target} is out of range for class set "
+                                  f"'{self.classes.name}' ({len(labels)} classes)")
+            return int(target)
+        name = str(target)
+        if name in labels:
+            return labels.index(name)
+        low = {lab.lower(): i for i, lab in enumerate(labels)}
+        if name.lower() in low:
+            return low[name.lower()]
+        close = difflib.get_close_matches(name, labels, n=3, cutoff=0.5)
+        hint = f"; did you mean: {', '.join(close)}?" if close else ""
+        raise TargetError(f"unknown target class '{name}' in class set '{self.classes.name}'{hint}")
+
+    # -- explanation ------------------------------------------------------------------------------------
+    def load(self, item) -> tuple[np.ndarray, str | None]:
+        if isinstance(item, np.ndarray):
+            return item, None
+        return load_image(item), str(item)
+
+    def explain(self, inputs, target=None, top_p: int | None = None, method: str = "decomcam",
+                config: DecomCamConfig | None = None):
+        """Explain one image (path or uint8 RGB array) or a list of them.
+
+        target: None (each image's top-1 class), a class name, or an index; or a list, one per image.
+        Returns an Explanation for a single input, a list for a list."""
+        single = isinstance(inputs, (str, os.PathLike, np.ndarray))
+        items = [inputs] if single else list(inputs)
+        t0 = time.perf_counter()
+        rgbs, sources = zip(*(self.load(it) for it in items)) if items else ((), ())
+        load_s = time.perf_counter() - t0
+        res = self.explain_arrays(list(rgbs), list(sources), target=target, top_p=top_p, method=method,
+                                  config=config)
+        for e in res:
+            e.timings["load"] = load_s / max(len(res), 1)
+        return res[0] if single else res
+
+    def explain_arrays(self, rgbs: list[np.ndarray], sources: list[str | None] | None = None, target=None,
+                       top_p: int | None = None, method: str = "decomcam",
+                       config: DecomCamConfig | None = None) -> list[Explanation]:
+        """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches."""
+        if not rgbs:
+            return []
+        cfg = config or self.config
+        if top_p is not None:
+            cfg = cfg.with_(top_p=top_p)
+        meth = get_method(method)
+        be, xp = self.backend, self.backend.xp
+        n = len(rgbs)
+        sources = sources or [None] * n
+        targets = list(target) if isinstance(target, (list, tuple)) else [target] * n
+        if len(targets) != n:
+            raise TargetError(f"{len(targets)} targets given for {n} images")
+        tgt = np.array([self.resolve_target(t) for t in targets], dtype=np.int64)
+
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode) for im in rgbs]
+        x_host = np.stack([p[0] for p in pre])
+        geoms = [p[1] for p in pre]
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        x = be.asarray(x_host)
+        acts = grads = None
+        if meth.needs_gradients:
+            out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)})
+            logits, acts, grads = out["logits"], out["activations"], out["gradients"]
+        elif meth.needs_activations:
+            out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)},
+                                             outputs=["logits", "activations"])
+            logits, acts = out["logits"], out["activations"]
+        else:
+            logits = self.classify(x)
+        be.synchronize()
+        timings["explain"] = time.perf_counter() - t
+        logits_host = be.to_host(logits)
+        tgt = np.where(tgt < 0, logits_host.argmax(1), tgt).astype(np.int64)
+
+        ctx = MethodContext(
+            backend=be, x=x, text=self.text, target=tgt, logits=logits, activations=acts, gradients=grads,
+            classify=self.classify, head=self.head if meth.needs_head else None,
+            mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
+        )
+        mo = meth(ctx)
+        timings.update(ctx.timings)
+
+        t = time.perf_counter()
+
+        def host(a):
+            return None if a is None else be.to_host(a)
+
+        sal = host(mo.saliency)
+        comps, wts, scores = host(mo.components), host(mo.weights), host(mo.scores)
+        evr, sv = host(mo.explained_variance), host(mo.singular_values)
+        probs = _softmax(logits_host.astype(np.float64))
+        results = []
+        for i in range(n):
+            top = np.argsort(-probs[i], kind="stable")[:5]
+            results.append(Explanation(
+                source=sources[i], method=meth.name, target=int(tgt[i]), target_name=self.classes.labels[tgt[i]],
+                saliency=sal[i], saliency_original=geoms[i].to_original(sal[i]),
+                components=None if comps is None else comps[i],
+                weights=None if wts is None else wts[i].astype(np.float32),
+                scores=None if scores is None else scores[i].astype(np.float32),
+                explained_variance=None if evr is None else evr[i].astype(np.float32),
+                singular_values=None if sv is None else sv[i].astype(np.float32),
+                logits=logits_host[i], top5=[(self.classes.labels[j], float(probs[i, j])) for j in top],
+                geometry=geoms[i], random_weights=self.artifacts.random_weights,
+            ))
+        timings["postprocess"] = time.perf_counter() - t
+        for e in results:  # batch stages are shared: report each image's share
+            e.timings = {k: v / n for k, v in timings.items()}
+        return results

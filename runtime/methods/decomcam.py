@@ -1,0 +1,54 @@
+"""Decom-CAM (the paper's equations) and the authors'-code variant, as methods."""
+
+from __future__ import annotations
+
+import time
+
+from .. import decomcam as dc
+from .base import Method, MethodContext, MethodOutput, register
+
+
+@register
+class DecomCam(Method):
+    """Decom-CAM, section 3.2 of the paper: SVD of dy/dA * A, top-p orthogonal feature maps, masked
+    forwards against the blurred image, softmax integration. Open choices: runtime/config.py."""
+
+    name = "decomcam"
+    variant = "paper"
+
+    def __call__(self, ctx: MethodContext) -> MethodOutput:
+        be, xp = ctx.backend, ctx.backend.xp
+        cfg = ctx.config if ctx.config.variant == self.variant else ctx.config.with_(variant=self.variant)
+        b, _, h, w = ctx.activations.shape
+        size = ctx.x.shape[-1]
+        t = time.perf_counter()
+        dec = dc.decompose(be, ctx.activations, ctx.gradients, cfg)
+        be.synchronize()
+        ctx.timings["decompose"] = time.perf_counter() - t
+        t = time.perf_counter()
+        comps = dc.upsample_components(be, dec, h, w, size, cfg)
+        masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg)
+        p = comps.shape[1]
+        batch = xp.concatenate([masked.reshape(b * p, 3, size, size), blurred])
+        be.synchronize()
+        ctx.timings["masks"] = time.perf_counter() - t
+        t = time.perf_counter()
+        logits = ctx.classify(batch)                                   # [(p+1)B, L]
+        ctx.timings["classify"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tgt = xp.asarray(ctx.target)
+        y = logits[xp.arange(b * p), xp.repeat(tgt, p)].reshape(b, p)  # target logit per masked image
+        y_blur = logits[b * p + xp.arange(b), tgt]
+        sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale)
+        be.synchronize()
+        ctx.timings["integrate"] = time.perf_counter() - t
+        return MethodOutput(sal, comps, wts, scores, dec.explained_variance, dec.singular_values, forwards=p + 1)
+
+
+@register
+class DecomCamAuthors(DecomCam):
+    """Decom-CAM as in the authors' public code (top-K channels by Grad-CAM weight, centred PCA of
+    alpha*A, clamped components, bicubic upsampling, w*softmax(w) cosine-gain weights)."""
+
+    name = "decomcam-authors"
+    variant = "authors"
