@@ -1,4 +1,4 @@
-"""The exportable modules behind explain.onnx, classify.onnx and head.onnx.
+"""The exportable modules behind explain.onnx, classify.onnx, head.onnx and features.onnx.
 
 ONNX has no autograd, so the gradient of the target logit with respect to the target layer (`layer4`) is
 written out by hand: the head after layer4 is open_clip's attention pool (only query token 0 is used),
@@ -128,6 +128,20 @@ class ClassifyModule(nn.Module):
 
     def forward(self, image, text):
         return self.head(self.trunk(image), text)
+
+
+class FeaturesModule(nn.Module):
+    """image [B,3,H,W], text [L,D] -> logits [B,L], activations [B,C,h,w]; forward only, no backward
+    subgraph (what the gradient-free methods need)."""
+
+    def __init__(self, clip_model: nn.Module, target_layer: str = "layer4"):
+        super().__init__()
+        self.trunk = Trunk(clip_model.visual, target_layer)
+        self.head = PoolHead(clip_model.visual.attnpool, float(clip_model.logit_scale.detach().exp()))
+
+    def forward(self, image, text):
+        a = self.trunk(image)
+        return self.head(a, text), a
 
 
 class HeadModule(nn.Module):

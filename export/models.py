@@ -209,31 +209,42 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 @torch.no_grad()
-def randomize_model(model: nn.Module, seed: int = 0, calib_batches: int = 2) -> None:
+def randomize_model(model: nn.Module, seed: int = 0, calib_batches: int = 3) -> None:
     """Seeded random weights with live residual branches.
 
-    Conv/linear weights keep open_clip's init; every BatchNorm gets running statistics measured on
-    random inputs (so activations stay well scaled through the depth) and then random affine parameters
-    (weight in [0.5, 1.5], bias ~ N(0, 0.1)), so no residual branch is switched off.
+    Conv/linear weights keep open_clip's init; every BatchNorm gets random affine parameters (weight in
+    [0.5, 1.5], bias ~ N(0, 0.1)), so no residual branch is switched off, and then running statistics
+    measured on random inputs, so activations stay well scaled through the depth.
     """
     g = torch.Generator().manual_seed(seed)
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     bns = [m for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
+    for bn in bns:  # random affine first, so the calibrated statistics see the final data flow
+        bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
+        bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=g))
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
-        bn.weight.fill_(1.0)
-        bn.bias.zero_()
     visual.train()
     for _ in range(calib_batches):
-        visual(torch.randn(2, 3, size, size, generator=g))
+        visual(_calibration_images(4, size, g))
     visual.eval()
     for bn in bns:
         bn.momentum = 0.1
-        bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
-        bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=g))
     model.logit_scale.fill_(float(torch.log(torch.tensor(100.0))))  # CLIP's trained value
+
+
+def _calibration_images(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """Image-like inputs, normalised as CLIP does: smooth colour fields at several scales plus noise."""
+    imgs = []
+    for i in range(n):
+        low = torch.rand(1, 3, 2 + 3 * i, 2 + 3 * i, generator=g)
+        pix = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+        pix = pix + 0.08 * torch.randn(1, 3, size, size, generator=g)
+        imgs.append(pix.clamp(0, 1))
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (torch.cat(imgs) - mean) / std
 
 
 def has_live_residuals(model: nn.Module) -> bool:

@@ -1,7 +1,8 @@
-"""Export the three graphs, validate them against PyTorch, and write the manifest.
+"""Export the four graphs, validate them against PyTorch, and write the manifest.
 
 `export_model(...)` writes into an artifacts folder:
-    explain.onnx, classify.onnx, head.onnx   the graphs declared in runtime/spec.py
+    explain.onnx, classify.onnx, head.onnx,  the graphs declared in runtime/spec.py
+    features.onnx
     classes/<set>.txt, classes/<set>.npy     class sets: label names and L2-normalised embeddings [L, D]
     manifest.json                            model, weights, preprocessing, dims, versions, graphs (sha256 +
                                              I/O spec), class sets and the validation report
@@ -9,8 +10,9 @@
 Validation always runs before anything is called a success: ONNX Runtime (CPU) and PyTorch see the same
 inputs at several (batch, L) sizes, including batch 1 and an odd batch. explain.onnx is compared with torch
 autograd on the unmodified open_clip module, classify.onnx with open_clip's encode_image, head.onnx with
-open_clip's attention pool. Each output passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every
-element (atol is in units of the output's scale, so one table serves every model size). Running the written
+open_clip's attention pool, features.onnx with encode_image's logits and a layer4 forward hook. Each output
+passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every element (atol is in units of the
+output's scale, so one table serves every model size). Running the written
 files at sizes other than the traced ones also proves the dynamic axes are really dynamic. Every failure is
 collected into one `ValidationError`; the graphs are written under temporary names and renamed only after
 they pass.
@@ -32,10 +34,10 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.spec import CLASSIFY, EXPLAIN, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
+from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
 
 from .classes import ClassSet, text_embeddings
-from .graphs import ClassifyModule, ExplainModule, HeadModule, autograd_reference
+from .graphs import ClassifyModule, ExplainModule, FeaturesModule, HeadModule, autograd_reference
 from .models import LoadedModel
 
 OPSET = 20
@@ -103,6 +105,7 @@ def _modules(lm: LoadedModel, target_layer: str):
         "explain": ExplainModule(lm.model, target_layer).eval(),
         "classify": ClassifyModule(lm.model, target_layer).eval(),
         "head": HeadModule(lm.model).eval(),
+        "features": FeaturesModule(lm.model, target_layer).eval(),
     }
 
 
@@ -175,6 +178,7 @@ def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dic
         "explain": {"logits": logits.numpy(), "activations": act.numpy(), "gradients": grad.numpy()},
         "classify": {"logits": logits.numpy()},
         "head": {"logits": head_logits.numpy(), "_activations": act.numpy()},
+        "features": {"logits": logits.numpy(), "activations": act.numpy()},
     }
 
 
@@ -303,9 +307,9 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
         feed = sample_inputs(lm, *TRACE_SIZE, seed=0)
         act = mods["explain"].trunk(feed["image"]).detach()
         args = {"explain": (feed["image"], feed["text"], feed["target"]), "classify": (feed["image"], feed["text"]),
-                "head": (act, feed["text"])}
+                "head": (act, feed["text"]), "features": (feed["image"], feed["text"])}
         paths = {}
-        for name in ("explain", "classify", "head"):
+        for name in GRAPHS:
             spec = GRAPHS[name]
             log(f"[export] {lm.name}: writing {spec.filename} ...")
             t = time.perf_counter()
@@ -380,4 +384,4 @@ def ops_used(path: str | os.PathLike) -> list[str]:
 
 
 __all__ = ["export_model", "validate_graphs", "add_class_set", "ValidationError", "ExportError", "ops_used",
-           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD"]
+           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD", "FEATURES"]

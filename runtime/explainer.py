@@ -21,8 +21,8 @@ from .artifacts import Artifacts, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
 from .engines import EngineOptions, create_session
-from .images import Geometry, load_image, preprocess
-from .methods import MethodContext, get_method
+from .images import Geometry, load_image, preprocess, unnormalize
+from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner
 from .spec import GRAPHS
 
@@ -47,6 +47,7 @@ class Explanation:
     logits: np.ndarray                 # [L]
     top5: list[tuple[str, float]]      # (class, softmax probability over the class set)
     geometry: Geometry
+    input_rgb: np.ndarray              # [S, S, 3] uint8, the model input as pixels
     timings: dict = field(default_factory=dict)  # stage -> seconds, per image (batch stages are shared)
     random_weights: bool = False       # the model carries random weights (maps show the method only)
 
@@ -165,7 +166,7 @@ class Explainer:
             return item, None
         return load_image(item), str(item)
 
-    def explain(self, inputs, target=None, top_p: int | None = None, method: str = "decomcam",
+    def explain(self, inputs, target=None, top_p: int | None = None, method: "str | Method" = "decomcam",
                 config: DecomCamConfig | None = None):
         """Explain one image (path or uint8 RGB array) or a list of them.
 
@@ -183,7 +184,7 @@ class Explainer:
         return res[0] if single else res
 
     def explain_arrays(self, rgbs: list[np.ndarray], sources: list[str | None] | None = None, target=None,
-                       top_p: int | None = None, method: str = "decomcam",
+                       top_p: int | None = None, method: "str | Method" = "decomcam",
                        config: DecomCamConfig | None = None) -> list[Explanation]:
         """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches."""
         if not rgbs:
@@ -191,7 +192,7 @@ class Explainer:
         cfg = config or self.config
         if top_p is not None:
             cfg = cfg.with_(top_p=top_p)
-        meth = get_method(method)
+        meth = method if isinstance(method, Method) else get_method(method)
         be, xp = self.backend, self.backend.xp
         n = len(rgbs)
         sources = sources or [None] * n
@@ -213,7 +214,10 @@ class Explainer:
         if meth.needs_gradients:
             out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)})
             logits, acts, grads = out["logits"], out["activations"], out["gradients"]
-        elif meth.needs_activations:
+        elif meth.needs_activations and "features" in self.artifacts.manifest["graphs"]:
+            out = self.runner("features").run({"image": x, "text": self.text})  # forward only, no backward
+            logits, acts = out["logits"], out["activations"]
+        elif meth.needs_activations:  # an export without features.onnx: explain.onnx, which also runs its backward
             out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)},
                                              outputs=["logits", "activations"])
             logits, acts = out["logits"], out["activations"]
@@ -228,6 +232,7 @@ class Explainer:
             backend=be, x=x, text=self.text, target=tgt, logits=logits, activations=acts, gradients=grads,
             classify=self.classify, head=self.head if meth.needs_head else None,
             mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
+            batch_size=self.batch_size,
         )
         mo = meth(ctx)
         timings.update(ctx.timings)
@@ -241,6 +246,7 @@ class Explainer:
         comps, wts, scores = host(mo.components), host(mo.weights), host(mo.scores)
         evr, sv = host(mo.explained_variance), host(mo.singular_values)
         probs = _softmax(logits_host.astype(np.float64))
+        pix = (unnormalize(x_host, self.artifacts.mean, self.artifacts.std) * 255).round().astype(np.uint8)
         results = []
         for i in range(n):
             top = np.argsort(-probs[i], kind="stable")[:5]
@@ -253,7 +259,7 @@ class Explainer:
                 explained_variance=None if evr is None else evr[i].astype(np.float32),
                 singular_values=None if sv is None else sv[i].astype(np.float32),
                 logits=logits_host[i], top5=[(self.classes.labels[j], float(probs[i, j])) for j in top],
-                geometry=geoms[i], random_weights=self.artifacts.random_weights,
+                geometry=geoms[i], input_rgb=np.ascontiguousarray(pix[i].transpose(1, 2, 0)), random_weights=self.artifacts.random_weights,
             ))
         timings["postprocess"] = time.perf_counter() - t
         for e in results:  # batch stages are shared: report each image's share

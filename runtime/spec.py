@@ -136,7 +136,19 @@ HEAD = GraphSpec(
     doc="The part of the network after the target layer (attention pool, projection, cosine logits).",
 )
 
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD)}
+FEATURES = GraphSpec(
+    name="features",
+    inputs=(_IMAGE, _TEXT),
+    outputs=(_LOGITS, TensorSpec("activations", "float32", ("batch", "C", "h", "w"))),
+    tolerances={
+        "logits": Tolerance(atol=1e-3, rtol=1e-3),
+        "activations": Tolerance(atol=1e-4, rtol=1e-3),
+    },
+    doc="Forward only: logits plus the target layer's activations, no backward subgraph (for the "
+        "gradient-free methods: Score-CAM, Ablation-CAM, EigenCAM).",
+)
+
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD, FEATURES)}
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

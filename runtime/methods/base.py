@@ -27,6 +27,8 @@ class MethodContext:
     logit_scale: float
     config: DecomCamConfig
     timings: dict = field(default_factory=dict)  # stage -> seconds, filled by the method
+    batch_size: int = 32          # images per graph call: methods that generate many inputs (Score-CAM,
+                                  # Ablation-CAM) build them in chunks of this size, so memory stays bounded
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Pictures and files of an explanation: overlay PNG, component grid PNG, JSON and NPZ.
+
+Every file is written to a temporary name in the destination folder and renamed into place, so a reader
+never sees a half-written file, and an interrupted run leaves none behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def heatmap(saliency: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 RGB jet colour map."""
+    u8 = np.clip(np.nan_to_num(saliency) * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def overlay(rgb: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the saliency heat map over an RGB image of the same size."""
+    return cv2.addWeighted(rgb, 1.0 - alpha, heatmap(saliency), alpha, 0.0)
+
+
+def _label(img: np.ndarray, text: str, scale: float | None = None, banner: bool = False) -> np.ndarray:
+    img = img.copy()
+    scale = scale or max(0.35, img.shape[1] / 700.0)
+    thick = max(1, int(round(scale * 1.5)))
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    y0 = img.shape[0] - th - base - 6 if banner else 0
+    cv2.rectangle(img, (0, y0), (min(img.shape[1], tw + 8), y0 + th + base + 6),
+                  (160, 0, 0) if banner else (0, 0, 0), -1)
+    cv2.putText(img, text, (4, y0 + th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return img
+
+
+def overlay_png(rgb: np.ndarray, exp) -> bytes:
+    """The saliency on the original image, titled with the target; marked when weights are random."""
+    img = _label(overlay(rgb, exp.saliency_original), f"{exp.method}: {exp.target_name}")
+    if exp.random_weights:
+        img = _label(img, "RANDOM WEIGHTS (--pretrained none): not a trained model", banner=True)
+    return encode_png(img)
+
+
+def components_png(exp, cols: int = 5) -> bytes:
+    """Grid of the p feature-level maps over the model input, each titled with weight and explained variance."""
+    base = exp.input_rgb  # [S, S, 3] uint8, what the model saw
+    tiles = []
+    comps = exp.components if exp.components is not None else exp.saliency[None]
+    for i, c in enumerate(comps):
+        t = overlay(base, c)
+        if exp.weights is not None and exp.explained_variance is not None:
+            t = _label(t, f"#{i + 1} w={exp.weights[i]:.3f} ev={exp.explained_variance[i]:.3f}", scale=0.35)
+        tiles.append(t)
+    cols = min(cols, len(tiles))
+    rows = -(-len(tiles) // cols)
+    s = base.shape[0]
+    grid = np.full((rows * s, cols * s, 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * s:(r + 1) * s, c * s:(c + 1) * s] = t
+    if exp.random_weights:
+        grid = _label(grid, "RANDOM WEIGHTS: not a trained model", scale=0.4, banner=True)
+    return encode_png(grid)
+
+
+def npz_bytes(exp) -> bytes:
+    arrays = {"saliency": exp.saliency.astype(np.float32),
+              "saliency_original": exp.saliency_original.astype(np.float32),
+              "logits": exp.logits.astype(np.float32)}
+    for k in ("components", "weights", "scores", "explained_variance", "singular_values"):
+        v = getattr(exp, k)
+        if v is not None:
+            arrays[k] = np.asarray(v, np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+OUTPUT_SUFFIXES = (".overlay.png", ".components.png", ".json", ".npz")
+
+
+def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, exp, extra: dict | None = None):
+    """Write NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz (each atomically)."""
+    files = [out_dir / f"{stem}{s}" for s in OUTPUT_SUFFIXES]
+    payloads = [
+        overlay_png(rgb, exp),
+        components_png(exp),
+        json.dumps({**exp.summary(), **(extra or {})}, indent=2).encode(),
+        npz_bytes(exp),
+    ]
+    for f, data in zip(files, payloads):
+        atomic_write_bytes(f, data)
+    return files
