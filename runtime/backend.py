@@ -130,7 +130,7 @@ def cupy_backend() -> MatrixBackend:
     try:
         import cupy
     except ImportError as e:
-        raise RuntimeError("the GPU back end needs CuPy: pip install 'decomcam[gpu]'") from e
+        raise ValueError("the GPU back end needs CuPy: pip install 'decomcam[gpu]'") from e
     return MatrixBackend(cupy, name="cupy")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from .artifacts import Artifacts, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
-from .engines import EngineOptions, create_session
+from .engines import EngineOptions, create_session, providers_for
 from .images import Geometry, load_image, preprocess, unnormalize
 from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner
@@ -100,6 +100,7 @@ class Explainer:
         self.options = engine_options or EngineOptions()
         if engine == "trt" and self.options.trt_cache_dir is None:
             self.options.trt_cache_dir = str(artifacts.root / "trt-cache")
+        providers_for(engine, self.options)  # an engine this machine cannot run fails here, in one line
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
         self.backend = get_backend(backend) if isinstance(backend, str) else backend

@@ -1,0 +1,231 @@
+"""`python -m runtime.explain`: outputs, resuming, bad input (one line, nothing lost), exit codes, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.explain import main as explain_main
+from tests.conftest import make_images
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTPUTS = (".overlay.png", ".components.png", ".json", ".npz")
+
+
+def write_good(folder: Path, n: int = 2, seed: int = 3, prefix: str = "good") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(make_images(n, seed=seed)):
+        p = folder / f"{prefix}{i}.png"
+        cv2.imwrite(str(p), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+        paths.append(p)
+    return paths
+
+
+def run_cli(args, capsys):
+    code = explain_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") or ".part" in p.name]
+
+
+def test_explains_files_folders_and_globs(tiny_artifacts, tmp_path, capsys):
+    imgs = write_good(tmp_path / "in" / "sub", 2)
+    single = write_good(tmp_path / "in2", 1, seed=9, prefix="other")[0]
+    twin = write_good(tmp_path / "in3", 1, seed=10)[0]  # same stem as in/sub/good0.png
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([tmp_path / "in", str(tmp_path / "in2" / "*.png"), twin, "--artifacts",
+                                 tiny_artifacts.out_dir, "--out", out, "--top-p", "4"], capsys)
+    assert code == 0, err
+    for p in imgs[1:] + [single]:
+        for s in OUTPUTS:
+            assert (out / f"{p.stem}{s}").is_file()
+    assert len(list(out.glob("good0-*.json"))) == 2  # a shared stem gets a hash of each path
+    j = json.loads((out / "good1.json").read_text())
+    assert len(j["weights"]) == 4 and j["random_weights"] is True and j["engine"] == "cpu"
+    npz = np.load(out / "good1.npz")
+    assert npz["saliency"].dtype == np.float32 and npz["components"].shape[0] == 4
+    ov = cv2.imread(str(out / "good1.overlay.png"))
+    assert ov.shape[:2] == cv2.imread(str(imgs[1])).shape[:2]
+    assert "explained 4 of 4 inputs" in stdout and "0 failed" in stdout
+    assert "4/4" in err  # the progress bar
+    assert not leftovers(out)
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tiny_artifacts, tmp_path, capsys):
+    imgs = write_good(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    base = ["--artifacts", tiny_artifacts.out_dir, "--out", out]
+    assert run_cli([*imgs, *base], capsys)[0] == 0
+    (out / "good1.npz").unlink()  # an interrupted run: good1 is incomplete
+    mtime = (out / "good0.json").stat().st_mtime_ns
+    code, stdout, _ = run_cli([*imgs, *base], capsys)
+    assert code == 0 and "1 skipped" in stdout and (out / "good1.npz").is_file()
+    assert (out / "good0.json").stat().st_mtime_ns == mtime
+    code, stdout, _ = run_cli([*imgs, *base, "--overwrite"], capsys)
+    assert code == 0 and "0 skipped" in stdout and (out / "good0.json").stat().st_mtime_ns != mtime
+
+
+def _bad_inputs(folder: Path) -> dict[str, str]:
+    """name -> the expected message fragment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = make_images(1, seed=4)[0]
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image")
+    ok, jpg = cv2.imencode(".jpg", good)
+    (folder / "cut.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
+    ok, png = cv2.imencode(".png", good)
+    (folder / "cut.png").write_bytes(png.tobytes()[: len(png) // 2])
+    # a PNG header claiming 100000 x 100000 pixels: refused before decoding
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    (folder / "bomb.png").write_bytes(bomb + b"\0" * 64)
+    return {"empty.jpg": "empty", "notes.png": "not an image", "cut.jpg": "truncated", "cut.png": "truncated",
+            "bomb.png": "pixel"}
+
+
+def test_bad_inputs_fail_one_line_each_and_the_rest_is_processed(tiny_artifacts, tmp_path, capsys):
+    folder = tmp_path / "in"
+    expected = _bad_inputs(folder)
+    good = write_good(folder, 2)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([folder, tmp_path / "missing.jpg", "--artifacts", tiny_artifacts.out_dir,
+                                 "--out", out, "--quiet"], capsys)
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    for name, frag in expected.items():
+        hit = [ln for ln in lines if name in ln]
+        assert len(hit) == 1, (name, lines)
+        assert frag in hit[0].lower(), (name, hit[0])
+    assert any("missing.jpg: no such file" in ln for ln in lines)
+    assert len(lines) == len(expected) + 1
+    for p in good:
+        assert all((out / f"{p.stem}{s}").is_file() for s in OUTPUTS)
+    for name in expected:
+        assert not list(out.glob(f"{Path(name).stem}.*"))
+    assert "explained 2 of" in stdout and f"{len(expected) + 1} failed" in stdout
+    assert not leftovers(out)
+
+
+def test_unusual_but_valid_images_are_handled(tiny_artifacts, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgb = make_images(1, seed=8)[0]
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    cv2.imwrite(str(folder / "deep16.png"), (rgb[:, :, ::-1].astype(np.uint16) * 257))
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    out = tmp_path / "out"
+    code, _, err = run_cli([folder, "--artifacts", tiny_artifacts.out_dir, "--out", out], capsys)
+    assert code == 0, err
+    h, w = rgb.shape[:2]
+    for name in ("gray", "rgba", "deep16", "cmyk"):
+        assert np.load(out / f"{name}.npz")["saliency_original"].shape == (h, w)
+    assert np.load(out / "rotated.npz")["saliency_original"].shape == (w, h)
+
+
+def test_unknown_target_is_a_usage_error_with_suggestions(tiny_artifacts, tmp_path, capsys):
+    img = write_good(tmp_path / "in", 1)[0]
+    code, _, err = run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", tmp_path / "o", "--target", "hors"],
+                           capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "unknown target class 'hors'" in err and "horse" in err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_artifacts_errors_are_usage_errors(tiny_artifacts, tmp_path, capsys):
+    img = write_good(tmp_path / "in", 1)[0]
+    code, _, err = run_cli([img, "--artifacts", tmp_path / "nowhere", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "artifacts folder not found" in err
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifacts.out_dir, bad)
+    with open(bad / "explain.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xfe")
+    code, _, err = run_cli([img, "--artifacts", bad, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "explain.onnx: sha256" in err and "does not match" in err
+    (bad / "manifest.json").unlink()
+    code, _, err = run_cli([img, "--artifacts", bad, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "manifest missing" in err
+
+
+def test_usage_errors(tiny_artifacts, tmp_path, capsys):
+    code, _, err = run_cli(["--artifacts", tiny_artifacts.out_dir], capsys)
+    assert code == 2 and "no inputs" in err
+    code, _, err = run_cli(["x.jpg", "--artifacts", tiny_artifacts.out_dir, "--method", "magic"], capsys)
+    assert code == 2 and "unknown method 'magic'" in err
+    code, _, err = run_cli(["x.jpg", "--artifacts", tiny_artifacts.out_dir, "--engine", "cuda"], capsys)
+    assert code == 2 and "available providers" in err
+    with pytest.raises(SystemExit) as e:
+        explain_main(["x.jpg", "--artifacts", str(tiny_artifacts.out_dir), "--top-p", "many"])
+    assert e.value.code == 2
+
+
+def test_outputs_are_written_atomically(tiny_artifacts, tmp_path, capsys, monkeypatch):
+    import runtime.render as render
+
+    img = write_good(tmp_path / "in", 1)[0]
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real = render.npz_bytes
+
+    def failing(exp):  # the disk "fills up" while the NPZ is being produced
+        calls["n"] += 1
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(render, "npz_bytes", failing)
+    code, _, err = run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out], capsys)
+    assert code == 1 and "could not write outputs" in err and calls["n"] == 1
+    assert not leftovers(out)
+    monkeypatch.setattr(render, "npz_bytes", real)
+    assert run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out], capsys)[0] == 0
+
+
+def test_full_explain_without_torch(tiny_artifacts, tmp_path):
+    """The deployable runtime: a subprocess where importing torch (or open_clip) fails."""
+    img = write_good(tmp_path / "in", 1)[0]
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'open_clip', 'torchvision', 'PIL'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from runtime.explain import main\n"
+        f"rc = main([{str(img)!r}, '--artifacts', {str(tiny_artifacts.out_dir)!r}, '--out', {str(tmp_path / 'o')!r}])\n"
+        "assert not any(m.split('.')[0] in ('torch', 'open_clip') for m in sys.modules), 'torch was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "good0.overlay.png").is_file()
+
+
+def test_runtime_sources_never_import_torch():
+    import re
+
+    pat = re.compile(r"^\s*(import|from)\s+(torch|open_clip|torchvision|PIL)\b", re.M)
+    hits = [str(p) for p in (ROOT / "runtime").rglob("*.py") if pat.search(p.read_text())]
+    assert hits == []
