@@ -50,6 +50,10 @@ def _label(img: np.ndarray, text: str, scale: float | None = None, banner: bool 
     scale = scale or max(0.35, img.shape[1] / 700.0)
     thick = max(1, int(round(scale * 1.5)))
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    while tw > img.shape[1] - 8 and scale > 0.25:  # shrink to fit the width
+        scale *= 0.9
+        thick = max(1, int(round(scale * 1.5)))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     y0 = img.shape[0] - th - base - 6 if banner else 0
     cv2.rectangle(img, (0, y0), (min(img.shape[1], tw + 8), y0 + th + base + 6),
                   (160, 0, 0) if banner else (0, 0, 0), -1)
