@@ -2,8 +2,7 @@
 
 On the CPU (numpy back end) it calls `session.run`. On the GPU (cupy back end) it binds CuPy buffers
 to the session with ORT's IOBinding both ways, so inputs and outputs stay on the device; output buffers
-are preallocated per shape and reused (`copies` counts host<->device transfers made by the runner: zero
-on the IOBinding path).
+are preallocated per shape and reused.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ class GraphRunner:
         self._outputs: dict = {}         # (name, shape) -> preallocated device buffer
         self.calls = 0
         self.seconds = 0.0
-        self.copies = 0
 
     def _out_shape(self, name: str, feed) -> tuple[int, ...]:
         t = next(o for o in self.spec.outputs if o.name == name)

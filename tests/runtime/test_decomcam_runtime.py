@@ -186,7 +186,9 @@ def test_cupy_backend_matches_numpy(tiny_artifacts, parity_images):
     b = ex.explain(parity_images[:2])
     for x, y in zip(a, b):
         assert pearson(x.saliency, y.saliency) >= 0.9999
-    assert all(r.copies == 0 for r in ex._sessions.values())
+    # the graph outputs are bound to device buffers: what a runner returns is a CuPy array
+    out = ex.runner("classify").run({"image": cupy.zeros((1, 3, ex.size, ex.size), cupy.float32), "text": ex.text})
+    assert isinstance(out["logits"], cupy.ndarray)
 
 
 @pytest.mark.trt
