@@ -72,7 +72,7 @@ class NumpyBackend(Backend):
         maps = np.asarray(maps, dtype=np.float32)
         n = maps.shape[0]
         out = np.empty((n, size, size), np.float32)
-        step = 256  # OpenCV takes at most 512 channels per call
+        step = 128  # OpenCV 5 takes at most 128 channels per call (4.x: 512)
         for i in range(0, n, step):
             chunk = np.ascontiguousarray(maps[i:i + step].transpose(1, 2, 0))  # [h, w, k]
             r = cv2.resize(chunk, (size, size), interpolation=flag)
