@@ -293,8 +293,17 @@ class ExportResult:
 
 
 def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.PathLike,
-                 target_layer: str = "layer4", opset: int = OPSET, overwrite: bool = True) -> ExportResult:
+                 target_layer: str = "layer4", opset: int = OPSET, overwrite: bool = True,
+                 embeddings: dict[str, np.ndarray] | None = None) -> ExportResult:
+    """Export, validate and write the artifacts folder (see the module docstring).
+
+    embeddings: optional {class set name: [L, D] array} used for those sets instead of encoding their
+    prompts with the text tower (e.g. class embeddings learned with the image tower). Rows are
+    L2-normalised here; a wrong shape or a non-finite / zero row is an ExportError before anything is
+    exported.
+    """
     out_dir = Path(out_dir)
+    given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"])
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
     tmp_dir = out_dir / f".export-tmp{os.getpid()}"
@@ -353,7 +362,7 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
         manifest["class_sets"] = {}
         t = time.perf_counter()
         for cs in class_sets:
-            emb = text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
+            emb = given[cs.name] if cs.name in given else text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
             manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
         timings["class_sets_s"] = time.perf_counter() - t
         manifest["default_class_set"] = class_sets[0].name if class_sets else None
@@ -365,6 +374,25 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return ExportResult(out_dir, manifest, report, timings)
+
+
+def _check_embeddings(embeddings: dict[str, np.ndarray], class_sets: list[ClassSet], d: int) -> dict[str, np.ndarray]:
+    """Validate precomputed class embeddings against their class sets; return them L2-normalised, float32."""
+    sets = {cs.name: cs for cs in class_sets}
+    out = {}
+    for name, emb in embeddings.items():
+        if name not in sets:
+            raise ExportError(f"embeddings given for class set '{name}', which is not exported "
+                              f"(class sets: {', '.join(sets) or 'none'})")
+        e = np.asarray(emb, dtype=np.float64)
+        want = (len(sets[name].labels), d)
+        if e.shape != want:
+            raise ExportError(f"embeddings for class set '{name}' have shape {e.shape}, expected {want}")
+        norms = np.linalg.norm(e, axis=1, keepdims=True)
+        if not np.all(np.isfinite(e)) or np.any(norms == 0):
+            raise ExportError(f"embeddings for class set '{name}' have a non-finite or all-zero row")
+        out[name] = (e / norms).astype(np.float32)
+    return out
 
 
 def _summarise(report: dict) -> dict:

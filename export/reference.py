@@ -8,6 +8,7 @@ epsilon, blur, blend space) are the ones runtime/config.py documents.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ def gaussian_kernel1d(sigma: float, radius: int) -> torch.Tensor:
 
 def gaussian_blur(img: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
     """[N, 3, H, W] separable Gaussian blur with reflect (reflect-101) padding."""
-    k = gaussian_kernel1d(sigma, radius).to(img.dtype)
+    k = gaussian_kernel1d(sigma, radius).to(device=img.device, dtype=img.dtype)
     c = img.shape[1]
     x = F.pad(img, (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
@@ -73,8 +74,8 @@ def decompose_paper(act: torch.Tensor, grad: torch.Tensor, p: int):
     fm = u[:, :p].T @ s                                        # F* = U_p^T S*  [p, n]
     fm = orient(fm, s.sum(0))
     total = (sv ** 2).sum()
-    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64)
-    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool)
+    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64, device=s.device)
+    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool, device=s.device)
     fm = torch.where(null[:, None], torch.zeros_like(fm), fm)
     return fm, sv[:p], evr, null
 
@@ -92,8 +93,8 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     comps = (x @ vh[:p].T).T                                        # [p, n] projections onto the principal axes
     comps = orient(comps, m.sum(0))
     total = (sv ** 2).sum()
-    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64)
-    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool)
+    evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64, device=x.device)
+    null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool, device=x.device)
     comps = torch.where(null[:, None], torch.zeros_like(comps), comps.clamp_min(0))
     return comps, sv[:p], evr, null
 
@@ -107,20 +108,48 @@ def eager_logits(clip_model, images: torch.Tensor, text: torch.Tensor, batch_siz
     return torch.cat(out)
 
 
+class _StageClock:
+    """Fills `timings` (stage -> seconds) when given one; synchronises CUDA so GPU stages are measured."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings = timings
+        self.cuda = device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
 @torch.no_grad()
 def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean, std,
                        target: torch.Tensor | None = None, config: DecomCamConfig = DecomCamConfig(),
-                       batch_size: int = 32, grads=None) -> ReferenceResult:
+                       batch_size: int = 32, grads=None, timings: dict | None = None) -> ReferenceResult:
     """Eager Decom-CAM. image [B, 3, S, S] normalised, text [L, D] unit rows; target [B] or None for top-1.
 
-    `grads` may pass precomputed (logits, activations, gradients) from `autograd_reference`."""
+    `grads` may pass precomputed (logits, activations, gradients) from `autograd_reference`. Works on any
+    device (the result comes back as numpy). `timings`, when given, is filled with seconds per stage, under
+    the runtime's stage names: explain, decompose, masks (= upsample + blur + blend), classify, integrate,
+    postprocess."""
     clip_model.eval()
     b, _, size, _ = image.shape
-    if target is None:
-        with torch.no_grad():
-            target = eager_logits(clip_model, image, text, batch_size).argmax(1)
-    target = torch.as_tensor(target, dtype=torch.long).reshape(b)
-    logits, act, grad = grads if grads is not None else autograd_reference(clip_model, image, text, target)
+    dev = image.device
+    clock = _StageClock(timings, dev)
+    if grads is None:
+        # target None: explain the top-1 class of the same forward (a negative target), as explain.onnx does
+        want = torch.full((b,), -1, dtype=torch.long, device=dev) if target is None else \
+            torch.as_tensor(target, dtype=torch.long, device=dev).reshape(b)
+        grads = autograd_reference(clip_model, image, text, want)
+    logits, act, grad = grads
+    top1 = logits.argmax(1)
+    target = top1 if target is None else torch.as_tensor(target, dtype=torch.long, device=dev).reshape(b)
+    target = torch.where(target < 0, top1, target)                   # a negative target: the top-1 class
+    clock.lap("explain")
     c, h, w = act.shape[1:]
     p = config.effective_p(c, h * w)
 
@@ -136,13 +165,15 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
         nulls.append(null)
     fmaps = torch.stack(fmaps)                                       # [B, p, h, w] float64
     null = torch.stack(nulls)                                        # [B, p]
+    clock.lap("decompose")
     mode = "bilinear" if config.variant == "paper" else "bicubic"
     up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)
     comps = minmax(up)                                               # [B, p, S, S]
     comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
+    clock.lap("upsample")
 
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     sigma, radius = config.sigma(size), config.radius(size)
     if config.blend_space == "pixel":
         pix = image * std_t + mean_t
@@ -151,12 +182,17 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     else:
         pix = image
         pix_b = blurred = gaussian_blur(image, sigma, radius)
+    clock.lap("blur")
     hm = comps[:, :, None]                                           # [B, p, 1, S, S]
     masked = torch.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))  # [B, p, 3, S, S]
     if config.blend_space == "pixel":
         masked = (masked - mean_t[:, None]) / std_t[:, None]
     batch = torch.cat([masked.reshape(b * p, 3, size, size), blurred])
+    clock.lap("blend")
+    if timings is not None:
+        timings["masks"] = timings["upsample"] + timings["blur"] + timings["blend"]
     lg = eager_logits(clip_model, batch, text, batch_size)
+    clock.lap("classify")
     lg_masked = lg[: b * p].reshape(b, p, -1)
     lg_blur = lg[b * p:]
     tsel = target[:, None, None].expand(b, p, 1)
@@ -175,14 +211,21 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
         sm = torch.nan_to_num(torch.softmax(z, dim=1), nan=0.0)
         wts = torch.where(null, torch.zeros_like(sm), scores.double() * sm)
         sal = minmax(torch.relu((wts.float()[:, :, None, None] * comps).sum(1)))
-    return ReferenceResult(
-        saliency=sal.float().numpy(),
-        components=comps.float().numpy(),
-        feature_maps=fmaps.float().numpy(),
-        weights=wts.float().numpy(),
-        scores=scores.float().numpy(),
-        explained_variance=torch.stack(evrs).float().numpy(),
-        singular_values=torch.stack(svals).float().numpy(),
-        logits=logits.float().numpy(),
-        target=target.numpy().astype(np.int64),
+    clock.lap("integrate")
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+    res = ReferenceResult(
+        saliency=host(sal),
+        components=host(comps),
+        feature_maps=host(fmaps),
+        weights=host(wts),
+        scores=host(scores),
+        explained_variance=host(torch.stack(evrs)),
+        singular_values=host(torch.stack(svals)),
+        logits=host(logits),
+        target=target.cpu().numpy().astype(np.int64),
     )
+    clock.lap("postprocess")
+    return res

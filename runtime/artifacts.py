@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,32 @@ class ClassSetData:
 class Artifacts:
     root: Path
     manifest: dict
+    verify: bool = True                          # check each graph's sha256 before it is used
+    checked: set = field(default_factory=set)    # graphs already checked
+
+    def check_graph(self, name: str) -> Path:
+        """The graph's path, after checking it is listed, present, of this runtime's contract and (when
+        `verify`) that its sha256 matches the manifest. Each graph is checked once."""
+        mpath = self.root / MANIFEST_NAME
+        entry = self.manifest["graphs"].get(name)
+        if entry is None:
+            raise ArtifactsError(f"{mpath}: no '{name}' graph listed; re-export with this version")
+        path = self.graph_path(name)
+        if name in self.checked:
+            return path
+        if not path.is_file():
+            raise ArtifactsError(f"{path}: graph file missing")
+        if entry.get("inputs") != GRAPHS[name].to_json()["inputs"]:
+            raise ArtifactsError(f"{path}: graph inputs differ from this runtime's contract; re-export")
+        if self.verify:
+            digest = sha256_path(path)
+            if digest != entry["sha256"]:
+                raise ArtifactsError(
+                    f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...; "
+                    f"the graph was modified or belongs to another export"
+                )
+        self.checked.add(name)
+        return path
 
     @property
     def model(self) -> str:
@@ -108,21 +134,7 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, graphs=("explai
     for key in ("model", "input_size", "mean", "std", "logit_scale", "dims", "graphs"):
         if key not in manifest:
             raise ArtifactsError(f"{mpath}: manifest lacks '{key}'")
-    art = Artifacts(root, manifest)
+    art = Artifacts(root, manifest, verify=verify)
     for name in graphs:
-        entry = manifest["graphs"].get(name)
-        if entry is None:
-            raise ArtifactsError(f"{mpath}: no '{name}' graph listed")
-        path = art.graph_path(name)
-        if not path.is_file():
-            raise ArtifactsError(f"{path}: graph file missing")
-        if entry.get("inputs") != GRAPHS[name].to_json()["inputs"]:
-            raise ArtifactsError(f"{path}: graph inputs differ from this runtime's contract; re-export")
-        if verify:
-            digest = sha256_path(path)
-            if digest != entry["sha256"]:
-                raise ArtifactsError(
-                    f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...; "
-                    f"the graph was modified or belongs to another export"
-                )
+        art.check_graph(name)
     return art

@@ -14,7 +14,12 @@ blend space) follows runtime/config.py, like the eager reference.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from .backend import Backend
 from .config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
@@ -59,8 +64,34 @@ def _finish(xp, fm, sigma, total):
     return Decomposition(fm, sigma, evr, null)
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional: without it the host BLAS keeps its own thread count
+        return None
+    return ThreadpoolController()
+
+
+def single_thread_blas(xp):
+    """Context: the host BLAS (numpy's OpenBLAS) on one thread, for the small products of the decomposition.
+
+    Why: a [49, C] x [C, 49] product is ~5 MFLOP, too small to share, and the BLAS pool's threads must wake
+    on cores that ONNX Runtime's (or torch's) worker threads are still spinning on: measured on 2 cores,
+    the Gram product + eigh took 150-250 ms right after a classify run with 2 BLAS threads, 1.5-2 ms with
+    one. OpenBLAS never splits the inner (summed) dimension across threads, so the results are bitwise
+    the same (checked for B = 1, 3, 8, both variants). A no-op on the GPU and without threadpoolctl."""
+    ctl = _blas_controller() if xp is np else None
+    return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
+
+
 def decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
     """act, grad [B, C, h, w] (float32, on the back end's device) -> the top-p feature maps."""
+    with single_thread_blas(be.xp):
+        return _decompose(be, act, grad, config)
+
+
+def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
     xp = be.xp
     b, c, h, w = act.shape
     n = h * w
@@ -109,10 +140,11 @@ def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: i
     return xp.where(dec.null[:, :, None, None], xp.float32(0), comps)
 
 
-def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig):
+def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig, timings: dict | None = None):
     """x [B, 3, S, S] normalised, comps H [B, p, S, S] -> (masked [B, p, 3, S, S], blurred [B, 3, S, S]),
-    both normalised, ready for classify."""
+    both normalised, ready for classify. `timings`, when given, gets the seconds of the "blur"."""
     xp = be.xp
+    t = time.perf_counter()
     size = x.shape[-1]
     m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
     sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
@@ -124,6 +156,9 @@ def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig):
     else:
         pix = x
         pix_b = blurred = be.blur(x, sigma, radius)
+    if timings is not None:
+        be.synchronize()
+        timings["blur"] = time.perf_counter() - t
     hm = comps[:, :, None]                                               # [B, p, 1, S, S]
     masked = xp.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))    # [B, p, 3, S, S]
     if config.blend_space == "pixel":

@@ -119,7 +119,7 @@ class Explainer:
     def runner(self, name: str) -> GraphRunner:
         r = self._sessions.get(name)
         if r is None:
-            sess = create_session(self.artifacts.graph_path(name), self.engine, self.options)
+            sess = create_session(self.artifacts.check_graph(name), self.engine, self.options)
             r = self._sessions[name] = GraphRunner(sess, GRAPHS[name], self.backend, self.artifacts.dims,
                                                    self.options.device_id)
         return r

@@ -9,7 +9,7 @@ from .base_cam import EPS, BaseCam
 
 @register
 class AblationCam(BaseCam):
-    """Paper, eq. 2-3: zero channel c of the target layer's activations and run the rest of the network
+    """Paper: zero channel c of the target layer's activations and run the rest of the network
     (head.onnx): w_c = (y - y_c) / y, the relative drop of the target logit; L = ReLU(sum_c w_c A_c).
 
     One head forward per channel, chunked. A channel whose map is already all zero is not run: ablating

@@ -27,11 +27,14 @@ class DecomCam(Method):
         ctx.timings["decompose"] = time.perf_counter() - t
         t = time.perf_counter()
         comps = dc.upsample_components(be, dec, h, w, size, cfg)
-        masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg)
+        be.synchronize()
+        ctx.timings["upsample"] = time.perf_counter() - t
+        masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg, timings=ctx.timings)
         p = comps.shape[1]
         batch = xp.concatenate([masked.reshape(b * p, 3, size, size), blurred])
         be.synchronize()
-        ctx.timings["masks"] = time.perf_counter() - t
+        ctx.timings["masks"] = time.perf_counter() - t                 # upsample + blur + blend
+        ctx.timings["blend"] = ctx.timings["masks"] - ctx.timings["upsample"] - ctx.timings["blur"]
         t = time.perf_counter()
         logits = ctx.classify(batch)                                   # [(p+1)B, L]
         ctx.timings["classify"] = time.perf_counter() - t

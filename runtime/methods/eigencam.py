@@ -25,7 +25,7 @@ def principal_projection(be, m):
 
 @register
 class EigenCam(BaseCam):
-    """Paper, eq. 4-5: L = ReLU(projection of the activations on their first principal component), as
+    """Paper: L = ReLU(projection of the activations on their first principal component), as
     pytorch-grad-cam computes it (centred; the paper's SVD of the raw activations differs by the centring).
     Gradient-free, class-agnostic. pytorch-grad-cam leaves the sign of the component to LAPACK; ours is
     fixed (see principal_projection)."""

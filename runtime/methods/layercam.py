@@ -9,7 +9,7 @@ from .base_cam import BaseCam
 
 @register
 class LayerCam(BaseCam):
-    """Paper, eq. 5-6: a per-position weight, the positive gradient, w_c[i,j] = ReLU(dy/dA_c[i,j]);
+    """Paper: a per-position weight, the positive gradient, w_c[i,j] = ReLU(dy/dA_c[i,j]);
     L = ReLU(sum_c w_c * A_c). Same as pytorch-grad-cam's LayerCAM."""
 
     name = "layercam"

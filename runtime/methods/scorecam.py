@@ -9,9 +9,9 @@ from .base_cam import UPSAMPLE_MODES, BaseCam, softmax_kept
 
 @register
 class ScoreCam(BaseCam):
-    """Paper, eq. 5-8: H_c = s(Up(A_c)) (bilinear upsampling, min-max s); the score of channel c is the
+    """Paper: H_c = s(Up(A_c)) (bilinear upsampling, min-max s); the score of channel c is the
     target logit of the input masked by it, C_c = y(X * H_c) - y(X_b), normalised by a softmax over the
-    channels (section 3.3); L = ReLU(sum_c softmax(C)_c A_c). X is the normalised model input (as in the
+    channels; L = ReLU(sum_c softmax(C)_c A_c). X is the normalised model input (as in the
     authors' code), so masked-out pixels take the dataset mean colour.
 
     One classify.onnx forward per channel, built chunk by chunk. Two exact shortcuts: the baseline y(X_b)

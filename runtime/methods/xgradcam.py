@@ -9,7 +9,7 @@ from .base_cam import BaseCam
 
 @register
 class XGradCam(BaseCam):
-    """Paper, eq. 11 (the weights that satisfy its sensitivity and conservation axioms):
+    """Paper (the weights that satisfy its sensitivity and conservation axioms):
     alpha_c = sum_ij (A_c[i,j] / sum_ab A_c[a,b]) dy/dA_c[i,j];  L = ReLU(sum_c alpha_c A_c).
     An all-zero channel gets weight 0 (pytorch-grad-cam adds eps = 1e-7 to the sum instead)."""
 

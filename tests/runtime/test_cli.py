@@ -229,3 +229,20 @@ def test_runtime_sources_never_import_torch():
     pat = re.compile(r"^\s*(import|from)\s+(torch|open_clip|torchvision|PIL)\b", re.M)
     hits = [str(p) for p in (ROOT / "runtime").rglob("*.py") if pat.search(p.read_text())]
     assert hits == []
+
+
+def test_lazily_loaded_graphs_are_verified_too(tiny_artifacts, tmp_path):
+    """head.onnx and features.onnx are opened only by some methods: their sha256 is checked when they are."""
+    from runtime.artifacts import ArtifactsError
+    from runtime.explainer import Explainer
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts.out_dir, art)
+    img = make_images(1, seed=2)[0]
+    for method, graph in (("ablationcam", "head.onnx"), ("eigencam", "features.onnx")):
+        with open(art / graph, "ab") as f:
+            f.write(b"\0")
+        ex = Explainer.from_artifacts(art)  # explain + classify are intact
+        ex.explain(img)
+        with pytest.raises(ArtifactsError, match=rf"{graph}: sha256 .* does not match"):
+            ex.explain(img, method=method)
