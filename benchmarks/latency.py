@@ -1,0 +1,524 @@
+"""Latency and throughput of the explanation, each engine against the eager PyTorch reference.
+
+Latency (default): every engine in one process, interleaved after warm-up (engine A rep i, engine B rep i,
+...), per stage and end to end:
+
+    python -m benchmarks.latency --artifacts DIR --engines torch,cpu[,cuda,trt,torch-fp16,trt-fp16]
+        --batch 1,8 --top-p 10 [--methods decomcam,...] [--repeat N] [--warmup N] [--threads N] --json FILE
+
+Throughput (--folder): N images in a folder (generated 320 x 240 photo-like JPEGs where the folder has too
+few) explained end to end through the CLI's own code path (`runtime.explain.main`, in process, --quiet,
+outputs written to a temporary folder), with host memory sampled in the background:
+
+    python -m benchmarks.latency --artifacts DIR --folder DIR [--n 100,1000] [--engines cpu] --json FILE
+
+Engines:
+    torch        the eager reference export.reference.decomcam_reference on the export's own torch model:
+                 fp32, autograd for the gradient, no_grad for the masked forwards, which are batched like the
+                 runtime's (--classify-batch). On the GPU when a GPU engine is asked for (--torch-device).
+    torch-fp16   the same under torch.autocast(float16) on the GPU.
+    cpu, cuda    ONNX Runtime through runtime.explainer.Explainer (the library path), fp32 graphs.
+    trt          ONNX Runtime's TensorRT provider, fp32; trt-fp16 with trt_fp16_enable.
+An engine this machine cannot run is skipped with its reason (in the table and the JSON).
+
+Fairness: torch and ORT get the same number of threads (torch.set_num_threads(n), intra_op_num_threads=n,
+default n = os.cpu_count()); ORT's worker threads do not spin while torch shares the process
+(session.intra_op.allow_spinning = 0); both preprocess with runtime.images and explain the top-1 class of
+one forward pass; GPU timers are synchronised (torch.cuda.synchronize, Backend.synchronize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import common
+
+TORCH_ENGINES = ("torch", "torch-fp16")
+ORT_ENGINES = ("cpu", "cuda", "trt", "trt-fp16")
+ENGINES = TORCH_ENGINES + ORT_ENGINES
+TORCH_METHODS_DECOMCAM = {"decomcam": "paper", "decomcam-authors": "authors"}
+# stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
+STAGES = ("preprocess", "explain", "decompose", "upsample", "blur", "blend", "masks", "classify", "integrate",
+          "postprocess")
+
+
+class Skip(Exception):
+    """An engine or method this run cannot measure; the message is the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engines: one interface, `run(rgbs, method) -> (stage seconds, saliency)`, synchronised on return
+
+@dataclass
+class Engine:
+    name: str
+    precision: str = "fp32"
+    device: str = "cpu"
+    provider: str = ""
+    rss_label: str = ""
+    device_peak: list = field(default_factory=list)
+
+    def run(self, rgbs: list[np.ndarray], method: str) -> tuple[dict, np.ndarray]:
+        raise NotImplementedError
+
+    def check_method(self, method: str) -> None:
+        pass
+
+    def device_memory(self) -> float | None:
+        return None
+
+
+class OrtEngine(Engine):
+    def __init__(self, name: str, artifacts: str, args, shares_with_torch: bool):
+        from runtime.engines import EngineError, EngineOptions
+        from runtime.explainer import Explainer
+
+        engine = "trt" if name.startswith("trt") else name
+        fp16 = name == "trt-fp16"
+        opts = EngineOptions(device_id=args.device_id, fp16=fp16, intra_op_threads=args.threads,
+                             allow_spinning=not shares_with_torch)
+        try:
+            self.ex = Explainer.from_artifacts(artifacts, engine=engine, engine_options=opts,
+                                               batch_size=args.classify_batch, class_set=args.classes)
+            self.ex.runner("explain")  # create the sessions now: a provider that fails to load fails here
+            self.ex.runner("classify")
+        except (EngineError, ValueError, RuntimeError) as e:
+            raise Skip(str(e).splitlines()[0]) from e
+        providers = self.ex.runner("classify").session.get_providers()
+        super().__init__(name, "fp16" if fp16 else "fp32", "cpu" if engine == "cpu" else "cuda", providers[0])
+        self.top_p = args.top_p
+
+    def check_method(self, method: str) -> None:
+        from runtime.methods import list_methods
+
+        if method not in list_methods():
+            raise Skip(f"unknown method '{method}'; valid: {', '.join(list_methods())}")
+
+    def run(self, rgbs, method):
+        res = self.ex.explain_arrays(rgbs, target=None, top_p=self.top_p, method=method)
+        self.ex.backend.synchronize()
+        timings: dict[str, float] = {}
+        for e in res:  # each Explanation holds its share of the batch's stages
+            for k, v in e.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return timings, np.stack([e.saliency for e in res])
+
+    def device_memory(self):
+        return common.device_memory_mb(self.ex.options.device_id) if self.device == "cuda" else None
+
+
+class TorchEngine(Engine):
+    def __init__(self, name: str, lm, artifacts, args, device: str):
+        import torch
+
+        fp16 = name == "torch-fp16"
+        if fp16 and not torch.cuda.is_available():
+            raise Skip("torch-fp16 is autocast float16 on a CUDA GPU; torch sees no GPU here")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Skip("--torch-device cuda: torch sees no GPU here")
+        dev = "cuda" if fp16 else device
+        super().__init__(name, "fp16-autocast" if fp16 else "fp32", dev, f"torch {torch.__version__} eager ({dev})")
+        self.torch = torch
+        # the model stays where it was loaded (CPU); a GPU engine gets its own copy, so torch (CPU) and
+        # torch-fp16 (GPU) can run side by side
+        self.model = (lm.model if dev == "cpu" else copy.deepcopy(lm.model).to(dev)).eval()
+        cs = artifacts.load_class_set(args.classes)
+        self.text = torch.from_numpy(cs.embeddings).to(dev)
+        self.mean, self.std, self.size = artifacts.mean, artifacts.std, artifacts.input_size
+        self.top_p = args.top_p
+        self.batch_size = args.classify_batch
+        self.fp16 = fp16
+
+    def check_method(self, method: str) -> None:
+        from export.baselines_reference import REFERENCES
+
+        if method not in TORCH_METHODS_DECOMCAM and method not in REFERENCES:
+            raise Skip(f"no eager reference for '{method}' (have: "
+                       f"{', '.join([*TORCH_METHODS_DECOMCAM, *REFERENCES])})")
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def run(self, rgbs, method):
+        from export.reference import decomcam_reference
+        from runtime.config import DecomCamConfig
+        from runtime.images import preprocess
+
+        torch = self.torch
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        x = np.stack([preprocess(im, self.size, self.mean, self.std)[0] for im in rgbs])
+        xt = torch.from_numpy(x).to(self.device)
+        self._sync()
+        timings["preprocess"] = time.perf_counter() - t
+        amp = torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
+        with amp:
+            if method in TORCH_METHODS_DECOMCAM:
+                cfg = DecomCamConfig(top_p=self.top_p, variant=TORCH_METHODS_DECOMCAM[method])
+                res = decomcam_reference(self.model, xt, self.text, self.mean, self.std, target=None, config=cfg,
+                                         batch_size=self.batch_size, timings=timings)
+                sal = res.saliency
+            else:  # a CAM baseline: one autograd pass for the top-1 class (as explain.onnx), then the method
+                from export.baselines_reference import cam_reference
+                from export.graphs import autograd_reference
+
+                t = time.perf_counter()
+                want = torch.full((len(rgbs),), -1, dtype=torch.long, device=self.device)
+                grads = autograd_reference(self.model, xt, self.text, want)
+                target = grads[0].argmax(1)
+                self._sync()
+                timings["explain"] = time.perf_counter() - t
+                t = time.perf_counter()
+                sal = cam_reference(method, self.model, xt, self.text, self.mean, self.std, target=target,
+                                    config=DecomCamConfig(top_p=self.top_p), batch_size=self.batch_size,
+                                    grads=grads)
+                self._sync()
+                timings["method"] = time.perf_counter() - t
+        return timings, sal
+
+    def device_memory(self):
+        if self.device != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated() / common.MB
+
+    def reset_device_peak(self):
+        if self.device == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency mode
+
+def parse_list(text: str, kind=str) -> list:
+    return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+
+
+def build_engines(names: list[str], args, artifacts) -> tuple[list[Engine], list[dict]]:
+    """Engines in the order asked for, and [{engine, reason}] for those skipped."""
+    engines, skipped = [], []
+    wants_torch = any(n in TORCH_ENGINES for n in names)
+    lm = None
+    if wants_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        try:
+            lm = common.load_torch_model(artifacts.manifest, args.pretrained)
+        except Exception as e:  # no weights for the eager reference: skip the torch engines, say why
+            skipped += [{"engine": n, "reason": f"cannot load the torch model: {e}"} for n in names if n in TORCH_ENGINES]
+            names = [n for n in names if n not in TORCH_ENGINES]
+        else:
+            try:
+                common.check_same_model(artifacts, lm, seed=args.seed)
+            except common.ModelMismatch as e:
+                raise SystemExit(f"error: {e}") from None
+        device = args.torch_device
+        if device == "auto":
+            gpu_asked = any(n in ("cuda", "trt", "trt-fp16", "torch-fp16") for n in names)
+            device = "cuda" if gpu_asked and torch.cuda.is_available() else "cpu"
+    for n in names:
+        try:
+            if n in TORCH_ENGINES:
+                eng = TorchEngine(n, lm, artifacts, args, device)
+            elif n in ORT_ENGINES:
+                eng = OrtEngine(n, args.artifacts, args, shares_with_torch=wants_torch)
+            else:
+                raise Skip(f"unknown engine '{n}'; valid engines: {', '.join(ENGINES)}")
+        except Skip as e:
+            skipped.append({"engine": n, "reason": str(e)})
+            continue
+        eng.rss_label = n
+        engines.append(eng)
+    return engines, skipped
+
+
+def run_latency(args) -> dict:
+    from runtime.artifacts import load_artifacts
+
+    artifacts = load_artifacts(args.artifacts)
+    names = parse_list(args.engines)
+    batches = parse_list(args.batch, int)
+    methods = parse_list(args.methods)
+    sampler = common.RssSampler()
+    results, skipped = [], []
+    with sampler:
+        engines, skipped = build_engines(names, args, artifacts)
+        if not engines:
+            raise SystemExit("no engine could run: " + "; ".join(f"{s['engine']}: {s['reason']}" for s in skipped))
+        for method in methods:
+            active = []
+            for eng in engines:
+                try:
+                    eng.check_method(method)
+                    active.append(eng)
+                except Skip as e:
+                    skipped.append({"engine": eng.name, "method": method, "reason": str(e)})
+            for b in batches:
+                rgbs = common.photo_like_batch(b, seed=args.seed)
+                runs: dict[str, list] = {e.name: [] for e in active}
+                totals: dict[str, list] = {e.name: [] for e in active}
+                cpu: dict[str, list] = {e.name: [] for e in active}        # process CPU seconds (all threads)
+                for eng in active:
+                    eng.device_peak = []
+                for eng in active:  # warm-up: sessions, arenas, caches, lazy initialisation
+                    sampler.label = eng.rss_label
+                    if hasattr(eng, "reset_device_peak"):
+                        eng.reset_device_peak()
+                    for _ in range(args.warmup):
+                        eng.run(rgbs, method)
+                for rep in range(args.repeat):
+                    for eng in active:  # interleaved: drift and neighbours hit every engine alike
+                        sampler.label = eng.rss_label
+                        c, t = time.process_time(), time.perf_counter()
+                        timings, _ = eng.run(rgbs, method)
+                        totals[eng.name].append(time.perf_counter() - t)
+                        cpu[eng.name].append(time.process_time() - c)
+                        runs[eng.name].append(timings)
+                        dm = eng.device_memory()
+                        if dm is not None:
+                            eng.device_peak.append(dm)
+                    log(f"{method} batch {b}: rep {rep + 1}/{args.repeat} "
+                        + "  ".join(f"{e.name} {totals[e.name][-1] * 1e3:.0f} ms" for e in active))
+                sampler.label = None
+                ref = next((e for e in active if e.name == "torch"), None)
+                ref_p50 = common.stats_ms(totals[ref.name])["p50"] if ref else None
+                ref_mean = common.stats_ms(totals[ref.name])["mean"] if ref else None
+                for eng in active:
+                    e2e = common.stats_ms(totals[eng.name])
+                    results.append({
+                        "method": method, "batch": b, "engine": eng.name, "precision": eng.precision,
+                        "device": eng.device, "provider": eng.provider,
+                        "stages_ms": common.median_stages_ms(runs[eng.name]),
+                        "end_to_end_ms": e2e,
+                        "end_to_end_runs_ms": [1e3 * v for v in totals[eng.name]],
+                        "cpu_time_ms": common.stats_ms(cpu[eng.name]),
+                        "images_per_s": b / (e2e["p50"] / 1e3),
+                        "speedup_vs_torch": (ref_p50 / e2e["p50"]) if ref_p50 else None,
+                        "speedup_vs_torch_mean": (ref_mean / e2e["mean"]) if ref_mean else None,
+                        "cpu_time_ratio_vs_torch": (common.stats_ms(cpu[ref.name])["p50"]
+                                                    / common.stats_ms(cpu[eng.name])["p50"]) if ref else None,
+                        "peak_rss_mb": sampler.peak(eng.rss_label),      # process VmRSS, sampled while this engine ran
+                        "rss_mb": (sampler.values(eng.rss_label) or [None])[-1],
+                        "peak_device_mb": max(eng.device_peak) if eng.device_peak else None,
+                    })
+    return {
+        "results": results,
+        "skipped": skipped,
+        "process": {"peak_rss_mb": common.peak_rss_mb(), "rss_mb": common.rss_mb()},
+        "settings": {
+            "artifacts": str(args.artifacts), "model": artifacts.model,
+            "pretrained_id": artifacts.manifest.get("pretrained_id"), "input_size": artifacts.input_size,
+            "class_set": args.classes or artifacts.manifest.get("default_class_set"),
+            "engines": names, "batches": batches, "methods": methods, "top_p": args.top_p, "repeat": args.repeat,
+            "warmup": args.warmup, "threads": args.threads, "classify_batch": args.classify_batch,
+            "torch_device": args.torch_device, "images": "benchmarks.common.photo_like 320x240, seed "
+                                                        f"{args.seed}; top-1 class of each",
+        },
+    }
+
+
+def latency_tables(report: dict) -> str:
+    out = []
+    res = report["results"]
+    gpu = any(r["peak_device_mb"] is not None for r in res)
+    for method in dict.fromkeys(r["method"] for r in res):
+        rows = [r for r in res if r["method"] == method]
+        stages = [s for s in STAGES if any(s in r["stages_ms"] for r in rows)]
+        extra = sorted({k for r in rows for k in r["stages_ms"]} - set(STAGES))
+        headers = (["engine", "prec", "B"] + [f"{s} ms" for s in stages + extra]
+                   + ["p50 ms", "p90 ms", "p99 ms", "img/s", "speed-up", "CPU s", "CPU ratio", "peak RSS MB"]
+                   + (["peak dev MB"] if gpu else []))
+        body = []
+        for r in rows:
+            st = r["stages_ms"]
+            e2e = r["end_to_end_ms"]
+            body.append([r["engine"], r["precision"], r["batch"]]
+                        + [common.fmt(st.get(s)) for s in stages + extra]
+                        + [common.fmt(e2e["p50"]), common.fmt(e2e["p90"]), common.fmt(e2e["p99"]),
+                           common.fmt(r["images_per_s"], 2),
+                           (common.fmt(r["speedup_vs_torch"], 2) + "x") if r["speedup_vs_torch"] else "-",
+                           common.fmt(r["cpu_time_ms"]["p50"] / 1e3, 2),
+                           (common.fmt(r["cpu_time_ratio_vs_torch"], 2) + "x") if r["cpu_time_ratio_vs_torch"] else "-",
+                           common.fmt(r["peak_rss_mb"], 0)]
+                        + ([common.fmt(r["peak_device_mb"], 0)] if gpu else []))
+        out.append(f"method {method} (stages: median ms per batch; end to end over {rows[0]['end_to_end_ms']['n']} "
+                   f"reps)\n" + common.format_table(headers, body, "llr" + "r" * (len(headers) - 3)))
+    for s in report["skipped"]:
+        out.append(f"skipped {s['engine']}" + (f" for {s['method']}" if s.get("method") else "") + f": {s['reason']}")
+    return "\n\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Throughput mode
+
+_CLI_SECONDS = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s")
+
+
+def run_throughput(args) -> dict:
+    from runtime.artifacts import load_artifacts
+    from runtime.explain import main as explain_main
+
+    artifacts = load_artifacts(args.artifacts)
+    ns = parse_list(args.n, int)
+    names = [n for n in parse_list(args.engines) if n in ORT_ENGINES]
+    skipped = [{"engine": n, "reason": "throughput mode runs the CLI (ONNX Runtime engines only)"}
+               for n in parse_list(args.engines) if n not in ORT_ENGINES]
+    if not names:
+        names = ["cpu"]
+    t = time.perf_counter()
+    paths = common.image_folder(args.folder, max(ns), seed=args.seed)
+    gen_s = time.perf_counter() - t
+    results = []
+    sampler = common.RssSampler(interval=0.05)
+    with sampler:
+        for eng in names:
+            for n in ns:
+                label = f"{eng}/N={n}"
+                cli = [*map(str, paths[:n]), "--artifacts", str(args.artifacts), "--engine",
+                       "trt" if eng.startswith("trt") else eng, "--top-p", str(args.top_p), "--method", args.methods.split(",")[0],
+                       "--batch-size", str(args.classify_batch), "--threads", str(args.threads), "--quiet", "--overwrite"]
+                if eng == "trt-fp16":
+                    cli.append("--fp16")
+                if args.classes:
+                    cli += ["--classes", args.classes]
+                out_dir = tempfile.mkdtemp(prefix="bench-out-")
+                try:
+                    reset = common.reset_peak_rss()
+                    rss0 = common.rss_mb()
+                    sampler.label = label
+                    t0 = time.perf_counter()
+                    stdout, stderr = io.StringIO(), io.StringIO()
+                    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                        rc = explain_main([*cli, "--out", out_dir])
+                    wall = time.perf_counter() - t0
+                    sampler.label = None
+                finally:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                if rc != 0:
+                    raise SystemExit(f"runtime.explain failed (exit {rc}) on {label}:\n{stderr.getvalue()[-2000:]}")
+                m = _CLI_SECONDS.search(stdout.getvalue())
+                loop_s = float(m.group(3)) if m else None
+                ok = int(m.group(1)) if m else n
+                samp = [(tt, v) for tt, lab, v in sampler.samples if lab == label]
+                ts = np.array([tt for tt, _ in samp])
+                vs = np.array([v for _, v in samp])
+
+                def window(lo: float, hi: float) -> float | None:  # median RSS over a fraction of the run's time
+                    if not len(vs):
+                        return None
+                    t_lo, t_hi = ts[0] + lo * (ts[-1] - ts[0]), ts[0] + hi * (ts[-1] - ts[0])
+                    sel = vs[(ts >= t_lo) & (ts <= t_hi)]
+                    return float(np.median(sel)) if len(sel) else float(vs[-1])
+
+                early, late = window(0.1, 0.2), window(0.9, 1.0)  # sessions made, first images through / the end
+                results.append({
+                    "engine": eng, "n": n, "explained": ok, "wall_s": wall, "loop_s": loop_s,
+                    "images_per_s": (ok / loop_s) if loop_s else None, "images_per_s_wall": ok / wall,
+                    "rss_start_mb": rss0, "rss_10_20pct_mb": early, "rss_last_10pct_mb": late,
+                    "peak_rss_mb": float(vs.max()) if len(vs) else None,
+                    "rss_growth_mb": (late - early) if early is not None else None,
+                    "rss_after_mb": common.rss_mb(),  # main() returned: the sessions are freed
+                    "vmhwm_mb": common.peak_rss_mb() if reset else None,
+                    "rss_samples": len(vs),
+                })
+                log(f"throughput {label}: {ok} images in {wall:.1f} s, peak RSS {results[-1]['peak_rss_mb']:.0f} MB")
+    return {
+        "results": results, "skipped": skipped,
+        "process": {"peak_rss_mb": common.peak_rss_mb(), "rss_mb": common.rss_mb()},
+        "settings": {
+            "artifacts": str(args.artifacts), "model": artifacts.model,
+            "pretrained_id": artifacts.manifest.get("pretrained_id"), "input_size": artifacts.input_size,
+            "folder": str(args.folder), "n": ns, "engines": names, "top_p": args.top_p,
+            "method": args.methods.split(",")[0], "threads": args.threads, "batch_size": args.classify_batch,
+            "images": "first N files of the folder (generated bench_*.jpg: photo-like 320x240 JPEG q90, "
+                      f"seed {args.seed}); generation took {gen_s:.1f} s, not counted",
+            "path": "runtime.explain.main in process: load, preprocess, explain, write overlay/components PNG, "
+                    "JSON and NPZ per image",
+        },
+    }
+
+
+def throughput_table(report: dict) -> str:
+    headers = ["engine", "N", "img/s", "img/s (wall)", "wall s", "RSS before MB", "RSS 10-20% MB",
+               "RSS last 10% MB", "growth MB", "peak RSS MB", "VmHWM MB"]
+    rows = [[r["engine"], r["n"], common.fmt(r["images_per_s"], 2), common.fmt(r["images_per_s_wall"], 2),
+             common.fmt(r["wall_s"]), common.fmt(r["rss_start_mb"], 0), common.fmt(r["rss_10_20pct_mb"], 0),
+             common.fmt(r["rss_last_10pct_mb"], 0), common.fmt(r["rss_growth_mb"], 0), common.fmt(r["peak_rss_mb"], 0),
+             common.fmt(r["vmhwm_mb"], 0)] for r in report["results"]]
+    skipped = "".join(f"\nskipped {s['engine']}: {s['reason']}" for s in report["skipped"])
+    return f"model {report['settings']['model']}, method {report['settings']['method']}, p={report['settings']['top_p']}\n" \
+        + common.format_table(headers, rows, "lr" + "r" * (len(headers) - 2)) + skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
+    p.add_argument("--engines", default="torch,cpu", help=f"comma list of {', '.join(ENGINES)} (default torch,cpu)")
+    p.add_argument("--batch", default="1", help="images per explanation call, comma list (default 1)")
+    p.add_argument("--top-p", type=int, default=10, help="Decom-CAM components p (default 10)")
+    p.add_argument("--methods", default="decomcam", help="comma list of runtime.methods names (default decomcam)")
+    p.add_argument("--repeat", type=int, default=10, help="timed repetitions per engine (default 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads = ORT intra-op threads (default os.cpu_count())")
+    p.add_argument("--classify-batch", type=int, default=32,
+                   help="images per classifier call, ORT and eager alike (default 32)")
+    p.add_argument("--classes", default=None, help="class set (default: the export's default)")
+    p.add_argument("--pretrained", default=None, help="checkpoint path, for an export made from a checkpoint")
+    p.add_argument("--torch-device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device of the `torch` engine (auto: cuda when a GPU engine is benchmarked)")
+    p.add_argument("--device-id", type=int, default=0, help="GPU ordinal")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    t = p.add_argument_group("throughput mode")
+    t.add_argument("--folder", default=None, help="explain the images of this folder through the CLI "
+                                                  "(generated where it holds fewer than N)")
+    t.add_argument("--n", default="100,1000", help="image counts, comma list (default 100,1000)")
+    p.add_argument("--json", default=None, help="write the report here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1 or args.repeat < 1 or args.warmup < 0 or args.classify_batch < 1:
+        raise SystemExit("--threads, --repeat and --classify-batch must be >= 1, --warmup >= 0")
+    load_start = common.load_average()
+    if args.folder:
+        report = {"benchmark": "throughput", **run_throughput(args)}
+        table = throughput_table(report)
+    else:
+        report = {"benchmark": "latency", **run_latency(args)}
+        table = latency_tables(report)
+    report["machine"] = common.machine_info(args.threads)
+    report["machine"]["load_average"] = {"start": load_start, "end": common.load_average()}
+    report["command"] = common.command_line("benchmarks.latency", argv)
+    report["table"] = table
+    common.write_json(args.json, report)
+    print(f"{report['benchmark']}: {common.describe_machine(report['machine'])}")
+    print(f"command: {report['command']}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Numerical parity of the runtime's engines with the eager PyTorch reference, on generated images.
+
+    python -m benchmarks.parity --artifacts DIR --engines cpu[,cuda,trt] [--precision fp32,fp16]
+        [--n-images N] [--top-p 10] [--method decomcam] --json FILE
+
+The reference is fp32 eager PyTorch on the CPU, on the export's own torch model:
+export.graphs.autograd_reference for the graph outputs (logits, layer4 activations, d logit_target / dA by
+autograd) and export.reference.decomcam_reference for the method. Both sides get the same preprocessed
+images (runtime.images) and the same target (the reference's top-1 class, passed to both explicitly, so a
+near tie between two classes cannot make them explain different classes).
+
+Metrics, each worst case over the images:
+    logits, activations, gradients   max abs diff; max rel diff = max |a - r| / max(|r|, 1e-3 max|r|) (the
+                                     floor keeps near-zero reference entries from dividing by ~0); cosine
+    components H_i                   |cos| of each component map with the reference's map of the same index
+                                     (both are sign-fixed, runtime/config.py); two all-zero (null) maps
+                                     count as 1
+    saliency                         max abs diff, Pearson correlation, IoU of the top 10% pixels
+fp16 runs only on a GPU engine that has an fp16 mode (TensorRT's trt_fp16_enable); other pairs are
+skipped with the reason.
+
+Two more comparisons tell where a difference comes from:
+    "eager fp32 on its A, dy/dA"     the eager method fed the engine's own activations and gradients: what is
+                                     left is the method's implementation (decomposition, masks, blur, blend,
+                                     integration) plus the classifier's rounding
+    --oracle-fp64                    the same model and method in float64 eager: each fp32 side (the engine
+                                     and the eager reference itself) against it, i.e. the fp32 noise floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+
+from . import common
+
+ENGINES = ("cpu", "cuda", "trt")
+PRECISIONS = ("fp32", "fp16")
+REL_FLOOR = 1e-3
+TOP_FRACTION = 0.10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+def tensor_diff(a: np.ndarray, r: np.ndarray) -> dict:
+    """Per item along axis 0 -> worst case: max abs, max rel (floored), min cosine."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    r = np.asarray(r, np.float64).reshape(len(r), -1)
+    d = np.abs(a - r)
+    scale = np.abs(r).max()
+    rel = d / np.maximum(np.abs(r), REL_FLOOR * scale) if scale > 0 else d
+    cos = [cosine(x, y) for x, y in zip(a, r)]
+    return {"max_abs": float(d.max()), "max_rel": float(rel.max()), "ref_max_abs": float(scale),
+            "cosine_min": float(min(cos))}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b / (na * nb))
+
+
+def top_iou(a: np.ndarray, b: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+    """IoU of the `fraction` highest-valued pixels of two maps (the same pixel count on each side)."""
+    a, b = np.ravel(a), np.ravel(b)
+    k = max(1, int(math.ceil(fraction * a.size)))
+    sa = set(np.argpartition(-a, k - 1)[:k].tolist())
+    sb = set(np.argpartition(-b, k - 1)[:k].tolist())
+    return len(sa & sb) / len(sa | sb)
+
+
+def method_parity(got: dict, ref) -> dict:
+    """A method result vs a ReferenceResult (same images, same targets). `got` holds saliency [B, S, S],
+    components [B, p, S, S], weights [B, p] and target [B] (see `from_explanations`)."""
+    sal = np.asarray(got["saliency"])
+    comp_cos = np.array([[abs(cosine(c, rc)) for c, rc in zip(cs, rcs)]
+                         for cs, rcs in zip(got["components"], ref.components)])     # [B, p]
+    return {
+        "targets_equal": bool(np.array_equal(np.asarray(got["target"]), np.asarray(ref.target))),
+        "components_abs_cos_min": float(comp_cos.min()),
+        "components_abs_cos_mean": float(comp_cos.mean()),
+        "components_abs_cos_min_per_index": [float(v) for v in comp_cos.min(0)],
+        "weights_max_abs": float(np.abs(np.asarray(got["weights"]) - ref.weights).max()),
+        "saliency_max_abs": float(np.abs(sal - ref.saliency).max()),
+        "saliency_pearson_min": float(min(pearson(a, r) for a, r in zip(sal, ref.saliency))),
+        "saliency_pearson_per_image": [pearson(a, r) for a, r in zip(sal, ref.saliency)],
+        "saliency_top10_iou_min": float(min(top_iou(a, r) for a, r in zip(sal, ref.saliency))),
+    }
+
+
+def from_explanations(exps: list) -> dict:
+    return {"saliency": np.stack([e.saliency for e in exps]), "components": np.stack([e.components for e in exps]),
+            "weights": np.stack([e.weights for e in exps]), "target": np.array([e.target for e in exps])}
+
+
+def from_reference(ref) -> dict:
+    return {"saliency": ref.saliency, "components": ref.components, "weights": ref.weights, "target": ref.target}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run
+
+def parse_list(text: str) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def skip_reason(engine: str, precision: str) -> str | None:
+    from runtime.engines import EngineError, providers_for
+
+    if engine not in ENGINES:
+        return f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}"
+    if precision not in PRECISIONS:
+        return f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}"
+    try:
+        providers_for(engine)
+    except EngineError as e:
+        return str(e)
+    if precision == "fp16" and engine == "cpu":
+        return "fp16 is measured on a GPU engine only (the cpu engine runs the fp32 graphs)"
+    if precision == "fp16" and engine == "cuda":
+        return "the cuda engine runs the fp32 graphs; fp16 is TensorRT's trt_fp16_enable (engine trt)"
+    return None
+
+
+def run_parity(args) -> dict:
+    import copy
+
+    import torch
+
+    from export.graphs import autograd_reference
+    from export.reference import decomcam_reference
+    from runtime.artifacts import load_artifacts
+    from runtime.config import DecomCamConfig
+    from runtime.engines import EngineOptions
+    from runtime.explainer import Explainer
+    from runtime.images import preprocess
+
+    torch.set_num_threads(args.threads)
+    artifacts = load_artifacts(args.artifacts)
+    lm = common.load_torch_model(artifacts.manifest, args.pretrained)
+    model = lm.model.eval()
+    try:
+        common.check_same_model(artifacts, lm, seed=args.seed)
+    except common.ModelMismatch as e:
+        raise SystemExit(f"error: {e}") from None
+    cs = artifacts.load_class_set(args.classes)
+    text = torch.from_numpy(cs.embeddings)
+    rgbs = common.photo_like_batch(args.n_images, seed=args.seed)
+    x = np.stack([preprocess(im, artifacts.input_size, artifacts.mean, artifacts.std)[0] for im in rgbs])
+    xt = torch.from_numpy(x)
+    variant = "authors" if args.method == "decomcam-authors" else "paper"
+    cfg = DecomCamConfig(top_p=args.top_p, variant=variant)
+
+    def reference(m, image, txt, grads):
+        return decomcam_reference(m, image, txt, artifacts.mean, artifacts.std, target=target, config=cfg,
+                                  batch_size=args.classify_batch, grads=grads)
+
+    log("reference: autograd + eager Decom-CAM (fp32) ...")
+    want = torch.full((len(rgbs),), -1, dtype=torch.long)
+    logits_r, act_r, grad_r = autograd_reference(model, xt, text, want)
+    target = logits_r.argmax(1)
+    ref = reference(model, xt, text, (logits_r, act_r, grad_r))
+    ref_graph = {"logits": logits_r.numpy(), "activations": act_r.numpy(), "gradients": grad_r.numpy()}
+
+    oracle = None
+    if args.oracle_fp64:  # the same model and method in float64: how far is each fp32 implementation from it?
+        log("oracle: the same in float64 ...")
+        m64 = copy.deepcopy(model).double()
+        g64 = autograd_reference(m64, xt.double(), text.double(), target)
+        oracle = {"graph": {"logits": g64[0].numpy(), "activations": g64[1].numpy(), "gradients": g64[2].numpy()},
+                  "method": reference(m64, xt.double(), text.double(), g64)}
+        del m64
+
+    results, skipped = [], []
+    for engine in parse_list(args.engines):
+        for precision in parse_list(args.precision):
+            reason = skip_reason(engine, precision)
+            if reason:
+                skipped.append({"engine": engine, "precision": precision, "reason": reason})
+                log(f"skipped {engine} {precision}: {reason}")
+                continue
+            log(f"{engine} {precision} ...")
+            opts = EngineOptions(device_id=args.device_id, fp16=precision == "fp16", intra_op_threads=args.threads,
+                                 allow_spinning=False)
+            ex = Explainer.from_artifacts(args.artifacts, engine=engine, engine_options=opts, class_set=args.classes,
+                                          batch_size=args.classify_batch)
+            be = ex.backend
+            out = ex.runner("explain").run({"image": be.asarray(x), "text": ex.text,
+                                            "target": be.asarray(target.numpy().astype(np.int64))})
+            out = {k: be.to_host(v) for k, v in out.items()}
+            exps = from_explanations(ex.explain_arrays(rgbs, target=[int(t) for t in target], top_p=args.top_p,
+                                                       method=args.method))
+            row = {"engine": engine, "precision": precision,
+                   "provider": ex.runner("classify").session.get_providers()[0],
+                   "graphs": {k: tensor_diff(out[k], ref_graph[k]) for k in ref_graph},
+                   "method": method_parity(exps, ref)}
+            # the eager method fed this engine's activations and gradients: isolates the method's implementation
+            # (decomposition, masks, blur, integration) from the graphs' floating-point differences
+            same = reference(model, xt, text, (torch.from_numpy(out["logits"]), torch.from_numpy(out["activations"]),
+                                               torch.from_numpy(out["gradients"])))
+            row["method_given_engine_graph_outputs"] = method_parity(exps, same)
+            if oracle:
+                row["graphs_vs_fp64"] = {k: tensor_diff(out[k], oracle["graph"][k]) for k in ref_graph}
+                row["method_vs_fp64"] = method_parity(exps, oracle["method"])
+            results.append(row)
+    report = {"results": results, "skipped": skipped}
+    if oracle:
+        report["reference_vs_fp64"] = {
+            "graphs": {k: tensor_diff(ref_graph[k], oracle["graph"][k]) for k in ref_graph},
+            "method": method_parity(from_reference(ref), oracle["method"]),
+        }
+    report["settings"] = {
+        "artifacts": str(args.artifacts), "model": artifacts.model,
+        "pretrained_id": artifacts.manifest.get("pretrained_id"), "input_size": artifacts.input_size,
+        "class_set": cs.name, "n_images": args.n_images, "top_p": args.top_p, "method": args.method,
+        "threads": args.threads, "targets": [int(t) for t in target], "oracle_fp64": bool(args.oracle_fp64),
+        "reference": "fp32 eager PyTorch on the CPU (autograd_reference, decomcam_reference)",
+        "images": f"benchmarks.common.photo_like 320x240, seed {args.seed}",
+        "max_rel": f"max |a - r| / max(|r|, {REL_FLOOR:g} * max|r|)",
+        "iou": f"top {TOP_FRACTION:.0%} pixels",
+    }
+    return report
+
+
+def parity_tables(report: dict) -> str:
+    g_rows, m_rows = [], []
+
+    def grow(name, prec, against, graphs):
+        for k, d in graphs.items():
+            g_rows.append([name, prec, against, k, f"{d['max_abs']:.2e}", f"{d['max_rel']:.2e}",
+                           f"{d['ref_max_abs']:.3g}", f"{1.0 - d['cosine_min']:.1e}"])
+
+    def mrow(name, prec, against, m):
+        m_rows.append([name, prec, against, "yes" if m["targets_equal"] else "NO",
+                       f"{m['components_abs_cos_min']:.6f}", f"{m['weights_max_abs']:.2e}",
+                       f"{m['saliency_max_abs']:.2e}", f"{m['saliency_pearson_min']:.7f}",
+                       f"{m['saliency_top10_iou_min']:.4f}"])
+
+    for r in report["results"]:
+        grow(r["engine"], r["precision"], "torch fp32", r["graphs"])
+        if "graphs_vs_fp64" in r:
+            grow(r["engine"], r["precision"], "torch fp64", r["graphs_vs_fp64"])
+        mrow(r["engine"], r["precision"], "eager fp32", r["method"])
+        mrow(r["engine"], r["precision"], "eager fp32 on its A, dy/dA", r["method_given_engine_graph_outputs"])
+        if "method_vs_fp64" in r:
+            mrow(r["engine"], r["precision"], "eager fp64", r["method_vs_fp64"])
+    if "reference_vs_fp64" in report:
+        grow("torch (reference)", "fp32", "torch fp64", report["reference_vs_fp64"]["graphs"])
+        mrow("torch (reference)", "fp32", "eager fp64", report["reference_vs_fp64"]["method"])
+    s = report["settings"]
+    out = [
+        f"graph outputs vs torch autograd ({s['model']}, {s['n_images']} images, worst image)\n"
+        + common.format_table(["engine", "prec", "against", "output", "max abs", "max rel", "ref max |r|",
+                               "1 - cosine (worst)"], g_rows, "llllrrrr"),
+        f"{s['method']} p={s['top_p']} vs export.reference.decomcam_reference (worst image)\n"
+        + common.format_table(["engine", "prec", "against", "same target", "comp |cos| min", "weights max abs",
+                               "saliency max abs", "Pearson min", "top-10% IoU min"], m_rows, "llllrrrrr"),
+    ]
+    for sk in report["skipped"]:
+        out.append(f"skipped {sk['engine']} {sk['precision']}: {sk['reason']}")
+    return "\n\n".join(out)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
+    p.add_argument("--engines", default="cpu", help=f"comma list of {', '.join(ENGINES)} (default cpu)")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32, fp16 (default fp32)")
+    p.add_argument("--n-images", type=int, default=4, help="generated images, explained as one batch (default 4)")
+    p.add_argument("--top-p", type=int, default=10, help="Decom-CAM components p (default 10)")
+    p.add_argument("--method", default="decomcam", choices=("decomcam", "decomcam-authors"))
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ORT threads (default all cores)")
+    p.add_argument("--classify-batch", type=int, default=32, help="images per classifier call (default 32)")
+    p.add_argument("--classes", default=None, help="class set (default: the export's default)")
+    p.add_argument("--pretrained", default=None, help="checkpoint path, for an export made from a checkpoint")
+    p.add_argument("--device-id", type=int, default=0, help="GPU ordinal")
+    p.add_argument("--oracle-fp64", action="store_true",
+                   help="also run the eager reference in float64 and compare every fp32 side with it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    p.add_argument("--json", default=None, help="write the report here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n_images < 1:
+        raise SystemExit("--n-images must be >= 1")
+    load_start = common.load_average()
+    report = {"benchmark": "parity", **run_parity(args)}
+    report["machine"] = common.machine_info(args.threads)
+    report["machine"]["load_average"] = {"start": load_start, "end": common.load_average()}
+    report["command"] = common.command_line("benchmarks.parity", argv)
+    report["table"] = parity_tables(report)
+    common.write_json(args.json, report)
+    print(f"parity: {common.describe_machine(report['machine'])}")
+    print(f"command: {report['command']}\n")
+    print(report["table"])
+    return 0 if report["results"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Smoke tests of the benchmarks: one iteration of each on the tiny export, checking the JSON's shape.
+
+No timing thresholds: these prove the benchmarks run and report finite numbers, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import common, latency, parity
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load(path) -> dict:
+    rep = json.loads(path.read_text())
+    assert {"benchmark", "machine", "command", "table", "results"} <= set(rep)
+    assert {"cpu", "cores", "versions"} <= set(rep["machine"])
+    assert {"onnxruntime", "numpy", "opencv", "torch"} <= set(rep["machine"]["versions"])
+    return rep
+
+
+def test_latency_one_iteration(tiny_artifacts, tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "torch,cpu", "--batch", "1,2", "--top-p", "3",
+            "--repeat", "1", "--warmup", "0", "--threads", "2", "--json", str(out)]
+    assert latency.main(argv) == 0
+    rep = load(out)
+    assert rep["benchmark"] == "latency" and rep["command"].startswith("python -m benchmarks.latency --artifacts")
+    assert {(r["engine"], r["batch"]) for r in rep["results"]} == {("torch", 1), ("cpu", 1), ("torch", 2), ("cpu", 2)}
+    for r in rep["results"]:
+        assert r["method"] == "decomcam" and r["precision"] == "fp32"
+        assert {"preprocess", "explain", "decompose", "upsample", "blur", "blend", "masks", "classify",
+                "integrate"} <= set(r["stages_ms"])
+        assert all(finite(v) and v >= 0 for k, v in r["stages_ms"].items() if k != "blend")
+        assert all(finite(r["end_to_end_ms"][k]) for k in ("p50", "p90", "p99", "mean"))
+        assert finite(r["images_per_s"]) and finite(r["speedup_vs_torch"]) and finite(r["peak_rss_mb"])
+        assert r["peak_device_mb"] is None  # no GPU here
+    assert all(r["speedup_vs_torch"] == 1.0 for r in rep["results"] if r["engine"] == "torch")
+    assert finite(rep["process"]["peak_rss_mb"]) and finite(rep["process"]["rss_mb"])
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_latency_skips_what_cannot_run(tiny_artifacts, tmp_path):
+    out = tmp_path / "latency.json"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu,nope", "--methods", "decomcam,gradcam",
+            "--top-p", "2", "--repeat", "1", "--warmup", "0", "--json", str(out)]
+    assert latency.main(argv) == 0
+    rep = load(out)
+    assert [s["engine"] for s in rep["skipped"]] == ["nope"]
+    assert "unknown engine 'nope'" in rep["skipped"][0]["reason"]
+    assert {r["method"] for r in rep["results"]} == {"decomcam", "gradcam"}
+    assert all(r["speedup_vs_torch"] is None for r in rep["results"])
+
+
+def test_throughput_one_iteration(tiny_artifacts, tmp_path):
+    out, folder = tmp_path / "throughput.json", tmp_path / "images"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--folder", str(folder), "--n", "2,3", "--engines", "cpu",
+            "--top-p", "2", "--json", str(out)]
+    assert latency.main(argv) == 0
+    rep = load(out)
+    assert rep["benchmark"] == "throughput"
+    assert sorted(p.name for p in folder.iterdir()) == ["bench_00000.jpg", "bench_00001.jpg", "bench_00002.jpg"]
+    assert [r["n"] for r in rep["results"]] == [2, 3]
+    for r in rep["results"]:
+        assert r["explained"] == r["n"]
+        for k in ("images_per_s", "images_per_s_wall", "wall_s", "rss_start_mb", "rss_10_20pct_mb",
+                  "rss_last_10pct_mb", "rss_growth_mb", "peak_rss_mb", "rss_after_mb"):
+            assert finite(r[k]), k
+
+
+def test_parity_one_iteration(tiny_artifacts, tmp_path):
+    out = tmp_path / "parity.json"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu", "--precision", "fp32,fp16",
+            "--n-images", "2", "--top-p", "3", "--oracle-fp64", "--json", str(out)]
+    assert parity.main(argv) == 0
+    rep = load(out)
+    (r,) = rep["results"]
+    assert (r["engine"], r["precision"]) == ("cpu", "fp32")
+    for k in ("logits", "activations", "gradients"):
+        assert {"max_abs", "max_rel", "cosine_min"} <= set(r["graphs"][k])
+        assert all(finite(v) for v in r["graphs"][k].values())
+    assert set(r["graphs_vs_fp64"]) == set(rep["reference_vs_fp64"]["graphs"]) == {"logits", "activations", "gradients"}
+    for m in (r["method"], r["method_given_engine_graph_outputs"], r["method_vs_fp64"], rep["reference_vs_fp64"]["method"]):
+        assert len(m["components_abs_cos_min_per_index"]) == 3
+        for k in ("components_abs_cos_min", "saliency_max_abs", "saliency_pearson_min", "saliency_top10_iou_min"):
+            assert finite(m[k]), k
+        assert m["targets_equal"] is True
+    assert [(s["engine"], s["precision"]) for s in rep["skipped"]] == [("cpu", "fp16")]
+
+
+def test_metrics():
+    rng = np.random.default_rng(0)
+    a = rng.random((32, 32))
+    assert parity.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert parity.top_iou(a, a) == 1.0 and parity.top_iou(a, -a) == 0.0
+    assert parity.cosine(np.zeros(4), np.zeros(4)) == 1.0 and parity.cosine(np.ones(4), np.zeros(4)) == 0.0
+    d = parity.tensor_diff(a[None], (a + 1e-3)[None])
+    assert d["max_abs"] == pytest.approx(1e-3) and d["cosine_min"] > 0.999
+    s = common.stats_ms([0.001, 0.002, 0.003])
+    assert s["p50"] == pytest.approx(2.0) and s["n"] == 3
+
+
+def test_photo_like_is_deterministic(tmp_path):
+    a, b = common.photo_like(3, seed=1), common.photo_like(3, seed=1)
+    assert a.shape == (240, 320, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, common.photo_like(4, seed=1))
+    assert a.std() > 10  # not a flat image
+    paths = common.image_folder(tmp_path, 2)
+    assert [p.name for p in paths] == ["bench_00000.jpg", "bench_00001.jpg"]
+    assert common.image_folder(tmp_path, 1) == paths[:1]  # existing files are reused
