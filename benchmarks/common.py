@@ -370,11 +370,12 @@ def load_torch_model(manifest: dict, pretrained: str | None = None):
     """The torch model an export came from (export.models.LoadedModel), read from its manifest:
     "none:seed=S" -> seeded random weights, "openai" -> the open_clip tag; a checkpoint ("sha256:...")
     needs `pretrained` = its path (the hash is checked)."""
-    from export.models import load_model, sha256_file
+    from export.models import load_model
+    from runtime.artifacts import sha256_path
 
     name, pid = manifest["model"], str(manifest.get("pretrained_id", manifest.get("pretrained", "")))
     if pretrained is not None:
-        if pid.startswith("sha256:") and Path(pretrained).is_file() and sha256_file(pretrained) != pid[7:]:
+        if pid.startswith("sha256:") and Path(pretrained).is_file() and sha256_path(pretrained) != pid[7:]:
             raise ValueError(f"--pretrained {pretrained}: sha256 differs from the export's {pid[:19]}...")
         return load_model(name, pretrained)
     if pid.startswith("none"):

@@ -14,7 +14,6 @@ configs of the same architecture (open_clip's ModifiedResNet + attention pool) f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 
 import open_clip
+
+from runtime.artifacts import sha256_path
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -79,14 +80,6 @@ class LoadedModel:
     random_weights: bool      # True when no trained weights were loaded
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: str | None = None) -> LoadedModel:
     """Build the named CLIP ResNet and load its weights; see the module docstring for `pretrained`."""
     info = model_info(name)
@@ -109,7 +102,7 @@ def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: 
             )
         model = open_clip.create_model(name, pretrained=None)
         load_checkpoint(model, path)
-        pid, random_weights = f"sha256:{sha256_file(path)}", False
+        pid, random_weights = f"sha256:{sha256_path(path)}", False
     model.eval()
     mean = tuple(float(v) for v in open_clip.OPENAI_DATASET_MEAN)
     std = tuple(float(v) for v in open_clip.OPENAI_DATASET_STD)

@@ -20,7 +20,6 @@ they pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 import torch
 
+from runtime.artifacts import sha256_path
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
 
 from .classes import ClassSet, text_embeddings
@@ -66,14 +66,6 @@ class ValidationError(ExportError):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def sha256_path(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_dims(lm: LoadedModel) -> dict[str, int]:

@@ -124,21 +124,20 @@ class Explainer:
                                                    self.options.device_id)
         return r
 
+    def _chunked(self, graph: str, name: str, arrays) -> object:
+        """Run a (batch, text) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
+        r = self.runner(graph)
+        outs = [r.run({name: arrays[i:i + self.batch_size], "text": self.text})["logits"]
+                for i in range(0, arrays.shape[0], self.batch_size)]
+        return outs[0] if len(outs) == 1 else self.backend.xp.concatenate(outs)
+
     def classify(self, images) -> object:
-        """images [N, 3, S, S] -> logits [N, L], in chunks of batch_size."""
-        xp = self.backend.xp
-        r = self.runner("classify")
-        outs = [r.run({"image": images[i:i + self.batch_size], "text": self.text})["logits"]
-                for i in range(0, images.shape[0], self.batch_size)]
-        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+        """images [N, 3, S, S] -> logits [N, L], through classify.onnx in chunks of batch_size."""
+        return self._chunked("classify", "image", images)
 
     def head(self, acts) -> object:
-        """activations [N, C, h, w] -> logits [N, L], in chunks of batch_size."""
-        xp = self.backend.xp
-        r = self.runner("head")
-        outs = [r.run({"activations": acts[i:i + self.batch_size], "text": self.text})["logits"]
-                for i in range(0, acts.shape[0], self.batch_size)]
-        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+        """activations [N, C, h, w] -> logits [N, L], through head.onnx in chunks of batch_size."""
+        return self._chunked("head", "activations", acts)
 
     # -- targets ----------------------------------------------------------------------------------------
     def resolve_target(self, target) -> int:
