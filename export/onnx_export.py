@@ -34,11 +34,12 @@ import onnx
 import torch
 
 from runtime.artifacts import sha256_path
-from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
+from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
 from .classes import ClassSet, text_embeddings
 from .graphs import ClassifyModule, ExplainModule, FeaturesModule, HeadModule, autograd_reference
 from .models import LoadedModel
+from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGraph
 
 OPSET = 20
 # (batch, L) sizes the written graphs are run at. The export traces (2, 5); the others prove the axes are dynamic.
@@ -68,7 +69,18 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def specs(lm: LoadedModel) -> dict[str, GraphSpec]:
+    """The graph contracts of the model's family (runtime/spec.py)."""
+    return family(lm.family).graphs
+
+
+@torch.no_grad()
 def model_dims(lm: LoadedModel) -> dict[str, int]:
+    if lm.family == "pooled-linear":
+        pm = lm.model
+        a = pm.parts.trunk(torch.zeros(1, 3, lm.image_size, lm.image_size))
+        _, c, h, w = a.shape
+        return {"3": 3, "H": lm.image_size, "W": lm.image_size, "C": c, "h": h, "w": w, "K": pm.num_classes}
     v = lm.model.visual
     c = v.attnpool.k_proj.in_features
     side = lm.image_size // 32
@@ -85,14 +97,22 @@ def sample_inputs(lm: LoadedModel, batch: int, n_classes: int, seed: int) -> dic
     pix = (pix + 0.1 * torch.rand(batch, 3, s, s, generator=g)).clamp(0, 1)
     mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
     std = torch.tensor(lm.std).view(1, 3, 1, 1)
-    d = model_dims(lm)["D"]
-    text = torch.nn.functional.normalize(torch.randn(n_classes, d, generator=g), dim=-1)
+    dims = model_dims(lm)
+    if lm.family == "pooled-linear":  # fixed classes: no text input, targets among the K outputs
+        target = torch.randint(0, dims["K"], (batch,), generator=g)
+        target[0] = -1
+        return {"image": ((pix - mean) / std).float(), "target": target}
+    text = torch.nn.functional.normalize(torch.randn(n_classes, dims["D"], generator=g), dim=-1)
     target = torch.randint(0, n_classes, (batch,), generator=g)
     target[0] = -1  # the top-1 path
     return {"image": ((pix - mean) / std).float(), "text": text, "target": target}
 
 
 def _modules(lm: LoadedModel, target_layer: str):
+    if lm.family == "pooled-linear":
+        pm = lm.model
+        return {"explain": PooledExplain(pm).eval(), "classify": PooledClassify(pm).eval(),
+                "head": PooledHeadGraph(pm).eval(), "features": PooledFeatures(pm).eval()}
     return {
         "explain": ExplainModule(lm.model, target_layer).eval(),
         "classify": ClassifyModule(lm.model, target_layer).eval(),
@@ -161,8 +181,17 @@ def compare(ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> d
 
 @torch.no_grad()
 def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
-    """Independent PyTorch results from the unmodified open_clip module."""
+    """Independent PyTorch results from the unmodified module (open_clip's, or the classifier's own)."""
     m = lm.model
+    if lm.family == "pooled-linear":
+        logits, act, grad = m.autograd(feed["image"], feed["target"])
+        head_logits = m.head_eager(act)
+        return {
+            "explain": {"logits": logits.numpy(), "activations": act.numpy(), "gradients": grad.numpy()},
+            "classify": {"logits": logits.numpy()},
+            "head": {"logits": head_logits.numpy(), "_activations": act.numpy()},
+            "features": {"logits": logits.numpy(), "activations": act.numpy()},
+        }
     logits, act, grad = autograd_reference(m, feed["image"], feed["text"], feed["target"])
     pooled = torch.nn.functional.normalize(m.visual.attnpool(act), dim=-1)
     head_logits = m.logit_scale.exp() * pooled @ feed["text"].T
@@ -183,14 +212,19 @@ def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SI
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()}
+    graph_specs = specs(lm)
+    if lm.family == "pooled-linear":  # L is the fixed K: validate at batch sizes only
+        sizes = tuple((b, model_dims(lm)["K"]) for b, _ in sizes)
     rows, failures = [], []
     for i, (b, l) in enumerate(sizes):
         feed = sample_inputs(lm, b, l, seed + i)
         refs = _references(lm, feed)
         for name, sess in sessions.items():
-            spec = GRAPHS[name]
+            spec = graph_specs[name]
             if name == "head":
-                inputs = {"activations": refs["head"]["_activations"].astype(np.float32), "text": feed["text"].numpy()}
+                inputs = {"activations": refs["head"]["_activations"].astype(np.float32)}
+                if "text" in spec.input_names:
+                    inputs["text"] = feed["text"].numpy()
             else:
                 inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
             try:
@@ -254,10 +288,22 @@ def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
             "templates": list(cs.templates), "sha256": sha256_path(npy)}
 
 
+def write_labels(out_dir: Path, name: str, labels: list[str]) -> dict:
+    """The fixed class names of a pooled-linear export, one per line in output order (no embeddings)."""
+    cdir = out_dir / "classes"
+    cdir.mkdir(parents=True, exist_ok=True)
+    path = cdir / f"{name}.txt"
+    _atomic_write_text(path, "\n".join(labels) + "\n")
+    return {"labels": f"classes/{name}.txt", "count": len(labels), "labels_sha256": sha256_path(path)}
+
+
 def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
     """Add (or replace) a class set in an existing export without touching the graphs."""
     out_dir = Path(artifacts)
     manifest = read_manifest_raw(out_dir)
+    if manifest.get("family", "clip") != "clip":
+        raise ExportError(f"{out_dir}: {manifest['model']} has fixed classes (family {manifest['family']}); "
+                          f"class sets apply to CLIP exports only")
     if manifest["model"] != lm.name or manifest["pretrained_id"] != lm.pretrained_id:
         raise ExportError(f"{out_dir}: artifacts are for {manifest['model']} ({manifest['pretrained_id']}), "
                           f"not {lm.name} ({lm.pretrained_id})")
@@ -286,8 +332,11 @@ class ExportResult:
 
 def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.PathLike,
                  target_layer: str = "layer4", opset: int = OPSET, overwrite: bool = True,
-                 embeddings: dict[str, np.ndarray] | None = None) -> ExportResult:
+                 embeddings: dict[str, np.ndarray] | None = None, labels_name: str | None = None) -> ExportResult:
     """Export, validate and write the artifacts folder (see the module docstring).
+
+    A pooled-linear model (fixed classes) ignores `class_sets` and writes its own labels as the class set
+    `labels_name` (default "labels").
 
     embeddings: optional {class set name: [L, D] array} used for those sets instead of encoding their
     prompts with the text tower (e.g. class embeddings learned with the image tower). Rows are
@@ -295,7 +344,7 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     exported.
     """
     out_dir = Path(out_dir)
-    given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"])
+    given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"]) if lm.family == "clip" else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
     tmp_dir = out_dir / f".export-tmp{os.getpid()}"
@@ -305,19 +354,22 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     try:
         t0 = time.perf_counter()
         mods = _modules(lm, target_layer)
+        graph_specs = specs(lm)
         feed = sample_inputs(lm, *TRACE_SIZE, seed=0)
-        act = mods["explain"].trunk(feed["image"]).detach()
-        args = {"explain": (feed["image"], feed["text"], feed["target"]), "classify": (feed["image"], feed["text"]),
-                "head": (act, feed["text"]), "features": (feed["image"], feed["text"])}
+        with torch.no_grad():
+            feed["activations"] = mods["explain"].trunk(feed["image"]).detach()
+        args = {name: tuple(feed[n] for n in ("activations" if name == "head" else "image", "text", "target")
+                            if n in spec.input_names)
+                for name, spec in graph_specs.items()}
         paths = {}
-        for name in GRAPHS:
-            spec = GRAPHS[name]
+        for name in graph_specs:
+            spec = graph_specs[name]
             log(f"[export] {lm.name}: writing {spec.filename} ...")
             t = time.perf_counter()
             paths[name] = tmp_dir / spec.filename
             _export_one(mods[name], spec, args[name], paths[name], opset)
             timings[f"export_{name}_s"] = time.perf_counter() - t
-        structural = [f for name, p in paths.items() for f in _check_structure(p, GRAPHS[name], dims)]
+        structural = [f for name, p in paths.items() for f in _check_structure(p, graph_specs[name], dims)]
         if structural:
             raise ValidationError([{"batch": "-", "L": "-", "max_abs": float("nan"), "max_rel": float("nan"),
                                     "atol": 0, "rtol": 0, **f} for f in structural])
@@ -328,15 +380,19 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
 
         manifest = {
             "format_version": MANIFEST_VERSION,
+            "family": lm.family,
             "model": lm.name,
             "pretrained": lm.pretrained,
             "pretrained_id": lm.pretrained_id,
             "random_weights": lm.random_weights,
             "target_layer": target_layer,
             "input_size": lm.image_size,
+            "preprocess": dict(lm.preprocess or {"resize": "crop", "resize_size": lm.image_size,
+                                                  "interpolation": "bicubic"}),
             "mean": list(lm.mean),
             "std": list(lm.std),
-            "logit_scale": float(lm.model.logit_scale.detach().exp()),
+            # clip: CLIP's logit scale (logits = scale * cosine); pooled-linear: raw logits, scale 1
+            "logit_scale": float(lm.model.logit_scale.detach().exp()) if lm.family == "clip" else 1.0,
             "dims": {k: v for k, v in dims.items() if k != "3"},
             "opset": opset,
             "versions": versions(),
@@ -346,21 +402,26 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
         for name, p in paths.items():
             model = onnx.load(str(p))
             onnx.helper.set_model_props(model, {**meta, "decomcam.graph": name,
-                                                "decomcam.io": json.dumps(GRAPHS[name].to_json())})
+                                                "decomcam.io": json.dumps(graph_specs[name].to_json())})
             onnx.save(model, str(p))
-            graphs[name] = {"file": GRAPHS[name].filename, "sha256": sha256_path(p), "bytes": p.stat().st_size,
-                            **GRAPHS[name].to_json()}
+            graphs[name] = {"file": graph_specs[name].filename, "sha256": sha256_path(p), "bytes": p.stat().st_size,
+                            **graph_specs[name].to_json()}
         manifest["graphs"] = graphs
         manifest["class_sets"] = {}
         t = time.perf_counter()
-        for cs in class_sets:
-            emb = given[cs.name] if cs.name in given else text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
-            manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
+        if lm.family == "pooled-linear":  # the fixed classes: labels only, in the classifier's output order
+            name = labels_name or "labels"
+            manifest["class_sets"][name] = write_labels(out_dir, name, list(lm.labels))
+            manifest["default_class_set"] = name
+        else:
+            for cs in class_sets:
+                emb = given[cs.name] if cs.name in given else text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
+                manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
+            manifest["default_class_set"] = class_sets[0].name if class_sets else None
         timings["class_sets_s"] = time.perf_counter() - t
-        manifest["default_class_set"] = class_sets[0].name if class_sets else None
         manifest["validation"] = {"sizes": report["sizes"], "max": _summarise(report)}
         for name, p in paths.items():
-            os.replace(p, out_dir / GRAPHS[name].filename)
+            os.replace(p, out_dir / graph_specs[name].filename)
         _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2))
         timings["total_s"] = time.perf_counter() - t0
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import GRAPHS, MANIFEST_NAME, MANIFEST_VERSION
+from .spec import MANIFEST_NAME, MANIFEST_VERSION, Family, GraphSpec, family
 
 
 class ArtifactsError(ValueError):
@@ -29,7 +29,7 @@ def sha256_path(path: str | os.PathLike) -> str:
 class ClassSetData:
     name: str
     labels: list[str]
-    embeddings: np.ndarray  # [L, D] float32, unit rows
+    embeddings: np.ndarray | None  # [L, D] float32, unit rows; None for a fixed-class model (no text input)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Artifacts:
             return path
         if not path.is_file():
             raise ArtifactsError(f"{path}: graph file missing")
-        if entry.get("inputs") != GRAPHS[name].to_json()["inputs"]:
+        if entry.get("inputs") != self.spec(name).to_json()["inputs"]:
             raise ArtifactsError(f"{path}: graph inputs differ from this runtime's contract; re-export")
         if self.verify:
             digest = sha256_path(path)
@@ -62,6 +62,25 @@ class Artifacts:
                 )
         self.checked.add(name)
         return path
+
+    @property
+    def family(self) -> Family:
+        """The model family (runtime/spec.py): which graph contracts apply and whether classes are data."""
+        return family(self.manifest.get("family"))
+
+    @property
+    def text_input(self) -> bool:
+        return self.family.text_input
+
+    def spec(self, name: str) -> GraphSpec:
+        return self.family.graphs[name]
+
+    @property
+    def preprocess(self) -> dict:
+        """Resize policy: {"resize": "crop"|"stretch", "resize_size": int, "interpolation": "bicubic"|"bilinear"}."""
+        pre = {"resize": "crop", "resize_size": self.input_size, "interpolation": "bicubic"}
+        pre.update(self.manifest.get("preprocess") or {})
+        return pre
 
     @property
     def model(self) -> str:
@@ -105,11 +124,18 @@ class Artifacts:
                 f"{self.root / MANIFEST_NAME}: no class set '{name}'; available: {', '.join(sets) or 'none'}"
             )
         entry = sets[name]
-        lab_path, emb_path = self.root / entry["labels"], self.root / entry["embeddings"]
-        for p in (lab_path, emb_path):
-            if not p.is_file():
-                raise ArtifactsError(f"{p}: class set file missing")
+        lab_path = self.root / entry["labels"]
+        if not lab_path.is_file():
+            raise ArtifactsError(f"{lab_path}: class set file missing")
         labels = [ln for ln in lab_path.read_text(encoding="utf-8").splitlines() if ln]
+        if not self.text_input:  # fixed classes: labels only, in the classifier's output order
+            k = self.dims.get("K")
+            if k is not None and len(labels) != int(k):
+                raise ArtifactsError(f"{lab_path}: {len(labels)} labels for a classifier with {k} classes")
+            return ClassSetData(name, labels, None)
+        emb_path = self.root / entry["embeddings"]
+        if not emb_path.is_file():
+            raise ArtifactsError(f"{emb_path}: class set file missing")
         emb = np.load(emb_path).astype(np.float32)
         d = self.dims["D"]
         if emb.shape != (len(labels), d):

@@ -42,8 +42,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=int, default=10, help="Decom-CAM components p (default 10)")
     g.add_argument("--blur-sigma", type=float, default=None, help="blur sigma in input pixels (default 10*S/224)")
     g.add_argument("--blend-space", default="pixel", choices=("pixel", "normalized"))
-    g.add_argument("--resize", default="crop", choices=("crop", "stretch"),
-                   help="crop: CLIP's shortest-side resize + centre crop; stretch: whole image to S x S")
+    g.add_argument("--resize", default=None, choices=("crop", "stretch"),
+                   help="default: the export's policy (manifest); crop: shortest-side resize + centre crop; "
+                        "stretch: whole image to S x S")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Artifacts, load_artifacts
+from .artifacts import Artifacts, ArtifactsError, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
 from .engines import EngineOptions, create_session, providers_for
 from .images import Geometry, load_image, preprocess, unnormalize
 from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner
-from .spec import GRAPHS
 
 
 class TargetError(ValueError):
@@ -90,7 +89,7 @@ class Explainer:
 
     def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
                  batch_size: int = 32, engine_options: EngineOptions | None = None,
-                 backend: Backend | str | None = None, resize_mode: str = "crop",
+                 backend: Backend | str | None = None, resize_mode: str | None = None,
                  config: DecomCamConfig | None = None):
         self.artifacts = artifacts
         self.engine = engine
@@ -104,10 +103,18 @@ class Explainer:
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.resize_mode = resize_mode
+        pre = artifacts.preprocess
+        self.resize_mode = resize_mode or pre["resize"]   # None: the export's own policy (manifest)
+        self.resize_size = int(pre["resize_size"])        # crop: shortest side before the centre crop
+        self.interpolation = pre["interpolation"]
         self.config = config or DecomCamConfig()
+        if class_set is not None and not artifacts.text_input:
+            raise ArtifactsError(
+                f"{artifacts.root}: {artifacts.model} has a fixed class set ('{artifacts.manifest.get('default_class_set')}'"
+                f", {artifacts.dims.get('K')} classes); choosing a class set applies to CLIP exports only")
         self.classes = artifacts.load_class_set(class_set)
-        self.text = self.backend.asarray(self.classes.embeddings)
+        # [L, D] class embeddings fed to every graph of a CLIP export; None for a fixed-class model
+        self.text = self.backend.asarray(self.classes.embeddings) if artifacts.text_input else None
         self.size = artifacts.input_size
         self._sessions: dict[str, GraphRunner] = {}
 
@@ -120,14 +127,18 @@ class Explainer:
         r = self._sessions.get(name)
         if r is None:
             sess = create_session(self.artifacts.check_graph(name), self.engine, self.options)
-            r = self._sessions[name] = GraphRunner(sess, GRAPHS[name], self.backend, self.artifacts.dims,
+            r = self._sessions[name] = GraphRunner(sess, self.artifacts.spec(name), self.backend, self.artifacts.dims,
                                                    self.options.device_id)
         return r
 
+    def feed(self, **arrays) -> dict:
+        """A graph feed: the given arrays plus the class embeddings when the family takes a `text` input."""
+        return {**arrays, "text": self.text} if self.text is not None else arrays
+
     def _chunked(self, graph: str, name: str, arrays) -> object:
-        """Run a (batch, text) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
+        """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
         r = self.runner(graph)
-        outs = [r.run({name: arrays[i:i + self.batch_size], "text": self.text})["logits"]
+        outs = [r.run(self.feed(**{name: arrays[i:i + self.batch_size]}))["logits"]
                 for i in range(0, arrays.shape[0], self.batch_size)]
         return outs[0] if len(outs) == 1 else self.backend.xp.concatenate(outs)
 
@@ -203,7 +214,8 @@ class Explainer:
 
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode) for im in rgbs]
+        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode,
+                          resize_size=self.resize_size, interpolation=self.interpolation) for im in rgbs]
         x_host = np.stack([p[0] for p in pre])
         geoms = [p[1] for p in pre]
         timings["preprocess"] = time.perf_counter() - t
@@ -212,13 +224,13 @@ class Explainer:
         x = be.asarray(x_host)
         acts = grads = None
         if meth.needs_gradients:
-            out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)})
+            out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)))
             logits, acts, grads = out["logits"], out["activations"], out["gradients"]
         elif meth.needs_activations and "features" in self.artifacts.manifest["graphs"]:
-            out = self.runner("features").run({"image": x, "text": self.text})  # forward only, no backward
+            out = self.runner("features").run(self.feed(image=x))  # forward only, no backward
             logits, acts = out["logits"], out["activations"]
         elif meth.needs_activations:  # an export without features.onnx: explain.onnx, which also runs its backward
-            out = self.runner("explain").run({"image": x, "text": self.text, "target": be.asarray(tgt)},
+            out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)),
                                              outputs=["logits", "activations"])
             logits, acts = out["logits"], out["activations"]
         else:

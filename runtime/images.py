@@ -353,21 +353,33 @@ def _bicubic_kernel(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _pillow_weights(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _bilinear_kernel(x: np.ndarray) -> np.ndarray:
+    """Pillow's bilinear (triangle) kernel."""
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (_bicubic_kernel, 2.0), "bilinear": (_bilinear_kernel, 1.0)}  # kernel, support
+INTERPOLATIONS = tuple(_FILTERS)
+
+
+def _pillow_weights(in_size: int, out_size: int, first: int, count: int,
+                    interpolation: str = "bicubic") -> tuple[np.ndarray, np.ndarray]:
     """Bicubic weights of outputs first .. first+count-1 of an in_size -> out_size resize, as Pillow's
     precompute_coeffs and normalize_coeffs_8bpc compute them.
 
     Returns (start [count], int32 weights [count, taps] in units of 2**-22): output o reads inputs
     start[o] + k; taps past the end of an output's window have weight 0.
     """
+    kernel, base_support = _FILTERS[interpolation]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)  # downscaling widens the kernel: Pillow's antialiasing
-    support = 2.0 * filterscale
+    support = base_support * filterscale
     centre = (np.arange(first, first + count) + 0.5) * scale                 # [count]
     start = np.maximum((centre - support + 0.5).astype(np.int64), 0)         # [count] window start
     stop = np.minimum((centre + support + 0.5).astype(np.int64), in_size)    # [count] window end
     x = start[:, None] + np.arange(int((stop - start).max()))                # [count, taps] input index
-    w = _bicubic_kernel((x - centre[:, None] + 0.5) * (1.0 / filterscale))   # [count, taps]
+    w = kernel((x - centre[:, None] + 0.5) * (1.0 / filterscale))            # [count, taps]
     w[x >= stop[:, None]] = 0.0
     total = w.sum(axis=1, keepdims=True)
     np.divide(w, total, out=w, where=total != 0)
@@ -389,12 +401,13 @@ def _resample_rows(x: np.ndarray, start: np.ndarray, weights: np.ndarray) -> np.
     return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
-def _resize_crop(rgb: np.ndarray, resized_hw: tuple[int, int], top: int, left: int, size: int) -> np.ndarray:
+def _resize_crop(rgb: np.ndarray, resized_hw: tuple[int, int], top: int, left: int, size: int,
+                 interpolation: str = "bicubic") -> np.ndarray:
     """uint8 [H, W, C] -> the size x size window at (top, left) of its bicubic resize to resized_hw,
     exactly as Pillow's Image.resize(..., BICUBIC) followed by a crop: uint8 [size, size, C]."""
     (h, w), (rh, rw) = rgb.shape[:2], resized_hw
-    row_start, wv = _pillow_weights(h, rh, top, size)              # [size], [size, taps]
-    col_start, wh = _pillow_weights(w, rw, left, size)
+    row_start, wv = _pillow_weights(h, rh, top, size, interpolation)   # [size], [size, taps]
+    col_start, wh = _pillow_weights(w, rw, left, size, interpolation)
     r0, r1 = int(row_start.min()), min(h, int(row_start.max()) + wv.shape[1])   # input rows the crop reads
     c0, c1 = int(col_start.min()), min(w, int(col_start.max()) + wh.shape[1])   # input columns
     cols = np.ascontiguousarray(rgb[r0:r1, c0:c1].transpose(1, 0, 2))   # [c1-c0, r1-r0, C]
@@ -447,26 +460,36 @@ def _channel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndar
 
 
 def preprocess(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float],
-               mode: str = "crop") -> tuple[np.ndarray, Geometry]:
-    """uint8 RGB [H, W, 3] -> (x float32 [3, size, size] normalised, Geometry); modes in module docstring."""
+               mode: str = "crop", resize_size: int | None = None,
+               interpolation: str = "bicubic") -> tuple[np.ndarray, Geometry]:
+    """uint8 RGB [H, W, 3] -> (x float32 [3, size, size] normalised, Geometry); modes in module docstring.
+
+    resize_size: crop mode resizes the shortest side to this (None = size) before the centre crop of size
+    (torchvision's Resize(256) + CenterCrop(224) is resize_size=256, size=224). interpolation: Pillow's
+    "bicubic" (open_clip) or "bilinear" (torchvision's default)."""
     if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
         raise ValueError(f"preprocess: expected uint8 RGB [H, W, 3], got {getattr(rgb, 'dtype', type(rgb))} "
                          f"{getattr(rgb, 'shape', '')}")
     if size < 1:
         raise ValueError(f"preprocess: size must be a positive number of pixels, got {size}")
+    if interpolation not in _FILTERS:
+        raise ValueError(f"preprocess: unknown interpolation {interpolation!r}; valid: {', '.join(_FILTERS)}")
+    short = size if resize_size is None else int(resize_size)
+    if short < size:
+        raise ValueError(f"preprocess: resize_size {short} is smaller than the crop size {size}")
     mean32, std32 = _channel_stats(mean, std)
     h, w = rgb.shape[:2]
     if mode == "crop":  # torchvision Resize(size) + CenterCrop(size), as open_clip's eval transform
         if w <= h:
-            rh, rw = int(size * h / w), size
+            rh, rw = int(short * h / w), short
         else:
-            rh, rw = size, int(size * w / h)
+            rh, rw = short, int(short * w / h)
         top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
     elif mode == "stretch":
         rh, rw, top, left = size, size, 0, 0
     else:
         raise ValueError(f"preprocess: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    pixels = _resize_crop(rgb, (rh, rw), top, left, size)                      # uint8 [S, S, 3]
+    pixels = _resize_crop(rgb, (rh, rw), top, left, size, interpolation)       # uint8 [S, S, 3]
     x = (pixels.astype(np.float32) / np.float32(255) - mean32) / std32           # [S, S, 3]
     geometry = Geometry(orig_h=h, orig_w=w, size=size, mode=mode, scale_h=rh / h, scale_w=rw / w,
                         crop_top=top, crop_left=left)

@@ -5,13 +5,19 @@ types, axes (symbolic names for dynamic axes, integers or model-dependent names 
 tolerances its export is validated with. export/ reads these declarations to export and validate;
 runtime/ reads them (through the manifest) to bind inputs and outputs. Nothing here imports torch.
 
+Two model families share the four graph names (see FAMILIES):
+    clip            open_clip's CLIP ResNets: the classes are data, a `text` input of class embeddings [L, D]
+    pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (Linear, elementwise
+                    activations, LayerNorm): the classes are fixed, logits [batch, K], no `text` input
+
 Axis names:
     batch  dynamic, images per call
-    L      dynamic, classes in the class set
+    L      dynamic, classes in the class set (clip)
+    K      static per model, the classifier's fixed classes (pooled-linear)
     H, W   static per model, the input resolution
     C      static per model, channels of the target layer (2048 for RN50)
     h, w   static per model, spatial size of the target layer (7x7 at 224 px)
-    D      static per model, the embedding width (1024 for RN50)
+    D      static per model, the embedding width (1024 for RN50; clip only)
 """
 
 from __future__ import annotations
@@ -148,7 +154,44 @@ FEATURES = GraphSpec(
         "gradient-free methods: Score-CAM, Ablation-CAM, EigenCAM).",
 )
 
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD, FEATURES)}
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD, FEATURES)}  # the clip family's
+
+
+def _fixed_classes(g: GraphSpec) -> GraphSpec:
+    """The same graph for a fixed-class model: no `text` input, logits over the K fixed classes."""
+    def fix(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.dtype, tuple("K" if a == "L" else a for a in t.axes))
+
+    return GraphSpec(name=g.name, inputs=tuple(fix(t) for t in g.inputs if t.name != "text"),
+                     outputs=tuple(fix(t) for t in g.outputs), tolerances=dict(g.tolerances),
+                     doc=g.doc.replace("class embeddings", "the fixed classes"))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    text_input: bool        # True: the class set is data (a `text` input); False: classes fixed in the graph
+    graphs: dict            # graph name -> GraphSpec
+    doc: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family("clip", True, GRAPHS,
+                   "open_clip ModifiedResNet + attention pool; cosine logits against class embeddings"),
+    "pooled-linear": Family("pooled-linear", False, {n: _fixed_classes(g) for n, g in GRAPHS.items()},
+                            "CNN trunk + global average pooling + a small head (Linear, ReLU/Hardswish, "
+                            "LayerNorm); fixed classes"),
+}
+DEFAULT_FAMILY = "clip"  # a manifest without a `family` field was written before families existed
+
+
+def family(name: str | None) -> Family:
+    """The declaration of a model family; an unknown name lists the valid ones."""
+    key = name or DEFAULT_FAMILY
+    if key not in FAMILIES:
+        raise ValueError(f"unknown model family '{key}'; valid families: {', '.join(FAMILIES)}")
+    return FAMILIES[key]
+
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1

