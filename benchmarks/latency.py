@@ -135,7 +135,7 @@ class TorchEngine(Engine):
         # torch-fp16 (GPU) can run side by side
         self.model = (lm.model if dev == "cpu" else copy.deepcopy(lm.model).to(dev)).eval()
         cs = artifacts.load_class_set(args.classes)
-        self.text = torch.from_numpy(cs.embeddings).to(dev)
+        self.text = None if cs.embeddings is None else torch.from_numpy(cs.embeddings).to(dev)  # None: fixed classes
         self.mean, self.std, self.size = artifacts.mean, artifacts.std, artifacts.input_size
         self.top_p = args.top_p
         self.batch_size = args.classify_batch

@@ -159,7 +159,7 @@ def run_parity(args) -> dict:
     except common.ModelMismatch as e:
         raise SystemExit(f"error: {e}") from None
     cs = artifacts.load_class_set(args.classes)
-    text = torch.from_numpy(cs.embeddings)
+    text = None if cs.embeddings is None else torch.from_numpy(cs.embeddings)  # None: fixed classes
     rgbs = common.photo_like_batch(args.n_images, seed=args.seed)
     x = np.stack([preprocess(im, artifacts.input_size, artifacts.mean, artifacts.std)[0] for im in rgbs])
     xt = torch.from_numpy(x)
@@ -181,9 +181,10 @@ def run_parity(args) -> dict:
     if args.oracle_fp64:  # the same model and method in float64: how far is each fp32 implementation from it?
         log("oracle: the same in float64 ...")
         m64 = copy.deepcopy(model).double()
-        g64 = autograd_reference(m64, xt.double(), text.double(), target)
+        t64 = None if text is None else text.double()
+        g64 = autograd_reference(m64, xt.double(), t64, target)
         oracle = {"graph": {"logits": g64[0].numpy(), "activations": g64[1].numpy(), "gradients": g64[2].numpy()},
-                  "method": reference(m64, xt.double(), text.double(), g64)}
+                  "method": reference(m64, xt.double(), t64, g64)}
         del m64
 
     results, skipped = [], []
@@ -200,7 +201,7 @@ def run_parity(args) -> dict:
             ex = Explainer.from_artifacts(args.artifacts, engine=engine, engine_options=opts, class_set=args.classes,
                                           batch_size=args.classify_batch)
             be = ex.backend
-            out = ex.runner("explain").run({"image": be.asarray(x), "text": ex.text,
+            out = ex.runner("explain").run({**ex.feed(image=be.asarray(x)),
                                             "target": be.asarray(target.numpy().astype(np.int64))})
             out = {k: be.to_host(v) for k, v in out.items()}
             exps = from_explanations(ex.explain_arrays(rgbs, target=[int(t) for t in target], top_p=args.top_p,

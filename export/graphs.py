@@ -157,7 +157,11 @@ class HeadModule(nn.Module):
 
 def autograd_reference(clip_model: nn.Module, image: torch.Tensor, text: torch.Tensor, target: torch.Tensor):
     """Independent oracle on the unmodified open_clip module: logits, layer4 activations and
-    d logits[b, target[b]] / d activations by torch autograd (a forward hook captures layer4)."""
+    d logits[b, target[b]] / d activations by torch autograd (a forward hook captures layer4).
+
+    A fixed-class model (export.pooled.PooledModel) answers with its own oracle; `text` is ignored."""
+    if hasattr(clip_model, "autograd"):
+        return clip_model.autograd(image, target)
     store = {}
 
     def hook(_m, _i, out):

@@ -101,7 +101,13 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
 
 @torch.no_grad()
 def eager_logits(clip_model, images: torch.Tensor, text: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Logits [N, L] of the eager model in batches (CLIP: scaled cosines against `text`; a fixed-class
+    export.pooled.PooledModel: its own classifier, `text` ignored)."""
     out = []
+    if hasattr(clip_model, "autograd"):
+        for i in range(0, images.shape[0], batch_size):
+            out.append(clip_model(images[i:i + batch_size]))
+        return torch.cat(out)
     for i in range(0, images.shape[0], batch_size):
         feats = clip_model.encode_image(images[i:i + batch_size], normalize=True)
         out.append(clip_model.logit_scale.exp() * feats @ text.T)

