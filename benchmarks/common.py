@@ -405,9 +405,8 @@ def check_same_model(artifacts, lm, seed: int = 0, min_cosine: float = 0.999) ->
     import onnxruntime as ort
     import torch
 
-    from runtime.images import preprocess
 
-    x = preprocess(photo_like(0, seed), artifacts.input_size, artifacts.mean, artifacts.std)[0][None]
+    x = artifacts.preprocess_image(photo_like(0, seed))[0][None]
     text = artifacts.load_class_set().embeddings   # None for a fixed-class model (no text input)
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, torch.get_num_threads())

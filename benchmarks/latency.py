@@ -137,6 +137,7 @@ class TorchEngine(Engine):
         cs = artifacts.load_class_set(args.classes)
         self.text = None if cs.embeddings is None else torch.from_numpy(cs.embeddings).to(dev)  # None: fixed classes
         self.mean, self.std, self.size = artifacts.mean, artifacts.std, artifacts.input_size
+        self.artifacts = artifacts
         self.top_p = args.top_p
         self.batch_size = args.classify_batch
         self.fp16 = fp16
@@ -155,12 +156,11 @@ class TorchEngine(Engine):
     def run(self, rgbs, method):
         from export.reference import decomcam_reference
         from runtime.config import DecomCamConfig
-        from runtime.images import preprocess
 
         torch = self.torch
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        x = np.stack([preprocess(im, self.size, self.mean, self.std)[0] for im in rgbs])
+        x = np.stack([self.artifacts.preprocess_image(im)[0] for im in rgbs])
         xt = torch.from_numpy(x).to(self.device)
         self._sync()
         timings["preprocess"] = time.perf_counter() - t

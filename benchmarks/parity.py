@@ -148,7 +148,6 @@ def run_parity(args) -> dict:
     from runtime.config import DecomCamConfig
     from runtime.engines import EngineOptions
     from runtime.explainer import Explainer
-    from runtime.images import preprocess
 
     torch.set_num_threads(args.threads)
     artifacts = load_artifacts(args.artifacts)
@@ -161,7 +160,7 @@ def run_parity(args) -> dict:
     cs = artifacts.load_class_set(args.classes)
     text = None if cs.embeddings is None else torch.from_numpy(cs.embeddings)  # None: fixed classes
     rgbs = common.photo_like_batch(args.n_images, seed=args.seed)
-    x = np.stack([preprocess(im, artifacts.input_size, artifacts.mean, artifacts.std)[0] for im in rgbs])
+    x = np.stack([artifacts.preprocess_image(im)[0] for im in rgbs])
     xt = torch.from_numpy(x)
     variant = "authors" if args.method == "decomcam-authors" else "paper"
     cfg = DecomCamConfig(top_p=args.top_p, variant=variant)

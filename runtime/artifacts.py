@@ -82,6 +82,15 @@ class Artifacts:
         pre.update(self.manifest.get("preprocess") or {})
         return pre
 
+    def preprocess_image(self, rgb: np.ndarray, mode: str | None = None):
+        """uint8 RGB [H, W, 3] -> (x [3, S, S] float32, Geometry) with this export's policy (`mode` overrides
+        the resize: "crop" or "stretch")."""
+        from .images import preprocess
+
+        pre = self.preprocess
+        return preprocess(rgb, self.input_size, self.mean, self.std, mode or pre["resize"],
+                          resize_size=int(pre["resize_size"]), interpolation=pre["interpolation"])
+
     @property
     def model(self) -> str:
         return self.manifest["model"]

@@ -21,7 +21,7 @@ from .artifacts import Artifacts, ArtifactsError, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
 from .engines import EngineOptions, create_session, providers_for
-from .images import Geometry, load_image, preprocess, unnormalize
+from .images import Geometry, load_image, unnormalize
 from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner
 
@@ -103,10 +103,8 @@ class Explainer:
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        pre = artifacts.preprocess
+        pre = artifacts.preprocess  # resize policy, size, interpolation: images are preprocessed as exported
         self.resize_mode = resize_mode or pre["resize"]   # None: the export's own policy (manifest)
-        self.resize_size = int(pre["resize_size"])        # crop: shortest side before the centre crop
-        self.interpolation = pre["interpolation"]
         self.config = config or DecomCamConfig()
         if class_set is not None and not artifacts.text_input:
             raise ArtifactsError(
@@ -214,8 +212,7 @@ class Explainer:
 
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode,
-                          resize_size=self.resize_size, interpolation=self.interpolation) for im in rgbs]
+        pre = [self.artifacts.preprocess_image(im, self.resize_mode) for im in rgbs]
         x_host = np.stack([p[0] for p in pre])
         geoms = [p[1] for p in pre]
         timings["preprocess"] = time.perf_counter() - t

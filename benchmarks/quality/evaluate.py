@@ -30,7 +30,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from runtime.images import Geometry, load_image, preprocess
+from runtime.images import Geometry, load_image
 
 from .protocol import (
     METRICS,
@@ -360,7 +360,7 @@ def deletion_insertion(explainer, classes: Sequence[str], items: Sequence[tuple[
     for start in range(0, len(items), _GROUP):
         chunk = list(items[start:start + _GROUP])
         rgbs = [load_image(p) for p, _ in chunk]
-        x = np.stack([preprocess(im, size, art.mean, art.std, explainer.resize_mode)[0] for im in rgbs])
+        x = np.stack([art.preprocess_image(im, explainer.resize_mode)[0] for im in rgbs])
         t = time.perf_counter()
         probs = _softmax(be.to_host(explainer.classify(be.asarray(x))))  # [G, L]
         seconds["classify"] += time.perf_counter() - t
