@@ -1,0 +1,42 @@
+"""benchmarks.flops: FLOP counts of ONNX graphs against a hand count, and the peak formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.flops import graph_flops, peak_gflops
+
+
+def _graph(path):
+    # x [batch, 3, 8, 8] -> Conv 3->4, 3x3, pad 1 -> [batch, 4, 8, 8] -> Relu -> Reshape [batch, 256]
+    # -> MatMul [256, 5] -> [batch, 5]
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.ones((256, 5), np.float32), "m")
+    shape = numpy_helper.from_array(np.array([-1, 256], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "m"], ["y"])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])], [w, m, shape])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+
+
+def test_counts_match_a_hand_count(tmp_path):
+    _graph(tmp_path / "g.onnx")
+    for batch in (1, 3):
+        f = graph_flops(tmp_path / "g.onnx", batch)
+        conv = 2 * batch * 4 * 8 * 8 * (3 * 3 * 3)      # 2 x outputs x (Cin x kh x kw)
+        matmul = 2 * batch * 5 * 256
+        assert f["products"] == conv + matmul
+        assert f["total"] == conv + matmul + batch * 256 + batch * 256   # Relu + Reshape outputs
+        assert f["unknown_nodes"] == 0
+
+
+def test_peak_is_cores_times_fma_width_times_clock():
+    p = peak_gflops(threads=2)
+    if p["mhz"]:
+        assert np.isclose(p["gflops_fp32"], 2 * p["fma_units"] * p["simd_lanes_fp32"] * 2 * p["mhz"] / 1e3)
+    assert p["simd_lanes_fp32"] in (4, 8, 16)
