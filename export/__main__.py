@@ -3,6 +3,7 @@
     python -m export --model RN50 --pretrained openai|none|PATH --classes voc|imagenet|FILE --out DIR
     python -m export --model efficientnet-lite0 --pretrained package|none|PATH [--labels FILE] --out DIR
     python -m export classes --artifacts DIR (--names "cat,dog" | --file F) [--name SET] [--template T]
+    python -m export quantize --artifacts DIR [--images DIR] [--graphs classify,features] [--explain-trunk]
     python -m export list
 """
 
@@ -146,9 +147,37 @@ def main_classes(argv) -> int:
     return 0
 
 
+def build_quantize_parser() -> argparse.ArgumentParser:
+    from .quantize import CALIBRATIONS
+
+    p = argparse.ArgumentParser(prog="python -m export quantize",
+                                description="Write int8 (QDQ) versions of an export's graphs, validated against fp32.")
+    p.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
+    p.add_argument("--images", default=None, help="folder of photos to calibrate on (default: generated photo-like images)")
+    p.add_argument("--graphs", default="classify,features", help="graphs to quantize (default classify,features)")
+    p.add_argument("--explain-trunk", action="store_true", help="also explain.onnx: int8 trunk, fp32 head backward")
+    p.add_argument("--n-calibration", type=int, default=32, help="calibration images (default 32)")
+    p.add_argument("--n-check", type=int, default=32, help="held-out images the validation runs on (default 32)")
+    p.add_argument("--calibration", default="percentile", choices=CALIBRATIONS, help="activation ranges (default percentile)")
+    return p
+
+
+def main_quantize(argv) -> int:
+    from .quantize import format_report, quantize_export
+
+    args = build_quantize_parser().parse_args(argv)
+    report = quantize_export(args.artifacts, [g for g in args.graphs.split(",") if g], images=args.images,
+                             n_calibration=args.n_calibration, n_check=args.n_check, calibration=args.calibration,
+                             explain_trunk=args.explain_trunk)
+    print(format_report(report))
+    return 0
+
+
 def main(argv=None) -> int:
     from .classes import ClassSetError
     from .models import ModelError, list_models
+    from runtime.artifacts import ArtifactsError
+
     from .onnx_export import ExportError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -160,8 +189,10 @@ def main(argv=None) -> int:
             return 0
         if argv[:1] == ["classes"]:
             return main_classes(argv[1:])
+        if argv[:1] == ["quantize"]:
+            return main_quantize(argv[1:])
         return main_export(argv)
-    except (ModelError, ClassSetError, ExportError) as e:
+    except (ModelError, ClassSetError, ExportError, ArtifactsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

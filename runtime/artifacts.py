@@ -51,7 +51,7 @@ class Artifacts:
             return path
         if not path.is_file():
             raise ArtifactsError(f"{path}: graph file missing")
-        if entry.get("inputs") != self.spec(name).to_json()["inputs"]:
+        if entry.get("inputs") != self.spec(name.split("@")[0]).to_json()["inputs"]:
             raise ArtifactsError(f"{path}: graph inputs differ from this runtime's contract; re-export")
         if self.verify:
             digest = sha256_path(path)
@@ -121,6 +121,16 @@ class Artifacts:
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["file"]
+
+    def precisions(self) -> set[str]:
+        """Precisions with at least one graph: "fp32" always, plus those of `<graph>@<precision>` entries."""
+        return {"fp32"} | {k.split("@", 1)[1] for k in self.manifest["graphs"] if "@" in k}
+
+    def graph_key(self, name: str, precision: str = "fp32") -> str:
+        """The manifest entry to run for graph `name` at `precision`: `name@precision` when the export has
+        it, else the fp32 graph `name`."""
+        key = f"{name}@{precision}"
+        return key if precision != "fp32" and key in self.manifest["graphs"] else name
 
     def class_set_names(self) -> list[str]:
         return list(self.manifest.get("class_sets", {}))

@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     g.add_argument("--engine", default="cpu", help="cpu (default), cuda or trt")
     g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
+                   help="graphs to run: fp32 (default) or int8 (written by `python -m export quantize`; graphs "
+                        "without an int8 version run in fp32)")
     g.add_argument("--device-id", type=int, default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     g.add_argument("--batch-size", type=int, default=32, help="images per classify call (default 32)")
@@ -165,7 +168,7 @@ def run(args) -> int:
         opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads)
         ex = Explainer.from_artifacts(args.artifacts, engine=args.engine, class_set=args.classes,
                                       batch_size=args.batch_size, engine_options=opts, resize_mode=args.resize,
-                                      config=config)
+                                      config=config, precision=args.precision)
         target = args.target
         if target is not None and target.lstrip("-").isdigit():
             target = int(target)
@@ -221,7 +224,8 @@ def run(args) -> int:
             continue
         for (it, rgb), e in zip(loaded, exps):
             try:
-                write_outputs(out_dir, it.stem, rgb, e, extra={"engine": args.engine, "artifacts": str(args.artifacts)})
+                write_outputs(out_dir, it.stem, rgb, e, extra={"engine": args.engine, "artifacts": str(args.artifacts),
+                                                               "precision": dict(ex.graph_precisions)})
                 ok += 1
             except OSError as err:
                 error(f"{it.path}: could not write outputs ({err})")

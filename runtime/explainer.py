@@ -26,6 +26,9 @@ from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner
 
 
+PRECISIONS = ("fp32", "int8")
+
+
 class TargetError(ValueError):
     """An unknown or out-of-range target class."""
 
@@ -90,8 +93,16 @@ class Explainer:
     def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
                  batch_size: int = 32, engine_options: EngineOptions | None = None,
                  backend: Backend | str | None = None, resize_mode: str | None = None,
-                 config: DecomCamConfig | None = None):
+                 config: DecomCamConfig | None = None, precision: str = "fp32"):
         self.artifacts = artifacts
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+        if precision not in artifacts.precisions():
+            raise ArtifactsError(f"{artifacts.root}: no {precision} graphs in this export"
+                                 + ("; write them with `python -m export quantize --artifacts DIR`"
+                                    if precision == "int8" else ""))
+        self.precision = precision   # graphs with a `<name>@<precision>` entry run at it, the others in fp32
+        self.graph_precisions: dict[str, str] = {}
         self.engine = engine
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -124,7 +135,9 @@ class Explainer:
     def runner(self, name: str) -> GraphRunner:
         r = self._sessions.get(name)
         if r is None:
-            sess = create_session(self.artifacts.check_graph(name), self.engine, self.options)
+            key = self.artifacts.graph_key(name, self.precision)
+            self.graph_precisions[name] = self.artifacts.manifest["graphs"][key].get("precision", "fp32")
+            sess = create_session(self.artifacts.check_graph(key), self.engine, self.options)
             r = self._sessions[name] = GraphRunner(sess, self.artifacts.spec(name), self.backend, self.artifacts.dims,
                                                    self.options.device_id)
         return r
