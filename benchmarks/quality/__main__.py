@@ -266,7 +266,8 @@ def main_real(args, argv) -> int:
     from .boxes_data import read_boxes_manifest
     from .protocol import plot_binned
     from .real import RealConfig, evaluate_real
-    from .report import display_name, real_deletion_table, real_pointing_table, real_seconds_table
+    from .report import (display_name, real_deletion_table, real_mean_table, real_pointing_table,
+                         real_seconds_table)
 
     methods = resolve_methods_all(args.methods, list_methods())
     if args.bootstrap < 1:
@@ -293,7 +294,7 @@ def main_real(args, argv) -> int:
         "data": str(args.data),
         "artifacts": {"path": str(args.artifacts), "model": art.manifest.get("model"),
                       "pretrained": art.manifest.get("pretrained"), "random_weights": art.random_weights,
-                      "class_set": ex.classes.name, "n_classes": len(ex.classes.labels), "input_size": ex.size,
+                      "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels), "input_size": ex.size,
                       "mean": list(art.mean), "std": list(art.std)},
         "engine": args.engine,
         **res,
@@ -306,6 +307,8 @@ def main_real(args, argv) -> int:
     print(real_pointing_table(res["pointing_game"], proto))
     print()
     print(real_deletion_table(res["deletion_insertion"], proto))
+    print()
+    print(real_mean_table(res["deletion_insertion"], proto))
     if res["on_subset"] is not None:
         extra = f" on the first {res['on_subset']['n_images']} images (all methods)"
         print(f"\n{', '.join(res['subset']['methods'])} ran on a subset: {res['subset']['reason']}\n")

@@ -388,11 +388,13 @@ def plot_binned(results_by_method: dict[str, dict], path) -> None:
     titles = {"insertion": "Insertion (higher is better)", "deletion": "Deletion (lower is better)",
               "overall": "Overall = insertion - deletion"}
     for ax, metric in zip(axes, METRICS):
-        for method, res in results_by_method.items():
+        for i, (method, res) in enumerate(results_by_method.items()):
             xs = [100.0 * r["accuracy"] for r in res["bins"]]
             ys = [r[metric] for r in res["bins"]]
             label = f"{method} ({res['auc'][metric]:.3f})"
-            ax.plot(xs, ys, marker="o", label=label)
+            # matplotlib cycles 10 colours: lines 11-20 get a dashed style and square markers.
+            style = {"marker": "o"} if i < 10 else {"marker": "s", "linestyle": "--"}
+            ax.plot(xs, ys, label=label, **style)
         ax.set_title(titles[metric])
         ax.set_xlabel("model accuracy of the class subset (%)")
         ax.set_xlim(0, 100)

@@ -261,7 +261,8 @@ def evaluate_real(explainer, items: Sequence[BoxedItem], methods: Sequence[str],
     usable = [it for it in items if it.error is None]
     if not usable:
         raise ValueError("no usable images in the manifest")
-    targets, mapping = map_targets(labels, explainer.classes.name, usable, cfg.targets)
+    class_set = getattr(explainer.classes, "name", "default")
+    targets, mapping = map_targets(labels, class_set, usable, cfg.targets)
     log(f"targets: {mapping['note']} (class set '{mapping['class_set']}', {mapping['n_classes']} classes; "
         f"{mapping['names_agree']}/{mapping['n']} manifest names equal the class set's label)")
     slow = [m for m in methods if m in SLOW_METHODS]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["display_name", "pointing_table", "pointing_per_class_table", "deletion_table",
            "mean_auc_table", "bins_table", "accuracy_table", "real_pointing_table", "real_deletion_table",
-           "real_seconds_table"]
+           "real_mean_table", "real_seconds_table"]
 
 _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
@@ -159,6 +159,22 @@ def real_deletion_table(part: dict, protocol: dict, title_extra: str = "") -> st
              f"{di['step_px']} px at {protocol['input_size']} px; deletion to '{di['substrates']['deletion']}', "
              f"insertion from '{di['substrates']['insertion']}'; softmax probability of the label)")
     return _table(head, rows, title)
+
+
+def real_mean_table(part: dict, protocol: dict) -> str:
+    """Unbinned RISE AUCs: means over the correctly predicted images, 95% CIs."""
+    level = protocol["bootstrap"]["level"]
+    head = ["Method", "n correct", "Insertion AUC(%)↑", f"{100 * level:g}% CI", "Deletion AUC(%)↓",
+            f"{100 * level:g}% CI", "Ins - Del(%)↑", f"{100 * level:g}% CI"]
+    rows = []
+    for n, r in [*part["methods"].items(), *part["baselines"].items()]:
+        if r["mean"] is None:
+            rows.append([display_name(n), "0", *["-"] * 6])
+            continue
+        m, ci = r["mean"], r["ci"]
+        rows.append([display_name(n), str(r["n_correct"]), _pct(m["insertion"]), _ci(ci["insertion_mean"]),
+                     _pct(m["deletion"]), _ci(ci["deletion_mean"]), _pct(m["overall"]), _ci(ci["overall_mean"])])
+    return _table(head, rows, "Mean AUC over the correctly predicted images (unbinned)")
 
 
 def real_seconds_table(seconds: dict) -> str:
