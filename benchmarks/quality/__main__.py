@@ -294,8 +294,8 @@ def main_real(args, argv) -> int:
         "data": str(args.data),
         "artifacts": {"path": str(args.artifacts), "model": art.manifest.get("model"),
                       "pretrained": art.manifest.get("pretrained"), "random_weights": art.random_weights,
-                      "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels), "input_size": ex.size,
-                      "mean": list(art.mean), "std": list(art.std)},
+                      "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels),
+                      "input_size": ex.size, "mean": list(art.mean), "std": list(art.std)},
         "engine": args.engine,
         **res,
     }

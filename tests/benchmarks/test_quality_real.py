@@ -112,7 +112,8 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
     assert "ablationcam: one head forward per live channel" in res["subset"]["reason"]
 
     pg, di = res["pointing_game"], res["deletion_insertion"]
-    assert list(pg["methods"]) == ["gradcam", "decomcam", "ablationcam"] and list(pg["baselines"]) == list(POINT_BASELINES)
+    assert list(pg["methods"]) == ["gradcam", "decomcam", "ablationcam"]
+    assert list(pg["baselines"]) == list(POINT_BASELINES)
     assert list(di["baselines"]) == list(SALIENCY_BASELINES)
     for name, s in [*pg["methods"].items(), *pg["baselines"].items()]:
         n = 2 if name == "ablationcam" else N_IMAGES
@@ -137,7 +138,8 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
     assert [row["in_subset"] for row in res["images"]] == [True, True, False, False, False, False]
     assert png.is_file()
     assert "Table 1" in stdout and "Acc@15px(%)" in stdout and "Table 2" in stdout and "Overall(%)" in stdout
-    assert "first 2 images" in stdout and "AblationCAM" in stdout and "ablationcam run on the first 2 images only" in err
+    assert "first 2 images" in stdout and "AblationCAM" in stdout
+    assert "ablationcam run on the first 2 images only" in err
 
 
 def test_real_default_methods_are_all_registered():
@@ -274,7 +276,8 @@ def test_boxes_to_input_by_hand():
 
 
 def test_read_boxes_manifest_converts_to_pixel_index(tmp_path):
-    data = write_dataset(tmp_path / "d", make_images(2, seed=0), [3, 7], [[[10, 20, 30, 40]], [[1, 2, 3, 4], [5, 6, 7, 8]]])
+    boxes = [[[10, 20, 30, 40]], [[1, 2, 3, 4], [5, 6, 7, 8]]]
+    data = write_dataset(tmp_path / "d", make_images(2, seed=0), [3, 7], boxes)
     items = read_boxes_manifest(data)
     assert [it.class_index for it in items] == [3, 7] and [it.class_name for it in items] == ["boat", "cat"]
     np.testing.assert_array_equal(items[1].boxes, [[0.5, 1.5, 2.5, 3.5], [4.5, 5.5, 6.5, 7.5]])
