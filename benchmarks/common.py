@@ -177,6 +177,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Instruction-set flags that matter for ONNX Runtime's and OpenCV's kernels (x86 and Arm names).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimdhp",
+             "asimddp", "sve", "sve2", "bf16", "i8mm")
+
+
+def cpu_flags() -> list[str]:
+    """The ``ISA_FLAGS`` this CPU reports in /proc/cpuinfo ('flags' on x86, 'Features' on Arm); [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("flags", "features"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def gpu_name(device_id: int = 0) -> str | None:
     torch = sys.modules.get("torch")
     try:
@@ -216,6 +236,7 @@ def machine_info(threads: int | None = None) -> dict:
 
     return {
         "cpu": cpu_model(),
+        "isa": cpu_flags(),
         "cores": os.cpu_count(),
         "threads": threads,
         "gpu": gpu_name(),

@@ -5,10 +5,14 @@
     python -m benchmarks.quality deletion-insertion --imagefolder DIR --artifacts DIR --json FILE
         [--step 4928|auto] [--substrate zero|blur] [--methods ...] [--limit-per-class N] [--plot FILE.png]
     python -m benchmarks.quality synthetic [--quick] [--json FILE] [--out DIR] [--methods ...] [--no-cache]
+    python -m benchmarks.quality real --data DIR --artifacts DIR --json FILE [--methods ...] [--engine cpu]
+        [--limit N] [--steps 14] [--substrates deletion=zero,insertion=blur] [--plot FILE.png]
+        [--score-subset N] [--bootstrap 1000] [--tolerances 0,15] [--targets auto|index|name]
 
 Prints the tables in the paper's formats (Table 1, Table 2) with baselines, and writes everything to the
 JSON file. Exit status: 0 on success, 2 for a usage or data error (one line on stderr: a missing folder, a
-class the artifacts' class set lacks, an unknown method, mismatched artifacts).
+class the artifacts' class set lacks, an unknown method, mismatched artifacts); `real` exits 1 when some
+images could not be used (one line each on stderr; the others are evaluated and the JSON is written).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import sys
 from pathlib import Path
 
 
-def _method_args(p: argparse.ArgumentParser) -> None:
+def _method_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     g = p.add_argument_group("methods")
     g.add_argument("--methods", default=None,
-                   help="comma-separated saliency methods (default: the paper's, those registered: "
-                        "gradcam, gradcam++, wgradcam, scorecam, scorecam++, ablationcam, decomcam)")
+                   help="comma-separated saliency methods (default: " + (default or
+                        "the paper's, those registered: gradcam, gradcam++, wgradcam, scorecam, scorecam++, "
+                        "ablationcam, decomcam") + ")")
     g.add_argument("--seed", type=int, default=0, help="seed of the random baselines (default 0)")
 
 
@@ -68,6 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--plot", default=None, help="write the Figure-4 style plot (PNG) here")
     _explainer_args(di)
     _method_args(di)
+
+    re_ = sub.add_parser("real", help="both evaluations on labelled photos with boxes (ImageNet-val layout), "
+                                      "with bootstrap intervals")
+    re_.add_argument("--data", required=True,
+                     help="folder with manifest.csv (file, class_index, synset, class_name, width, height, "
+                          "orig_width, orig_height, n_boxes, boxes_xyxy) and the images")
+    re_.add_argument("--json", required=True, help="write the results here")
+    re_.add_argument("--limit", type=int, default=None, help="only the first N rows of manifest.csv")
+    re_.add_argument("--steps", type=int, default=14, help="deletion / insertion steps (default 14)")
+    re_.add_argument("--substrates", default="deletion=zero,insertion=blur",
+                     help="what deleted pixels become and what insertion starts from: zero (0 in normalised "
+                          "space = the mean colour) or blur (the blurred photo); default deletion=zero,insertion=blur")
+    re_.add_argument("--tolerances", default="0,15", help="pointing-game tolerances in photo pixels (default 0,15)")
+    re_.add_argument("--plot", default=None, help="write the Figure-4 style plot (PNG) here")
+    re_.add_argument("--score-subset", type=int, default=None,
+                     help="run Score-CAM, Score-CAM++ and Ablation-CAM (one forward per channel) on the first N "
+                          "images only; every method is then also scored on that subset")
+    re_.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over images (default 1000)")
+    re_.add_argument("--targets", default="auto", choices=("auto", "index", "name"),
+                     help="label -> class: index (class_index into the class set), name (class_name looked up "
+                          "in the class set), auto (default: index for a 1000-class set, name otherwise)")
+    re_.add_argument("--bin-width", type=float, default=0.1, help="accuracy bin width (default 0.1 = 10%%)")
+    re_.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _explainer_args(re_)
+    _method_args(re_, default="every registered method")
 
     sy = sub.add_parser("synthetic", help="the whole protocol offline: generate, train, export, evaluate")
     sy.add_argument("--quick", action="store_true", help="a few images and one training epoch (a smoke test)")
@@ -203,9 +233,114 @@ def main_synthetic(args) -> int:
     return 0
 
 
+def _parse_substrates(spec: str) -> dict:
+    """'deletion=zero,insertion=blur' (or 'zero,blur': deletion, insertion) -> {"deletion": .., "insertion": ..}."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 2 and not any("=" in p for p in parts):
+        return {"deletion": parts[0], "insertion": parts[1]}
+    out = {}
+    for p in parts:
+        key, _, val = p.partition("=")
+        if key.strip() not in ("deletion", "insertion") or not val.strip():
+            raise ValueError(f"--substrates: expected deletion=zero|blur,insertion=zero|blur, got {spec!r}")
+        out[key.strip()] = val.strip()
+    if set(out) != {"deletion", "insertion"}:
+        raise ValueError(f"--substrates must set both deletion and insertion, got {spec!r}")
+    return out
+
+
+def _parse_tolerances(spec: str) -> tuple[float, ...]:
+    try:
+        tols = tuple(float(t) for t in spec.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--tolerances must be comma-separated numbers of pixels, got {spec!r}") from None
+    if not tols or any(not math.isfinite(t) or t < 0 for t in tols):
+        raise ValueError(f"--tolerances must be one or more numbers >= 0, got {spec!r}")
+    return tols
+
+
+def main_real(args, argv) -> int:
+    from benchmarks.common import command_line, load_average, machine_info
+    from runtime.methods import list_methods
+
+    from .boxes_data import read_boxes_manifest
+    from .protocol import plot_binned
+    from .real import RealConfig, evaluate_real
+    from .report import (display_name, real_deletion_table, real_mean_table, real_pointing_table,
+                         real_seconds_table)
+
+    methods = resolve_methods_all(args.methods, list_methods())
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    cfg = RealConfig(tolerances=_parse_tolerances(args.tolerances), steps=args.steps,
+                     substrates=_parse_substrates(args.substrates), score_subset=args.score_subset,
+                     n_bootstrap=args.bootstrap, seed=args.seed, bin_width=args.bin_width, targets=args.targets)
+    items = read_boxes_manifest(args.data, limit=args.limit)
+    if args.resize != "stretch":
+        raise ValueError("real: the protocol stretches every photo to the model input (--resize stretch), "
+                         "as the boxes are scaled with it")
+    load_start = load_average()
+    ex = _explainer(args)
+    res = evaluate_real(ex, items, methods, cfg, progress=not args.no_progress)
+    machine = machine_info(args.threads)
+    machine["load_average"] = {"start": load_start, "end": load_average()}
+    art = ex.artifacts
+    out = {
+        "benchmark": "quality-real",
+        "command": command_line("benchmarks.quality", argv),
+        "machine": machine,
+        "data": str(args.data),
+        "artifacts": {"path": str(args.artifacts), "model": art.manifest.get("model"),
+                      "pretrained": art.manifest.get("pretrained"), "random_weights": art.random_weights,
+                      "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels),
+                      "input_size": ex.size, "mean": list(art.mean), "std": list(art.std)},
+        "engine": args.engine,
+        **res,
+    }
+    proto = res["protocol"]
+    print(f"model {out['artifacts']['model']}, {res['n_images']} images ({res['n_bad']} unusable), top-1 "
+          f"{100 * res['accuracy']['top1']:.1f}% ({res['accuracy']['n_correct']} correct); targets: "
+          f"{res['targets']['note']}")
+    print()
+    print(real_pointing_table(res["pointing_game"], proto))
+    print()
+    print(real_deletion_table(res["deletion_insertion"], proto))
+    print()
+    print(real_mean_table(res["deletion_insertion"], proto))
+    if res["on_subset"] is not None:
+        extra = f" on the first {res['on_subset']['n_images']} images (all methods)"
+        print(f"\n{', '.join(res['subset']['methods'])} ran on a subset: {res['subset']['reason']}\n")
+        print(real_pointing_table(res["on_subset"]["pointing_game"], proto, extra))
+        print()
+        print(real_deletion_table(res["on_subset"]["deletion_insertion"], proto, extra))
+    print()
+    print(real_seconds_table(res["seconds"]))
+    if args.plot:
+        di = res["deletion_insertion"]
+        curves = {display_name(n): r["binned"] for n, r in [*di["methods"].items(), *di["baselines"].items()]
+                  if r["binned"]}
+        if curves:
+            plot_binned(curves, args.plot)
+            out["plot"] = str(args.plot)
+        else:
+            print("no correctly predicted images: no plot written", file=sys.stderr)
+    write_json(args.json, out)
+    return 1 if res["n_bad"] else 0
+
+
+def resolve_methods_all(spec, registered) -> list[str]:
+    """--methods for `real`: the given ones, or every registered method when none is given."""
+    from .evaluate import resolve_methods
+
+    return list(registered) if spec is None else resolve_methods(spec, registered)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"pointing-game": main_pointing, "deletion-insertion": main_deletion, "synthetic": main_synthetic}
+    handlers = {"pointing-game": main_pointing, "deletion-insertion": main_deletion, "synthetic": main_synthetic,
+                "real": lambda a: main_real(a, argv)}
     from runtime.artifacts import ArtifactsError
     from runtime.engines import EngineError
 

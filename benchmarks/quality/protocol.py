@@ -15,6 +15,9 @@ The paper's new protocol, section 4.1 / Figure 4 / Table 2
     (= insertion - deletion) per bin, and reports the area under metric-versus-accuracy;
     ``plot_binned`` draws the Figure-4 style plot for several methods.
 
+Uncertainty
+    ``bootstrap_ci`` is a seeded percentile bootstrap over images for any of the statistics above.
+
 Coordinate conventions
     Saliency maps are ``[H, W]`` arrays indexed ``[row, col] = [y, x]``. Boxes are ``[K, 4]`` arrays of
     ``(xmin, ymin, xmax, ymax)`` in 0-based *inclusive* pixel coordinates: a box covers the pixels with
@@ -42,6 +45,8 @@ __all__ = [
     "accuracy_bins",
     "binned_protocol",
     "plot_binned",
+    "bootstrap_indices",
+    "bootstrap_ci",
     "METRICS",
 ]
 
@@ -383,11 +388,13 @@ def plot_binned(results_by_method: dict[str, dict], path) -> None:
     titles = {"insertion": "Insertion (higher is better)", "deletion": "Deletion (lower is better)",
               "overall": "Overall = insertion - deletion"}
     for ax, metric in zip(axes, METRICS):
-        for method, res in results_by_method.items():
+        for i, (method, res) in enumerate(results_by_method.items()):
             xs = [100.0 * r["accuracy"] for r in res["bins"]]
             ys = [r[metric] for r in res["bins"]]
             label = f"{method} ({res['auc'][metric]:.3f})"
-            ax.plot(xs, ys, marker="o", label=label)
+            # matplotlib cycles 10 colours: lines 11-20 get a dashed style and square markers.
+            style = {"marker": "o"} if i < 10 else {"marker": "s", "linestyle": "--"}
+            ax.plot(xs, ys, label=label, **style)
         ax.set_title(titles[metric])
         ax.set_xlabel("model accuracy of the class subset (%)")
         ax.set_xlim(0, 100)
@@ -404,3 +411,52 @@ def plot_binned(results_by_method: dict[str, dict], path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals
+# --------------------------------------------------------------------------------------------------
+
+
+def bootstrap_indices(n: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """[n_resamples, n] int64 indices drawn uniformly with replacement from range(n), seeded.
+
+    The same (n, n_resamples, seed) gives the same matrix, so statistics of several methods computed on
+    the same images are resampled in pairs (the same images in each resample)."""
+    if n < 1 or n_resamples < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and n_resamples >= 1, got n={n}, n_resamples={n_resamples}")
+    return np.random.default_rng([seed, n]).integers(0, n, size=(n_resamples, n))
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], "float | dict[str, float]"], n: int, n_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of ``statistic`` over n items (images).
+
+    statistic : maps an int array of item indices [n] (with repeats) to a number, or to a dict of numbers
+                (several statistics of the same resample, e.g. insertion, deletion and overall: they are
+                then resampled together). The point estimate is ``statistic(arange(n))``. It may return NaN
+                where it is undefined for a resample (e.g. no correctly predicted image drawn); such
+                resamples are left out and counted.
+    Resamples come from ``bootstrap_indices(n, n_resamples, seed)``.
+
+    Returns ``{"estimate", "lo", "hi", "level", "n", "n_resamples", "n_valid", "seed"}``, or a dict of
+    those per key for a dict statistic; lo / hi are the (1 - level) / 2 and (1 + level) / 2 quantiles
+    (numpy's linear interpolation) of the valid resampled values; NaN when no resample is valid.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    point = statistic(np.arange(n))
+    keyed = isinstance(point, dict)
+    keys = list(point) if keyed else [None]
+    draws = [statistic(idx) for idx in bootstrap_indices(n, n_resamples, seed)]
+    out = {}
+    for k in keys:
+        vals = np.array([float(d[k] if keyed else d) for d in draws], dtype=np.float64)  # [R]
+        valid = vals[np.isfinite(vals)]
+        if valid.size:
+            lo, hi = (float(v) for v in np.quantile(valid, [(1.0 - level) / 2.0, (1.0 + level) / 2.0]))
+        else:
+            lo = hi = math.nan
+        out[k] = {"estimate": float(point[k] if keyed else point), "lo": lo, "hi": hi, "level": level,
+                  "n": int(n), "n_resamples": int(n_resamples), "n_valid": int(valid.size), "seed": int(seed)}
+    return out if keyed else out[None]

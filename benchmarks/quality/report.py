@@ -7,7 +7,8 @@ here computes a metric.
 from __future__ import annotations
 
 __all__ = ["display_name", "pointing_table", "pointing_per_class_table", "deletion_table",
-           "mean_auc_table", "bins_table", "accuracy_table"]
+           "mean_auc_table", "bins_table", "accuracy_table", "real_pointing_table", "real_deletion_table",
+           "real_mean_table", "real_seconds_table"]
 
 _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
@@ -103,3 +104,85 @@ def accuracy_table(result: dict) -> str:
              f"{100 * result['bin_width'] * (bin_of[c] + 1):.0f}%"] for c, a in result["per_class_accuracy"].items()]
     title = f"Model accuracy per class (overall {100 * result['accuracy']:.1f}% on {result['n_images']} images)"
     return _table(["Class", "Accuracy(%)", "Bin"], rows, title)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real-data run (benchmarks.quality.real): the same tables with n and bootstrap intervals
+# --------------------------------------------------------------------------------------------------
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def _ci(lo_hi) -> str:
+    if lo_hi is None or lo_hi[0] is None or lo_hi[0] != lo_hi[0]:
+        return "-"
+    return f"[{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
+
+
+def real_pointing_table(part: dict, protocol: dict, title_extra: str = "") -> str:
+    """Table 1: pointing accuracy per method (rows) and tolerance (column pairs: accuracy, 95% CI), with n."""
+    tols = [f"{t:g}" for t in protocol["pointing_game"]["tolerances_px"]]
+    level = protocol["bootstrap"]["level"]
+    head = ["Method", "n"]
+    for t in tols:
+        head += [f"Acc@{t}px(%)↑", f"{100 * level:g}% CI"]
+    rows = []
+    for n, s in [*part["methods"].items(), *part["baselines"].items()]:
+        row = [display_name(n), str(s[tols[0]]["n"])]
+        for t in tols:
+            row += [_pct(s[t]["accuracy"]), _ci(s[t]["ci"])]
+        rows.append(row)
+    title = (f"Table 1 - pointing game{title_extra} (explained class = label; stretch resize to "
+             f"{protocol['input_size']} px, boxes scaled; bootstrap over images, "
+             f"{protocol['bootstrap']['n_resamples']} resamples)")
+    return _table(head, rows, title)
+
+
+def real_deletion_table(part: dict, protocol: dict, title_extra: str = "") -> str:
+    """Table 2: binned insertion, deletion and overall (area under metric-versus-accuracy), 95% CIs, n."""
+    di = protocol["deletion_insertion"]
+    level = protocol["bootstrap"]["level"]
+    head = ["Method", "n", "n correct", "Insertion(%)↑", f"{100 * level:g}% CI", "Deletion(%)↓",
+            f"{100 * level:g}% CI", "Overall(%)↑", f"{100 * level:g}% CI"]
+    rows = []
+    for n, r in [*part["methods"].items(), *part["baselines"].items()]:
+        if r["binned"] is None:
+            rows.append([display_name(n), str(r["n_images"]), "0", *["-"] * 6])
+            continue
+        a, ci = r["binned"]["auc"], r["ci"]
+        rows.append([display_name(n), str(r["n_images"]), str(r["n_correct"]),
+                     _pct(a["insertion"]), _ci(ci["insertion"]), _pct(a["deletion"]), _ci(ci["deletion"]),
+                     _pct(a["overall"]), _ci(ci["overall"])])
+    title = (f"Table 2 - binned deletion/insertion{title_extra} (correct images only; {di['n_steps']} steps of "
+             f"{di['step_px']} px at {protocol['input_size']} px; deletion to '{di['substrates']['deletion']}', "
+             f"insertion from '{di['substrates']['insertion']}'; softmax probability of the label)")
+    return _table(head, rows, title)
+
+
+def real_mean_table(part: dict, protocol: dict) -> str:
+    """Unbinned RISE AUCs: means over the correctly predicted images, 95% CIs."""
+    level = protocol["bootstrap"]["level"]
+    head = ["Method", "n correct", "Insertion AUC(%)↑", f"{100 * level:g}% CI", "Deletion AUC(%)↓",
+            f"{100 * level:g}% CI", "Ins - Del(%)↑", f"{100 * level:g}% CI"]
+    rows = []
+    for n, r in [*part["methods"].items(), *part["baselines"].items()]:
+        if r["mean"] is None:
+            rows.append([display_name(n), "0", *["-"] * 6])
+            continue
+        m, ci = r["mean"], r["ci"]
+        rows.append([display_name(n), str(r["n_correct"]), _pct(m["insertion"]), _ci(ci["insertion_mean"]),
+                     _pct(m["deletion"]), _ci(ci["deletion_mean"]), _pct(m["overall"]), _ci(ci["overall_mean"])])
+    return _table(head, rows, "Mean AUC over the correctly predicted images (unbinned)")
+
+
+def real_seconds_table(seconds: dict) -> str:
+    """Seconds per method: explanation, pointing, curves, and per image."""
+    rows = []
+    for n, s in seconds.items():
+        if n == "classify":
+            continue
+        per = (s["explain"] + s["pointing"] + s["curves"]) / s["images"] if s["images"] else float("nan")
+        rows.append([display_name(n), str(s["images"]), f"{s['explain']:.1f}", f"{s['curves']:.1f}", f"{per:.2f}"])
+    return _table(["Method", "images", "explain s", "curves s", "s / image"], rows, "Time per method")
