@@ -270,7 +270,9 @@ def write_json(path: str | os.PathLike | None, data: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+    from runtime.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def fmt(v, digits: int = 1) -> str:

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from runtime.fsutil import atomic_write
 from runtime.spec import MANIFEST_NAME
 
 
@@ -64,8 +65,8 @@ def main_export(argv) -> int:
           f"graphs: {sizes}; class set '{cs.name}' ({len(cs.labels)} classes)")
     print(f"explain.onnx ops: {', '.join(ops_used(res.out_dir / 'explain.onnx'))}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"report": res.report, "seconds": res.seconds, "manifest": res.manifest}, f, indent=2)
+        atomic_write(args.json, json.dumps({"report": res.report, "seconds": res.seconds, "manifest": res.manifest},
+                                           indent=2))
     if lm.random_weights:
         print("note: random weights (--pretrained none): maps show the method, not a trained model", file=sys.stderr)
     return 0

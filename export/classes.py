@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import open_clip
+from runtime.fsutil import atomic_open
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 VOC_CLASSES = (
@@ -121,7 +122,6 @@ def text_embeddings(model, model_name: str, pretrained_id: str, cs: ClassSet, us
     emb = (mean / mean.norm(dim=-1, keepdim=True)).float().numpy()
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, emb)
-        os.replace(tmp, cache)
+        with atomic_open(cache) as f:
+            np.save(f, emb)
     return emb

@@ -34,6 +34,7 @@ import onnx
 import torch
 
 from runtime.artifacts import sha256_path
+from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, temp_dir
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
 
 from .classes import ClassSet, text_embeddings
@@ -237,18 +238,15 @@ def versions() -> dict[str, str]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
     cdir = out_dir / "classes"
     cdir.mkdir(parents=True, exist_ok=True)
     npy = cdir / f"{cs.name}.npy"
-    tmp = cdir / f".{cs.name}.tmp{os.getpid()}.npy"
-    np.save(tmp, emb.astype(np.float32))
-    os.replace(tmp, npy)
+    with atomic_open(npy) as f:
+        np.save(f, emb.astype(np.float32))
     _atomic_write_text(cdir / f"{cs.name}.txt", "\n".join(cs.labels) + "\n")
     return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
             "templates": list(cs.templates), "sha256": sha256_path(npy)}
@@ -298,9 +296,8 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"])
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
-    tmp_dir = out_dir / f".export-tmp{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    remove_stale_temporaries(out_dir)
+    tmp_dir = temp_dir(out_dir)
     timings = {}
     try:
         t0 = time.perf_counter()

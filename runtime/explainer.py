@@ -124,6 +124,18 @@ class Explainer:
                                                    self.options.device_id)
         return r
 
+    def graphs_for(self, method: "str | Method") -> list[str]:
+        """The graphs `method` runs (what explain_arrays opens for it), to check them all up front."""
+        meth = method if isinstance(method, Method) else get_method(method)
+        names = ["classify"]
+        if meth.needs_gradients or (meth.needs_activations and "features" not in self.artifacts.manifest["graphs"]):
+            names.append("explain")
+        elif meth.needs_activations:
+            names.append("features")
+        if meth.needs_head:
+            names.append("head")
+        return names
+
     def _chunked(self, graph: str, name: str, arrays) -> object:
         """Run a (batch, text) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
         r = self.runner(graph)

@@ -39,6 +39,7 @@ Cost: about 5 ms for a 500 x 375 photo and 0.2 s for 12 Mpx at S = 224 (Pillow's
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -47,6 +48,7 @@ import cv2
 import numpy as np
 
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images before decoding
+DEFAULT_MAX_BYTES = 1 << 30      # refuse larger files before reading them (1 GiB; a 12 Mpx JPEG is ~5 MB)
 ALPHA_BACKGROUND = 128           # grey level that transparent pixels are composited over
 MODES = ("crop", "stretch")      # preprocess modes
 
@@ -324,18 +326,50 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     return np.ascontiguousarray(rgb)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file to uint8 RGB [H, W, 3] (C-contiguous); see ``decode_image``."""
+def read_file_capped(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` bytes; ImageError otherwise.
+
+    The file is opened without blocking (a FIFO never stalls the run) and must be a regular file (not a
+    FIFO, device such as /dev/zero, socket or folder); at most ``max_bytes + 1`` bytes are ever read, so a
+    file that grows while it is read cannot exhaust memory either."""
+    name = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise _fail(str(path), "no such file") from None
-    except IsADirectoryError:
-        raise _fail(str(path), "is a directory, not an image file") from None
+        raise _fail(name, "no such file") from None
     except OSError as e:
-        raise _fail(str(path), f"cannot read ({e.strerror or type(e).__name__})") from None
-    return decode_image(data, str(path), max_pixels)
+        raise _fail(name, f"cannot read ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _fail(name, "is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                    else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "not a regular file")
+            raise _fail(name, f"is {kind}; only regular image files are read")
+        if st.st_size > max_bytes:
+            raise _fail(name, f"{st.st_size:,} bytes is over the file size limit max_bytes={max_bytes:,}")
+        try:
+            os.set_blocking(fd, True)
+            chunks, total = [], 0
+            while total <= max_bytes:
+                block = f.read(min(1 << 22, max_bytes + 1 - total))
+                if not block:
+                    break
+                chunks.append(block)
+                total += len(block)
+        except OSError as e:
+            raise _fail(name, f"cannot read ({e.strerror or type(e).__name__})") from None
+    if total > max_bytes:
+        raise _fail(name, f"grew past the file size limit max_bytes={max_bytes:,} while being read")
+    return b"".join(chunks)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Read an image file to uint8 RGB [H, W, 3] (C-contiguous); see ``read_file_capped`` and ``decode_image``."""
+    return decode_image(read_file_capped(path, max_bytes), str(path), max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------

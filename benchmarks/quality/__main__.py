@@ -101,9 +101,9 @@ def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _clean(obj)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    from runtime.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 def _explainer(args):
