@@ -20,6 +20,7 @@ they pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,10 +35,11 @@ import onnx
 import torch
 
 from runtime.artifacts import sha256_path
+from runtime.manifest import ManifestError, validate_manifest
 from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, temp_dir
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec
 
-from .classes import ClassSet, text_embeddings
+from .classes import ClassSet, check_set_name, text_embeddings
 from .graphs import ClassifyModule, ExplainModule, FeaturesModule, HeadModule, autograd_reference
 from .models import LoadedModel
 
@@ -244,12 +246,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
     cdir = out_dir / "classes"
     cdir.mkdir(parents=True, exist_ok=True)
+    check_set_name(cs.name)
     npy = cdir / f"{cs.name}.npy"
     with atomic_open(npy) as f:
         np.save(f, emb.astype(np.float32))
-    _atomic_write_text(cdir / f"{cs.name}.txt", "\n".join(cs.labels) + "\n")
+    labels = ("\n".join(cs.labels) + "\n").encode("utf-8")
+    atomic_write(cdir / f"{cs.name}.txt", labels)
     return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
-            "templates": list(cs.templates), "sha256": sha256_path(npy)}
+            "templates": list(cs.templates), "sha256": sha256_path(npy),
+            "labels_sha256": hashlib.sha256(labels).hexdigest()}
 
 
 def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
@@ -271,7 +276,12 @@ def read_manifest_raw(out_dir: Path) -> dict:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ExportError(f"{path}: no manifest; run `python -m export` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return validate_manifest(json.loads(path.read_text(encoding="utf-8")), path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    except ManifestError as e:
+        raise ExportError(str(e)) from None
 
 
 @dataclass
