@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import open_clip
-from runtime.fsutil import atomic_open
+from runtime.fsutil import atomic_open, remove_stale_temporaries
 from runtime.manifest import SET_NAME, SET_NAME_RULE
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
@@ -139,6 +139,7 @@ def text_embeddings(model, model_name: str, pretrained_id: str, cs: ClassSet, us
     emb = (mean / mean.norm(dim=-1, keepdim=True)).float().numpy()
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(cache.parent)
         with atomic_open(cache) as f:
             np.save(f, emb)
     return emb

@@ -247,6 +247,7 @@ def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
     cdir = out_dir / "classes"
     cdir.mkdir(parents=True, exist_ok=True)
     check_set_name(cs.name)
+    remove_stale_temporaries(cdir)
     npy = cdir / f"{cs.name}.npy"
     with atomic_open(npy) as f:
         np.save(f, emb.astype(np.float32))

@@ -91,10 +91,13 @@ def _bad_inputs(folder: Path) -> dict[str, str]:
     import struct
     import zlib
 
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
     ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
-    (folder / "bomb.png").write_bytes(bomb + b"\0" * 64)
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(100_001) * 4))
+            + chunk(b"IEND", b""))
+    (folder / "bomb.png").write_bytes(bomb)
     return {"empty.jpg": "empty", "notes.png": "not an image", "cut.jpg": "truncated", "cut.png": "truncated",
             "bomb.png": "pixel"}
 

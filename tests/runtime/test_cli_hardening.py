@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime import fsutil
 from runtime.explain import main as explain_main
 from tests.runtime.test_cli import OUTPUTS, ROOT, leftovers, run_cli, write_good
 

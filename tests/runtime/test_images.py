@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from runtime import images
 from runtime.images import (DEFAULT_MAX_PIXELS, Geometry, ImageError, decode_image, load_image, preprocess,
                             preprocess_batch, read_image_size, unnormalize)
 

@@ -7,12 +7,11 @@ import io
 import re
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.runtime.test_cli import run_cli, write_good
+from tests.runtime.test_cli import write_good
 
 HOSTILE = "<script>alert(1)<script> & \"q\" 'x' #1 %20 ?q"  # a legal file name full of HTML and URL syntax
 
