@@ -14,6 +14,7 @@ Nothing here imports torch at module level: the throughput mode measures the tor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,6 +98,7 @@ class RssSampler:
 
         with RssSampler() as s:
             s.label = "cpu"; ...            # samples now count for "cpu"
+            with s.segment("cpu"): ...      # the same, sampled at its start and end too
         s.peak("cpu"), s.samples            # MiB; [(t, label, MiB), ...]
     """
 
@@ -112,6 +114,18 @@ class RssSampler:
         v = rss_mb()
         self.samples.append((time.perf_counter() - self.t0, self.label, v))
         return v
+
+    @contextlib.contextmanager
+    def segment(self, label: str | None):
+        """File samples under `label` meanwhile, with one sample at the start and one at the end, so a
+        segment shorter than `interval` still has values."""
+        previous, self.label = self.label, label
+        self.sample()
+        try:
+            yield self
+        finally:
+            self.sample()
+            self.label = previous
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -291,7 +305,9 @@ def write_json(path: str | os.PathLike | None, data: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+    from runtime.fsutil import atomic_write
+
+    atomic_write(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
 def fmt(v, digits: int = 1) -> str:

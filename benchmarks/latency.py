@@ -274,18 +274,18 @@ def run_latency(args) -> dict:
                 for eng in active:
                     eng.device_peak = []
                 for eng in active:  # warm-up: sessions, arenas, caches, lazy initialisation
-                    sampler.label = eng.rss_label
-                    if hasattr(eng, "reset_device_peak"):
-                        eng.reset_device_peak()
-                    for _ in range(args.warmup):
-                        eng.run(rgbs, method)
+                    with sampler.segment(eng.rss_label):
+                        if hasattr(eng, "reset_device_peak"):
+                            eng.reset_device_peak()
+                        for _ in range(args.warmup):
+                            eng.run(rgbs, method)
                 for rep in range(args.repeat):
                     for eng in active:  # interleaved: drift and neighbours hit every engine alike
-                        sampler.label = eng.rss_label
-                        c, t = time.process_time(), time.perf_counter()
-                        timings, _ = eng.run(rgbs, method)
-                        totals[eng.name].append(time.perf_counter() - t)
-                        cpu[eng.name].append(time.process_time() - c)
+                        with sampler.segment(eng.rss_label):  # sampled at start and end: never empty
+                            c, t = time.process_time(), time.perf_counter()
+                            timings, _ = eng.run(rgbs, method)
+                            totals[eng.name].append(time.perf_counter() - t)
+                            cpu[eng.name].append(time.process_time() - c)
                         runs[eng.name].append(timings)
                         dm = eng.device_memory()
                         if dm is not None:
@@ -398,10 +398,10 @@ def run_throughput(args) -> dict:
                 try:
                     reset = common.reset_peak_rss()
                     rss0 = common.rss_mb()
-                    sampler.label = label
                     t0 = time.perf_counter()
                     stdout, stderr = io.StringIO(), io.StringIO()
-                    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    with sampler.segment(label), contextlib.redirect_stdout(stdout), \
+                            contextlib.redirect_stderr(stderr):
                         rc = explain_main([*cli, "--out", out_dir])
                     wall = time.perf_counter() - t0
                     sampler.label = None

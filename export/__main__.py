@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.fsutil import atomic_write, check_writable
 from runtime.spec import MANIFEST_NAME
 
 
@@ -73,14 +74,27 @@ def read_labels(path: str, count: int) -> tuple[str, ...]:
     return tuple(labels)
 
 
+def check_out(out: Path) -> str | None:
+    """Create the artifacts folder and prove it is writable; the problem in one line, or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
+    except OSError as e:
+        return f"--out {out}: cannot create or write the artifacts folder ({e.strerror or type(e).__name__})"
+    return None
+
+
 def main_export(argv) -> int:
     from .classes import get_class_set
-    from .models import load_model
+    from .models import ModelError, load_model, model_info
     from .onnx_export import export_model, format_parity_table, ops_used
 
-    from .models import ModelError, model_info
-
     args = build_parser().parse_args(argv)
+    info = model_info(args.model)  # an unknown model is named before anything is created
+    problem = check_out(Path(args.out))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     info = model_info(args.model)
     if info.family == "clip":
         if args.labels is not None:
@@ -106,16 +120,14 @@ def main_export(argv) -> int:
           f"graphs: {sizes}; {classes}")
     print(f"explain.onnx ops: {', '.join(ops_used(res.out_dir / 'explain.onnx'))}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"report": res.report, "seconds": res.seconds, "manifest": res.manifest}, f, indent=2)
+        atomic_write(args.json, json.dumps({"report": res.report, "seconds": res.seconds, "manifest": res.manifest},
+                                           indent=2))
     if lm.random_weights:
         print("note: random weights (--pretrained none): maps show the method, not a trained model", file=sys.stderr)
     return 0
 
 
 def main_classes(argv) -> int:
-    from pathlib import Path
-
     from .classes import class_set_from_names, get_class_set
     from .models import load_model
     from .onnx_export import add_class_set, read_manifest_raw
@@ -137,7 +149,7 @@ def main_classes(argv) -> int:
     else:
         pretrained, seed = manifest["pretrained"], 0
     if args.names is not None:
-        cs = class_set_from_names(args.names.split(","), args.name or "custom", args.template)
+        cs = class_set_from_names(args.names.split(","), "custom" if args.name is None else args.name, args.template)
     else:
         cs = get_class_set(args.file, args.template, name=args.name)
     lm = load_model(manifest["model"], pretrained, seed=seed)
@@ -195,6 +207,14 @@ def main(argv=None) -> int:
     except (ModelError, ClassSetError, ExportError, ArtifactsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file that cannot be read or written: one line, not a traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing was replaced; temporaries are removed by the next export",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 import open_clip
+from runtime.fsutil import atomic_open, remove_stale_temporaries
+from runtime.manifest import SET_NAME, SET_NAME_RULE
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 VOC_CLASSES = (
@@ -64,10 +66,21 @@ def resolve_templates(template: str | None) -> tuple[str, ...]:
     return (template,)
 
 
+def check_set_name(name: str) -> str:
+    """A class-set name is a plain identifier (it names files in the artifacts folder)."""
+    if not isinstance(name, str) or not SET_NAME.match(name):
+        raise ClassSetError(f"class set name {name!r} is not a plain identifier ({SET_NAME_RULE}); "
+                            f"choose one with --name")
+    return name
+
+
 def _clean_names(names, source: str) -> list[str]:
     out = [n.strip() for n in names if n.strip() and not n.strip().startswith("#")]
     if not out:
         raise ClassSetError(f"{source}: no class names")
+    bad = [n for n in out if not n.isprintable()]
+    if bad:
+        raise ClassSetError(f"{source}: class name {bad[0][:60]!r} contains a line break or control character")
     dup = sorted({n for n in out if out.count(n) > 1})
     if dup:
         raise ClassSetError(f"{source}: duplicate class names: {', '.join(dup[:5])}")
@@ -80,19 +93,24 @@ def get_class_set(spec: str, template: str | None = None, name: str | None = Non
     if spec == "voc":
         labels = list(VOC_CLASSES)
         prompts = [_VOC_PROMPT_NAMES.get(c, c) for c in labels]
-        return ClassSet(name or "voc", tuple(labels), tuple(prompts), templates)
+        return ClassSet(check_set_name("voc" if name is None else name), tuple(labels), tuple(prompts), templates)
     if spec == "imagenet":
         labels = list(IMAGENET_CLASSNAMES)
-        return ClassSet(name or "imagenet", tuple(labels), tuple(labels), templates)
+        return ClassSet(check_set_name("imagenet" if name is None else name), tuple(labels), tuple(labels), templates)
     path = Path(spec)
     if path.is_file():
-        labels = _clean_names(path.read_text(encoding="utf-8").splitlines(), str(path))
-        return ClassSet(name or path.stem, tuple(labels), tuple(labels), templates)
+        set_name = check_set_name(path.stem if name is None else name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ClassSetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        labels = _clean_names(text.split("\n"), str(path))
+        return ClassSet(set_name, tuple(labels), tuple(labels), templates)
     raise ClassSetError(f"class set '{spec}' is neither a built-in set ({', '.join(BUILTIN_SETS)}) nor a file")
 
 
 def class_set_from_names(names: list[str], name: str, template: str | None = None) -> ClassSet:
-    labels = _clean_names(names, f"class set '{name}'")
+    labels = _clean_names(names, f"class set '{check_set_name(name)}'")
     return ClassSet(name, tuple(labels), tuple(labels), resolve_templates(template))
 
 
@@ -121,7 +139,7 @@ def text_embeddings(model, model_name: str, pretrained_id: str, cs: ClassSet, us
     emb = (mean / mean.norm(dim=-1, keepdim=True)).float().numpy()
     if use_cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, emb)
-        os.replace(tmp, cache)
+        remove_stale_temporaries(cache.parent)
+        with atomic_open(cache) as f:
+            np.save(f, emb)
     return emb

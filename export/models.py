@@ -21,6 +21,7 @@ pooled-linear   CNN classifiers whose head is global average pooling + a small M
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,24 +201,52 @@ def _load_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
         ) from e
 
 
+_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")  # OpenAI archive metadata entries
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, a TorchScript archive (the OpenAI release format) or a
+    torch.save file read with weights_only=True; no pickled Python is ever run. Any failure is one
+    ModelError line."""
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file (0 bytes), not a checkpoint")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError, ... : truncated or not safetensors
+            raise ModelError(f"{path}: not a loadable .safetensors file ({_first_line(e)})") from None
+    is_torchscript = False
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-        if is_torchscript:  # the OpenAI release format; loading TorchScript runs no pickled Python
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+        try:
+            with zipfile.ZipFile(path) as z:
+                is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ModelError(f"{path}: corrupt zip archive ({_first_line(e)})") from None
+    if is_torchscript:  # the OpenAI release format; loading TorchScript runs no pickled Python
+        try:
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:
+            raise ModelError(f"{path}: not a loadable TorchScript archive ({_first_line(e)})") from None
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise ModelError(f"{path}: not a loadable checkpoint ({_first_line(e)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ModelError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and (isinstance(v, torch.Tensor) or k in _METADATA_KEYS)
+                                           for k, v in sd.items()):
+        raise ModelError(f"{path}: expected a state dict of named tensors, found {type(sd).__name__}")
     return sd
 
 
@@ -226,7 +255,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     sd = _read_state_dict(path)
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI archive metadata entries
+    for key in _METADATA_KEYS:
         sd.pop(key, None)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))

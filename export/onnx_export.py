@@ -20,6 +20,7 @@ they pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,9 +35,11 @@ import onnx
 import torch
 
 from runtime.artifacts import sha256_path
+from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, temp_dir
+from runtime.manifest import ManifestError, validate_manifest
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
-from .classes import ClassSet, text_embeddings
+from .classes import ClassSet, check_set_name, text_embeddings
 from .graphs import ClassifyModule, ExplainModule, FeaturesModule, HeadModule, autograd_reference
 from .models import LoadedModel
 from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGraph
@@ -271,30 +274,33 @@ def versions() -> dict[str, str]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
     cdir = out_dir / "classes"
     cdir.mkdir(parents=True, exist_ok=True)
+    check_set_name(cs.name)
+    remove_stale_temporaries(cdir)
     npy = cdir / f"{cs.name}.npy"
-    tmp = cdir / f".{cs.name}.tmp{os.getpid()}.npy"
-    np.save(tmp, emb.astype(np.float32))
-    os.replace(tmp, npy)
-    _atomic_write_text(cdir / f"{cs.name}.txt", "\n".join(cs.labels) + "\n")
+    with atomic_open(npy) as f:
+        np.save(f, emb.astype(np.float32))
+    labels = ("\n".join(cs.labels) + "\n").encode("utf-8")
+    atomic_write(cdir / f"{cs.name}.txt", labels)
     return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
-            "templates": list(cs.templates), "sha256": sha256_path(npy)}
+            "templates": list(cs.templates), "sha256": sha256_path(npy),
+            "labels_sha256": hashlib.sha256(labels).hexdigest()}
 
 
 def write_labels(out_dir: Path, name: str, labels: list[str]) -> dict:
     """The fixed class names of a pooled-linear export, one per line in output order (no embeddings)."""
     cdir = out_dir / "classes"
     cdir.mkdir(parents=True, exist_ok=True)
-    path = cdir / f"{name}.txt"
-    _atomic_write_text(path, "\n".join(labels) + "\n")
-    return {"labels": f"classes/{name}.txt", "count": len(labels), "labels_sha256": sha256_path(path)}
+    check_set_name(name)
+    remove_stale_temporaries(cdir)
+    data = ("\n".join(labels) + "\n").encode("utf-8")
+    atomic_write(cdir / f"{name}.txt", data)
+    return {"labels": f"classes/{name}.txt", "count": len(labels), "labels_sha256": hashlib.sha256(data).hexdigest()}
 
 
 def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
@@ -319,7 +325,12 @@ def read_manifest_raw(out_dir: Path) -> dict:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ExportError(f"{path}: no manifest; run `python -m export` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return validate_manifest(json.loads(path.read_text(encoding="utf-8")), path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from None
+    except ManifestError as e:
+        raise ExportError(str(e)) from None
 
 
 @dataclass
@@ -347,9 +358,8 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"]) if lm.family == "clip" else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
-    tmp_dir = out_dir / f".export-tmp{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    remove_stale_temporaries(out_dir)
+    tmp_dir = temp_dir(out_dir)
     timings = {}
     try:
         t0 = time.perf_counter()

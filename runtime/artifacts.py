@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import MANIFEST_NAME, MANIFEST_VERSION, Family, GraphSpec, family
+from .manifest import ManifestError, validate_manifest
+from .spec import MANIFEST_NAME, Family, GraphSpec, family
 
 
 class ArtifactsError(ValueError):
@@ -136,7 +137,11 @@ class Artifacts:
         return list(self.manifest.get("class_sets", {}))
 
     def load_class_set(self, name: str | None = None) -> ClassSetData:
-        sets = self.manifest.get("class_sets", {})
+        """A class set, checked before use: labels against the manifest's count (and `labels_sha256` when
+        recorded), the embeddings' .npy header (float dtype, shape [count, D], file size) before anything
+        is loaded, and (when `verify`) their sha256 against the manifest. Fixed-class families may have
+        labels only (embeddings None)."""
+        sets = self.manifest.get("class_sets") or {}
         name = name or self.manifest.get("default_class_set")
         if not name or name not in sets:
             raise ArtifactsError(
@@ -144,22 +149,65 @@ class Artifacts:
             )
         entry = sets[name]
         lab_path = self.root / entry["labels"]
-        if not lab_path.is_file():
-            raise ArtifactsError(f"{lab_path}: class set file missing")
-        labels = [ln for ln in lab_path.read_text(encoding="utf-8").splitlines() if ln]
+        emb_path = self.root / entry["embeddings"] if "embeddings" in entry else None
+        for p in (lab_path, emb_path):
+            if p is not None and not p.is_file():
+                raise ArtifactsError(f"{p}: class set file missing")
+        raw = lab_path.read_bytes()
+        if "labels_sha256" in entry and hashlib.sha256(raw).hexdigest() != entry["labels_sha256"]:
+            raise ArtifactsError(f"{lab_path}: sha256 does not match the manifest's labels_sha256; "
+                                 f"the labels were modified or belong to another export")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ArtifactsError(f"{lab_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        labels = text.split("\n")
+        if labels and labels[-1] == "":
+            labels.pop()
+        if len(labels) != entry["count"] or any(not lab or not lab.isprintable() for lab in labels):
+            raise ArtifactsError(f"{lab_path}: expected {entry['count']} non-empty printable labels, one per line "
+                                 f"(found {len(labels)} lines)")
         if not self.text_input:  # fixed classes: labels only, in the classifier's output order
             k = self.dims.get("K")
             if k is not None and len(labels) != int(k):
                 raise ArtifactsError(f"{lab_path}: {len(labels)} labels for a classifier with {k} classes")
             return ClassSetData(name, labels, None)
-        emb_path = self.root / entry["embeddings"]
-        if not emb_path.is_file():
-            raise ArtifactsError(f"{emb_path}: class set file missing")
-        emb = np.load(emb_path).astype(np.float32)
-        d = self.dims["D"]
-        if emb.shape != (len(labels), d):
-            raise ArtifactsError(f"{emb_path}: embeddings have shape {emb.shape}, expected ({len(labels)}, {d})")
-        return ClassSetData(name, labels, np.ascontiguousarray(emb))
+        if emb_path is None:
+            raise ArtifactsError(f"{self.root / MANIFEST_NAME}: class set '{name}' has no embeddings, which a "
+                                 f"{self.family.name} export needs")
+        emb = _load_embeddings(emb_path, (len(labels), self.dims["D"]), entry["sha256"] if self.verify else None)
+        return ClassSetData(name, labels, emb)
+
+
+
+def _load_embeddings(path: Path, shape: tuple[int, int], sha256: str | None) -> np.ndarray:
+    """A float .npy of exactly `shape`, checked from its header (and `sha256`) before it is read: [L, D] float32."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            got_shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ArtifactsError(f"{path}: not a readable .npy file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if dtype.kind != "f" or dtype.hasobject:
+        raise ArtifactsError(f"{path}: embeddings have dtype {dtype}, expected a float type")
+    if tuple(got_shape) != shape:
+        raise ArtifactsError(f"{path}: embeddings have shape {tuple(got_shape)}, expected {shape}")
+    if path.stat().st_size != offset + shape[0] * shape[1] * dtype.itemsize:
+        raise ArtifactsError(f"{path}: file size does not match its header (truncated or padded)")
+    if sha256 is not None:
+        digest = sha256_path(path)
+        if digest != sha256:
+            raise ArtifactsError(f"{path}: sha256 {digest[:12]}... does not match the manifest's {sha256[:12]}...; "
+                                 f"the embeddings were modified or belong to another export")
+    emb = np.load(path, allow_pickle=False).astype(np.float32)
+    if not np.all(np.isfinite(emb)):
+        raise ArtifactsError(f"{path}: embeddings hold non-finite values")
+    return np.ascontiguousarray(emb)
 
 
 def load_artifacts(root: str | os.PathLike, verify: bool = True, graphs=("explain", "classify")) -> Artifacts:
@@ -174,11 +222,10 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, graphs=("explai
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactsError(f"{mpath}: not valid JSON ({e})") from e
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise ArtifactsError(f"{mpath}: manifest format {manifest.get('format_version')} is not {MANIFEST_VERSION}")
-    for key in ("model", "input_size", "mean", "std", "logit_scale", "dims", "graphs"):
-        if key not in manifest:
-            raise ArtifactsError(f"{mpath}: manifest lacks '{key}'")
+    try:
+        validate_manifest(manifest, mpath)
+    except ManifestError as e:
+        raise ArtifactsError(str(e)) from None
     art = Artifacts(root, manifest, verify=verify)
     for name in graphs:
         art.check_graph(name)

@@ -146,6 +146,23 @@ class Explainer:
         """A graph feed: the given arrays plus the class embeddings when the family takes a `text` input."""
         return {**arrays, "text": self.text} if self.text is not None else arrays
 
+    def graphs_for(self, method: "str | Method") -> list[str]:
+        """The graphs `method` runs (what explain_arrays opens for it), to check them all up front."""
+        meth = method if isinstance(method, Method) else get_method(method)
+        names = ["classify"]
+        if meth.needs_gradients or (meth.needs_activations and "features" not in self.artifacts.manifest["graphs"]):
+            names.append("explain")
+        elif meth.needs_activations:
+            names.append("features")
+        if meth.needs_head:
+            names.append("head")
+        return names
+
+    def check_graphs(self, method: "str | Method") -> None:
+        """Check (listed, present, contract, sha256) every graph `method` runs, at this precision."""
+        for name in self.graphs_for(method):
+            self.artifacts.check_graph(self.artifacts.graph_key(name, self.precision))
+
     def _chunked(self, graph: str, name: str, arrays) -> object:
         """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
         r = self.runner(graph)

@@ -1,7 +1,7 @@
 """Pictures and files of an explanation: overlay PNG, component grid PNG, JSON and NPZ.
 
-Every file is written to a temporary name in the destination folder and renamed into place, so a reader
-never sees a half-written file, and an interrupted run leaves none behind.
+Every file is written to a temporary in the destination folder and renamed into place (runtime.fsutil),
+so a reader never sees a half-written file, and an interrupted run leaves none behind.
 """
 
 from __future__ import annotations
@@ -14,17 +14,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .fsutil import atomic_write
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `data` to `path` through a safe temporary (runtime.fsutil.atomic_write)."""
+    atomic_write(path, data)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

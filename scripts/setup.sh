@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its export and dev extras (idempotent, fast when up to date).
+# Create .venv and install the project with its export and dev extras (idempotent, fast when up to date);
+# install Debian's chromium + chromium-driver for the HTML report's browser test when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium and chromium-driver (the HTML report test)" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      echo "[setup] warning: could not install chromium; the browser test will be skipped" >&2
+    fi
+  else
+    echo "[setup] note: chromium/chromedriver missing and apt-get unavailable (not root); the browser test will be skipped" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)" >&2
   "$PY" -m venv .venv

@@ -243,9 +243,10 @@ def _train(cfg: TrainConfig, out: Path) -> tuple[list[dict], float]:
     ckpt = {"state_dict": state, "class_embeddings": unit, "class_names": names, "config": cfg.to_json(),
             "history": history, "recipe": RECIPE_VERSION}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    from runtime.fsutil import atomic_open
+
+    with atomic_open(out) as f:
+        torch.save(ckpt, f)
     return history, time.perf_counter() - t0
 
 

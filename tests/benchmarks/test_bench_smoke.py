@@ -116,3 +116,28 @@ def test_photo_like_is_deterministic(tmp_path):
     paths = common.image_folder(tmp_path, 2)
     assert [p.name for p in paths] == ["bench_00000.jpg", "bench_00001.jpg"]
     assert common.image_folder(tmp_path, 1) == paths[:1]  # existing files are reused
+
+
+def test_peak_rss_is_reported_for_runs_shorter_than_the_sampling_period(tiny_artifacts, tmp_path, monkeypatch):
+    """The RSS sampler's thread may not tick during a short run: each engine's segment is sampled at its
+    start and end, so peak_rss_mb is never None (it was, for runs under the 20 ms period)."""
+    real = common.RssSampler
+
+    class Slow(real):  # a period no run reaches: only the start/end samples can count
+        def __init__(self, interval: float = 0.02):
+            super().__init__(interval=3600.0)
+
+    monkeypatch.setattr(common, "RssSampler", Slow)
+    out = tmp_path / "latency.json"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu", "--batch", "1", "--top-p", "2",
+            "--repeat", "1", "--warmup", "0", "--json", str(out)]
+    assert latency.main(argv) == 0
+    rep = load(out)
+    assert all(finite(r["peak_rss_mb"]) and r["peak_rss_mb"] > 0 for r in rep["results"])
+
+
+def test_rss_sampler_segment_samples_at_start_and_end():
+    with common.RssSampler(interval=3600.0) as s:
+        with s.segment("quick"):
+            pass
+    assert len(s.values("quick")) == 2 and finite(s.peak("quick"))
