@@ -28,7 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     g.add_argument("--engine", default="cpu", help="cpu (default), cuda or trt")
-    g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable)")
+    g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable); refused by cpu and cuda")
     g.add_argument("--device-id", type=int, default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     g.add_argument("--batch-size", type=int, default=32, help="images per classify call (default 32)")
@@ -144,7 +144,7 @@ def error(msg: str) -> None:
 def run(args) -> int:
     from .artifacts import ArtifactsError
     from .config import DecomCamConfig
-    from .engines import EngineError, EngineOptions
+    from .engines import EngineError, EngineOptions, probe_engine
     from .explainer import Explainer, TargetError
     from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
     from .methods import list_methods
@@ -162,6 +162,10 @@ def run(args) -> int:
     try:
         config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space)
         opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads)
+        # the engine proven before anything else: a provider that lists itself but fails to load is a usage error
+        reason = probe_engine(args.engine, args.device_id) if args.engine in ("cuda", "trt") else None
+        if reason:
+            raise EngineError(reason)
         ex = Explainer.from_artifacts(args.artifacts, engine=args.engine, class_set=args.classes,
                                       batch_size=args.batch_size, engine_options=opts, resize_mode=args.resize,
                                       config=config)
@@ -212,6 +216,9 @@ def run(args) -> int:
         try:
             exps = ex.explain_arrays([rgb for _, rgb in loaded], [str(it.path) for it, _ in loaded],
                                      target=target, method=args.method)
+        except EngineError as e:  # the engine itself failed: no point in trying the other images
+            error(str(e))
+            return 2
         except Exception as e:  # one bad group must not stop the run; report each file
             for it, _ in loaded:
                 error(f"{it.path}: explanation failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")

@@ -20,11 +20,10 @@ import numpy as np
 from .artifacts import Artifacts, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
-from .engines import EngineOptions, create_session, providers_for
+from .engines import EngineOptions, providers_for
 from .images import Geometry, load_image, preprocess, unnormalize
 from .methods import Method, MethodContext, get_method
-from .runner import GraphRunner
-from .spec import GRAPHS
+from .runner import GraphRunner, make_runner
 
 
 class TargetError(ValueError):
@@ -50,6 +49,7 @@ class Explanation:
     input_rgb: np.ndarray              # [S, S, 3] uint8, the model input as pixels
     timings: dict = field(default_factory=dict)  # stage -> seconds, per image (batch stages are shared)
     random_weights: bool = False       # the model carries random weights (maps show the method only)
+    transfers: list = field(default_factory=list)  # host<->device copies of the call (shared by its images)
 
     def components_original(self) -> np.ndarray | None:
         """[p, H0, W0] component maps in original image coordinates (computed on demand)."""
@@ -103,7 +103,7 @@ class Explainer:
         providers_for(engine, self.options)  # an engine this machine cannot run fails here, in one line
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.backend = get_backend(backend, self.options.device_id) if isinstance(backend, str) else backend
         self.resize_mode = resize_mode
         self.config = config or DecomCamConfig()
         self.classes = artifacts.load_class_set(class_set)
@@ -119,9 +119,8 @@ class Explainer:
     def runner(self, name: str) -> GraphRunner:
         r = self._sessions.get(name)
         if r is None:
-            sess = create_session(self.artifacts.check_graph(name), self.engine, self.options)
-            r = self._sessions[name] = GraphRunner(sess, GRAPHS[name], self.backend, self.artifacts.dims,
-                                                   self.options.device_id)
+            r = self._sessions[name] = make_runner(self.artifacts, name, self.engine, self.options, self.backend,
+                                                   len(self.classes.labels), self.batch_size)
         return r
 
     def _chunked(self, graph: str, name: str, arrays) -> object:
@@ -202,6 +201,7 @@ class Explainer:
         tgt = np.array([self.resolve_target(t) for t in targets], dtype=np.int64)
 
         timings: dict[str, float] = {}
+        be.transfers.take()  # what crossed before this call (class embeddings) is not this call's
         t = time.perf_counter()
         pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode) for im in rgbs]
         x_host = np.stack([p[0] for p in pre])
@@ -262,6 +262,8 @@ class Explainer:
                 geometry=geoms[i], input_rgb=np.ascontiguousarray(pix[i].transpose(1, 2, 0)), random_weights=self.artifacts.random_weights,
             ))
         timings["postprocess"] = time.perf_counter() - t
+        transfers = be.transfers.take()
         for e in results:  # batch stages are shared: report each image's share
             e.timings = {k: v / n for k, v in timings.items()}
+            e.transfers = transfers
         return results
