@@ -10,13 +10,14 @@ import pytest
 os.environ.setdefault("DECOMCAM_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "decomcam"))
 
 
-def gpu_skip_reason(engine: str = "cuda") -> str | None:
-    """Why the `gpu` (engine cuda) or `trt` tests cannot run here, or None. The same probe as the runtime
-    and the benchmarks: a real session's providers, not the list onnxruntime advertises."""
+def gpu_skip_reason(engine: str | None = "cuda") -> str | None:
+    """Why the `gpu` (engine cuda), `trt` or `cupy` (engine None: CuPy and a GPU only) tests cannot run here,
+    or None. The same probe as the runtime and the benchmarks: a real session's providers, not the list
+    onnxruntime advertises."""
     try:
         from runtime.engines import probe_engine
 
-        reason = probe_engine(engine)
+        reason = probe_engine(engine) if engine else None
         if reason:
             return reason
         import cupy
@@ -37,14 +38,14 @@ def has_trt() -> bool:
 
 
 # On the device, a run that tested nothing must not look green: DECOMCAM_REQUIRE_GPU=1 turns a skipped `gpu`
-# test into a failure (DECOMCAM_REQUIRE_TRT=1 the same for `trt`).
-REQUIRE = {"gpu": "DECOMCAM_REQUIRE_GPU", "trt": "DECOMCAM_REQUIRE_TRT"}
+# or `cupy` test into a failure (DECOMCAM_REQUIRE_TRT=1 the same for `trt`); benchmarks/gpu/ sets it.
+REQUIRE = {"gpu": "DECOMCAM_REQUIRE_GPU", "cupy": "DECOMCAM_REQUIRE_GPU", "trt": "DECOMCAM_REQUIRE_TRT"}
 
 
 def pytest_collection_modifyitems(config, items):
     reasons = {}
     for item in items:
-        for marker, engine in (("gpu", "cuda"), ("trt", "trt")):
+        for marker, engine in (("gpu", "cuda"), ("trt", "trt"), ("cupy", None)):
             if marker in item.keywords:
                 if marker not in reasons:
                     reasons[marker] = gpu_skip_reason(engine)

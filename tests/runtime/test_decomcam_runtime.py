@@ -195,6 +195,26 @@ def test_cupy_backend_matches_numpy(tiny_artifacts, parity_images):
     assert isinstance(out["logits"], cupy.ndarray)
 
 
+@pytest.mark.cupy
+def test_cupy_numerics_through_any_onnxruntime(tiny_artifacts, parity_images):
+    """The CuPy back end on a CPU session (the runner round-trips through the host) or a GPU one: the same
+    maps as the numpy back end, for the same targets; the eigh on the host."""
+    import cupy
+
+    a = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[:3])
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, backend="cupy")
+    assert ex.backend.module is cupy
+    b = ex.explain(parity_images[:3], target=[e.target for e in a])
+    for x, y in zip(a, b):
+        assert pearson(x.saliency, y.saliency) >= 0.9999 and np.abs(x.saliency - y.saliency).max() <= 1e-3
+        np.testing.assert_allclose(x.weights, y.weights, atol=1e-4)
+    assert ("eigh.gram", "d2h") in {(t["name"], t["direction"]) for t in b[0].transfers}
+    for name in ("eigencam", "gradcam"):
+        x, y = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[0], method=name), \
+            ex.explain(parity_images[0], method=name, target=a[0].target)
+        assert pearson(x.saliency, y.saliency) >= 0.9999
+
+
 @pytest.mark.trt
 def test_trt_engine_runs(tiny_artifacts, parity_images, tmp_path):
     ex = Explainer.from_artifacts(tiny_artifacts.out_dir, engine="trt",
