@@ -39,15 +39,26 @@ class Artifacts:
     verify: bool = True                          # check each graph's sha256 before it is used
     checked: set = field(default_factory=set)    # graphs already checked
 
-    def check_graph(self, name: str) -> Path:
+    def graph_entries(self, precision: str = "fp32") -> dict:
+        """The manifest's graph entries of a precision: "fp32" (`graphs`) or "fp16" (`precisions.fp16.graphs`,
+        written by export/precision.py)."""
+        if precision == "fp32":
+            return self.manifest["graphs"]
+        entry = self.manifest.get("precisions", {}).get(precision)
+        if entry is None:
+            raise ArtifactsError(f"{self.root / MANIFEST_NAME}: no {precision} graphs; export with "
+                                 f"--precision {precision} (or python -m export.precision --artifacts {self.root})")
+        return entry["graphs"]
+
+    def check_graph(self, name: str, precision: str = "fp32") -> Path:
         """The graph's path, after checking it is listed, present, of this runtime's contract and (when
         `verify`) that its sha256 matches the manifest. Each graph is checked once."""
         mpath = self.root / MANIFEST_NAME
-        entry = self.manifest["graphs"].get(name)
+        entry = self.graph_entries(precision).get(name)
         if entry is None:
             raise ArtifactsError(f"{mpath}: no '{name}' graph listed; re-export with this version")
-        path = self.graph_path(name)
-        if name in self.checked:
+        path = self.root / entry["file"]
+        if (name, precision) in self.checked:
             return path
         if not path.is_file():
             raise ArtifactsError(f"{path}: graph file missing")
@@ -60,7 +71,7 @@ class Artifacts:
                     f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...; "
                     f"the graph was modified or belongs to another export"
                 )
-        self.checked.add(name)
+        self.checked.add((name, precision))
         return path
 
     @property

@@ -29,6 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     g.add_argument("--engine", default="cpu", help="cpu (default), cuda or trt")
     g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable); refused by cpu and cuda")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                   help="graphs: fp32 (default) or the export's fp16 graphs (export --precision fp16)")
     g.add_argument("--device-id", type=int, default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     g.add_argument("--batch-size", type=int, default=32, help="images per classify call (default 32)")
@@ -168,7 +170,7 @@ def run(args) -> int:
             raise EngineError(reason)
         ex = Explainer.from_artifacts(args.artifacts, engine=args.engine, class_set=args.classes,
                                       batch_size=args.batch_size, engine_options=opts, resize_mode=args.resize,
-                                      config=config)
+                                      config=config, precision=args.precision)
         target = args.target
         if target is not None and target.lstrip("-").isdigit():
             target = int(target)

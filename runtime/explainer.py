@@ -91,8 +91,10 @@ class Explainer:
     def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
                  batch_size: int = 32, engine_options: EngineOptions | None = None,
                  backend: Backend | str | None = None, resize_mode: str = "crop",
-                 config: DecomCamConfig | None = None):
+                 config: DecomCamConfig | None = None, precision: str = "fp32"):
         self.artifacts = artifacts
+        self.precision = precision  # "fp16": the export's fp16 graphs (fp32 inputs and outputs)
+        artifacts.graph_entries(precision)  # an export without them fails here, in one line
         self.engine = engine
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -120,7 +122,7 @@ class Explainer:
         r = self._sessions.get(name)
         if r is None:
             r = self._sessions[name] = make_runner(self.artifacts, name, self.engine, self.options, self.backend,
-                                                   len(self.classes.labels), self.batch_size)
+                                                   len(self.classes.labels), self.batch_size, self.precision)
         return r
 
     def _chunked(self, graph: str, name: str, arrays) -> object:

@@ -116,13 +116,14 @@ class GraphRunner:
 
 
 def make_runner(artifacts, name: str, engine: str, options: EngineOptions, backend: Backend,
-                n_classes: int | None, max_batch: int, path=None) -> GraphRunner:
-    """A runner for graph `name` of an artifacts folder: its session on `engine` (proven to run there),
-    with TensorRT profiles for batch 1..max_batch. `path`: the graph file, when not the manifest's `name`."""
+                n_classes: int | None, max_batch: int, precision: str = "fp32") -> GraphRunner:
+    """A runner for graph `name` of an artifacts folder, fp32 or fp16 (the fp16 graphs keep fp32 inputs
+    and outputs): its session on `engine` (proven to run there), with TensorRT profiles for batch
+    1..max_batch."""
     from .spec import GRAPHS
 
-    spec = GRAPHS[name.split("@")[0]]
+    spec = GRAPHS[name]
     profiles = profile_shapes(spec, artifacts.dims, max_batch, n_classes) if engine == "trt" else None
-    sess = create_session(path or artifacts.check_graph(name), engine, options, profiles)
+    sess = create_session(artifacts.check_graph(name, precision), engine, options, profiles)
     return GraphRunner(sess, spec, backend, artifacts.dims, options.device_id,
                        max_batch=max_batch if engine == "trt" else None)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device kit, last call: stash the last part, reassemble and check the onnxruntime-gpu wheel, replace the
 # CPU onnxruntime with it (--no-deps: the machine's nvidia-* wheels hold CUDA 13 and cuDNN 9), then
-#   the gpu and cupy tests with DECOMCAM_REQUIRE_GPU=1 (a skipped test is a failure),
+#   the gpu tests with DECOMCAM_REQUIRE_GPU=1 (a skipped test is a failure; call 1 ran the cupy ones),
+#   the fp16 graphs validated on the CUDA provider (python -m export.precision --validate-on cuda),
 #   the latency benchmark (torch, torch-fp16, cuda, cuda-fp16 where fp16 graphs exist; batch 1 and 8),
 #   the parity benchmark (cpu, cuda; fp32, fp16; TF32 off, explicit targets),
 # each engine through runtime.engines.probe_engine (an engine that cannot run is skipped with its reason).
@@ -28,7 +29,12 @@ else
 fi
 [ -f "$ART/manifest.json" ] || { log "no export at $ART: was call 1 made on this machine?"; exit 2; }
 environment
-DECOMCAM_REQUIRE_GPU=1 step tests-gpu 300 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or cupy" tests || rc=1
+DECOMCAM_REQUIRE_GPU=1 step tests-gpu 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || rc=1
+if [ "$KIT_DRY_RUN" = 1 ]; then
+  log "dry run: fp16 validation on CUDA skipped (no CUDA provider here)"
+else
+  step fp16-cuda 180 "$PY" -m export.precision --artifacts "$ART" --validate-on cuda --json "$OUT/fp16-cuda.json" || rc=1
+fi
 engines="torch,torch-fp16,cuda"
 "$PY" -c "import json,sys; sys.exit(0 if json.load(open('$ART/manifest.json')).get('precisions', {}).get('fp16') else 1)" \
   && engines="$engines,cuda-fp16"

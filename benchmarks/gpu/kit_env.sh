@@ -38,7 +38,7 @@ stash_parts() {
   local f
   for f in .gpukit/ort/part-* .gpukit/ort/SHA256SUMS; do
     [ -f "$f" ] || continue
-    cp "$f" "$KIT_TMP/ort/" && log "stashed $f ($(du -m "$f" | cut -f1) MiB)"
+    cp "$f" "$KIT_TMP/ort/" && log "stashed $f ($(stat -c %s "$f") bytes)"
   done
   log "parts held: $(cd "$KIT_TMP/ort" && ls part-* 2>/dev/null | tr '\n' ' ')"
 }
