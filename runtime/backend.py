@@ -23,7 +23,6 @@ device, for measuring that path (benchmarks/gpu/).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
 
@@ -138,10 +137,6 @@ class Backend:
         out = a.get()
         self.transfers.add(name or _caller(), out.nbytes, "d2h")
         return out
-
-    def device(self):
-        """Context: this back end's GPU as CuPy's current device (a no-op on the host)."""
-        return self.module.cuda.Device(self.device_id) if self.on_device else contextlib.nullcontext()
 
     def resize(self, maps, size: int, interpolation: str = "bilinear"):
         """maps [N, h, w] -> [N, size, size] float32."""

@@ -1,6 +1,6 @@
 """`python -m runtime.explain`: explain images with the exported graphs.
 
-    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--method decomcam]
+    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--precision fp32|fp16] [--method decomcam]
         [--classes SET] [--target NAME] [--top-p N] [--batch-size N] [--out DIR] [--overwrite]
 
 INPUTS are files, folders (searched recursively) or globs. For each image it writes NAME.overlay.png,

@@ -27,6 +27,6 @@ def check_onnxruntime() -> str:
         raise ImportError(f"both {CPU} and {GPU} are installed and overwrite the same module: "
                           f"pip uninstall -y {CPU} {GPU}, then pip install 'decomcam[cuda]' (or [cuda12], or [cpu])")
     if not cpu and not gpu:
-        raise ImportError(f"no ONNX Runtime is installed: pip install 'decomcam[cpu]', or on a GPU "
-                          f"'decomcam[cuda]' (CUDA 13) or 'decomcam[cuda12]' (CUDA 12)")
+        raise ImportError("no ONNX Runtime is installed: pip install 'decomcam[cpu]', or on a GPU "
+                          "'decomcam[cuda]' (CUDA 13) or 'decomcam[cuda12]' (CUDA 12)")
     return GPU if gpu else CPU

@@ -90,3 +90,19 @@ def test_runtime_picks_the_fp16_graphs(fp16_dir, tiny_artifacts):
         assert 0 < np.abs(x.saliency - y.saliency).max() <= 0.25
     with pytest.raises(ArtifactsError, match=r"manifest.json: no fp16 graphs; export with --precision fp16"):
         Explainer.from_artifacts(tiny_artifacts.out_dir, precision="fp16")
+
+
+def test_cli_precision(fp16_dir, tiny_artifacts, tmp_path, capsys):
+    import cv2
+
+    from runtime.explain import main as explain_main
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), make_images(1, seed=2)[0])
+    assert explain_main([str(img), "--artifacts", str(fp16_dir[0]), "--precision", "fp16", "--out",
+                         str(tmp_path / "o"), "--quiet"]) == 0
+    assert (tmp_path / "o" / "a.json").is_file()
+    assert explain_main([str(img), "--artifacts", str(tiny_artifacts.out_dir), "--precision", "fp16", "--out",
+                         str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no fp16 graphs; export with --precision fp16" in err
