@@ -102,6 +102,7 @@ def test_cli_precision(fp16_dir, tiny_artifacts, tmp_path, capsys):
     assert explain_main([str(img), "--artifacts", str(fp16_dir[0]), "--precision", "fp16", "--out",
                          str(tmp_path / "o"), "--quiet"]) == 0
     assert (tmp_path / "o" / "a.json").is_file()
+    capsys.readouterr()
     assert explain_main([str(img), "--artifacts", str(tiny_artifacts.out_dir), "--precision", "fp16", "--out",
                          str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
