@@ -18,8 +18,12 @@ Engines:
                  runtime's (--classify-batch). On the GPU when a GPU engine is asked for (--torch-device).
     torch-fp16   the same under torch.autocast(float16) on the GPU.
     cpu, cuda    ONNX Runtime through runtime.explainer.Explainer (the library path), fp32 graphs.
+    cuda-fp16    the cuda engine on the export's fp16 graphs (python -m export --precision fp16).
     trt          ONNX Runtime's TensorRT provider, fp32; trt-fp16 with trt_fp16_enable.
-An engine this machine cannot run is skipped with its reason (in the table and the JSON).
+A GPU engine runs only when runtime.engines.probe_engine proves its provider loads, and its sessions are
+checked again when created (a TensorRT request that fell back to CUDA is skipped, never labelled trt); an
+engine this machine cannot run is skipped with its reason (in the table and the JSON). Each row records
+the session's providers and the host<->device copies of one explanation call (`transfers`).
 
 Fairness: torch and ORT get the same number of threads (torch.set_num_threads(n), intra_op_num_threads=n,
 default n = os.cpu_count()); ORT's worker threads do not spin while torch shares the process
@@ -46,7 +50,7 @@ import numpy as np
 from . import common
 
 TORCH_ENGINES = ("torch", "torch-fp16")
-ORT_ENGINES = ("cpu", "cuda", "trt", "trt-fp16")
+ORT_ENGINES = ("cpu", "cuda", "cuda-fp16", "trt", "trt-fp16")
 ENGINES = TORCH_ENGINES + ORT_ENGINES
 TORCH_METHODS_DECOMCAM = {"decomcam": "paper", "decomcam-authors": "authors"}
 # stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
@@ -69,6 +73,8 @@ class Engine:
     provider: str = ""
     rss_label: str = ""
     device_peak: list = field(default_factory=list)
+    providers: list = field(default_factory=list)      # the session's, as ORT reports them
+    transfers: list = field(default_factory=list)      # host<->device copies of the last call
 
     def run(self, rgbs: list[np.ndarray], method: str) -> tuple[dict, np.ndarray]:
         raise NotImplementedError
@@ -82,22 +88,28 @@ class Engine:
 
 class OrtEngine(Engine):
     def __init__(self, name: str, artifacts: str, args, shares_with_torch: bool):
-        from runtime.engines import EngineError, EngineOptions
+        from runtime.engines import EngineError, EngineOptions, probe_engine
         from runtime.explainer import Explainer
 
-        engine = "trt" if name.startswith("trt") else name
-        fp16 = name == "trt-fp16"
-        opts = EngineOptions(device_id=args.device_id, fp16=fp16, intra_op_threads=args.threads,
+        engine = name.split("-")[0]
+        fp16 = name.endswith("-fp16")
+        reason = probe_engine(engine, args.device_id) if engine != "cpu" else None
+        if reason:
+            raise Skip(reason)
+        opts = EngineOptions(device_id=args.device_id, fp16=fp16 and engine == "trt", intra_op_threads=args.threads,
                              allow_spinning=not shares_with_torch)
+        kw = {"precision": "fp16"} if fp16 and engine == "cuda" else {}
         try:
             self.ex = Explainer.from_artifacts(artifacts, engine=engine, engine_options=opts,
-                                               batch_size=args.classify_batch, class_set=args.classes)
-            self.ex.runner("explain")  # create the sessions now: a provider that fails to load fails here
-            self.ex.runner("classify")
-        except (EngineError, ValueError, RuntimeError) as e:
+                                               batch_size=args.classify_batch, class_set=args.classes, **kw)
+            for g in ("explain", "classify"):
+                self.ex.runner(g)  # the sessions now, each checked for its provider (create_session)
+        except (EngineError, ValueError, RuntimeError, TypeError) as e:
             raise Skip(str(e).splitlines()[0]) from e
         providers = self.ex.runner("classify").session.get_providers()
-        super().__init__(name, "fp16" if fp16 else "fp32", "cpu" if engine == "cpu" else "cuda", providers[0])
+        precision = "fp16-graphs" if kw else "fp16-trt" if fp16 else "fp32"
+        super().__init__(name, precision, "cpu" if engine == "cpu" else "cuda", providers[0])
+        self.providers = providers
         self.top_p = args.top_p
 
     def check_method(self, method: str) -> None:
@@ -109,6 +121,7 @@ class OrtEngine(Engine):
     def run(self, rgbs, method):
         res = self.ex.explain_arrays(rgbs, target=None, top_p=self.top_p, method=method)
         self.ex.backend.synchronize()
+        self.transfers = res[0].transfers if res else []
         timings: dict[str, float] = {}
         for e in res:  # each Explanation holds its share of the batch's stages
             for k, v in e.timings.items():
@@ -202,6 +215,12 @@ class TorchEngine(Engine):
 # ----------------------------------------------------------------------------------------------------
 # Latency mode
 
+def transfer_totals(records: list) -> dict:
+    from runtime.backend import TransferLog
+
+    return TransferLog.totals(records)
+
+
 def parse_list(text: str, kind=str) -> list:
     return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
 
@@ -227,7 +246,7 @@ def build_engines(names: list[str], args, artifacts) -> tuple[list[Engine], list
                 raise SystemExit(f"error: {e}") from None
         device = args.torch_device
         if device == "auto":
-            gpu_asked = any(n in ("cuda", "trt", "trt-fp16", "torch-fp16") for n in names)
+            gpu_asked = any(n in ("cuda", "cuda-fp16", "trt", "trt-fp16", "torch-fp16") for n in names)
             device = "cuda" if gpu_asked and torch.cuda.is_available() else "cpu"
     for n in names:
         try:
@@ -300,7 +319,8 @@ def run_latency(args) -> dict:
                     e2e = common.stats_ms(totals[eng.name])
                     results.append({
                         "method": method, "batch": b, "engine": eng.name, "precision": eng.precision,
-                        "device": eng.device, "provider": eng.provider,
+                        "device": eng.device, "provider": eng.provider, "providers": eng.providers,
+                        "transfers": {"totals": transfer_totals(eng.transfers), "copies": eng.transfers},
                         "stages_ms": common.median_stages_ms(runs[eng.name]),
                         "end_to_end_ms": e2e,
                         "end_to_end_runs_ms": [1e3 * v for v in totals[eng.name]],
@@ -340,7 +360,7 @@ def latency_tables(report: dict) -> str:
         extra = sorted({k for r in rows for k in r["stages_ms"]} - set(STAGES))
         headers = (["engine", "prec", "B"] + [f"{s} ms" for s in stages + extra]
                    + ["p50 ms", "p90 ms", "p99 ms", "img/s", "speed-up", "CPU s", "CPU ratio", "peak RSS MB"]
-                   + (["peak dev MB"] if gpu else []))
+                   + (["peak dev MB", "H2D KB", "D2H KB"] if gpu else []))
         body = []
         for r in rows:
             st = r["stages_ms"]
@@ -353,7 +373,9 @@ def latency_tables(report: dict) -> str:
                            common.fmt(r["cpu_time_ms"]["p50"] / 1e3, 2),
                            (common.fmt(r["cpu_time_ratio_vs_torch"], 2) + "x") if r["cpu_time_ratio_vs_torch"] else "-",
                            common.fmt(r["peak_rss_mb"], 0)]
-                        + ([common.fmt(r["peak_device_mb"], 0)] if gpu else []))
+                        + ([common.fmt(r["peak_device_mb"], 0),
+                            common.fmt(r["transfers"]["totals"]["h2d"]["bytes"] / 1024, 1),
+                            common.fmt(r["transfers"]["totals"]["d2h"]["bytes"] / 1024, 1)] if gpu else []))
         out.append(f"method {method} (stages: median ms per batch; end to end over {rows[0]['end_to_end_ms']['n']} "
                    f"reps)\n" + common.format_table(headers, body, "llr" + "r" * (len(headers) - 3)))
     for s in report["skipped"]:
@@ -388,10 +410,12 @@ def run_throughput(args) -> dict:
             for n in ns:
                 label = f"{eng}/N={n}"
                 cli = [*map(str, paths[:n]), "--artifacts", str(args.artifacts), "--engine",
-                       "trt" if eng.startswith("trt") else eng, "--top-p", str(args.top_p), "--method", args.methods.split(",")[0],
+                       eng.split("-")[0], "--top-p", str(args.top_p), "--method", args.methods.split(",")[0],
                        "--batch-size", str(args.classify_batch), "--threads", str(args.threads), "--quiet", "--overwrite"]
                 if eng == "trt-fp16":
                     cli.append("--fp16")
+                if eng == "cuda-fp16":
+                    cli += ["--precision", "fp16"]
                 if args.classes:
                     cli += ["--classes", args.classes]
                 out_dir = tempfile.mkdtemp(prefix="bench-out-")

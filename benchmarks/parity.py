@@ -16,8 +16,11 @@ Metrics, each worst case over the images:
                                      (both are sign-fixed, runtime/config.py); two all-zero (null) maps
                                      count as 1
     saliency                         max abs diff, Pearson correlation, IoU of the top 10% pixels
-fp16 runs only on a GPU engine that has an fp16 mode (TensorRT's trt_fp16_enable); other pairs are
-skipped with the reason.
+fp16 runs only on a GPU engine: cuda on the export's fp16 graphs (python -m export --precision fp16), trt
+with trt_fp16_enable on the fp32 graphs; other pairs are skipped with the reason. A GPU engine runs only
+when runtime.engines.probe_engine proves its provider loads (the sessions are checked again when created),
+so a CUDA run is never reported as trt. The CUDA provider runs with TF32 off (use_tf32 = 0): parity
+measures the graphs' fp32 arithmetic, not TF32's 10-bit mantissa.
 
 Two more comparisons tell where a difference comes from:
     "eager fp32 on its A, dy/dA"     the eager method fed the engine's own activations and gradients: what is
@@ -119,22 +122,18 @@ def parse_list(text: str) -> list[str]:
     return [v.strip() for v in str(text).split(",") if v.strip()]
 
 
-def skip_reason(engine: str, precision: str) -> str | None:
-    from runtime.engines import EngineError, providers_for
+def skip_reason(engine: str, precision: str, has_fp16: bool = False, device_id: int = 0) -> str | None:
+    from runtime.engines import probe_engine
 
     if engine not in ENGINES:
         return f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}"
     if precision not in PRECISIONS:
         return f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}"
-    try:
-        providers_for(engine)
-    except EngineError as e:
-        return str(e)
     if precision == "fp16" and engine == "cpu":
         return "fp16 is measured on a GPU engine only (the cpu engine runs the fp32 graphs)"
-    if precision == "fp16" and engine == "cuda":
-        return "the cuda engine runs the fp32 graphs; fp16 is TensorRT's trt_fp16_enable (engine trt)"
-    return None
+    if precision == "fp16" and engine == "cuda" and not has_fp16:
+        return "the cuda engine runs fp16 only on fp16 graphs, and this export has none (export --precision fp16)"
+    return probe_engine(engine, device_id) if engine != "cpu" else None
 
 
 def run_parity(args) -> dict:
@@ -189,16 +188,18 @@ def run_parity(args) -> dict:
     results, skipped = [], []
     for engine in parse_list(args.engines):
         for precision in parse_list(args.precision):
-            reason = skip_reason(engine, precision)
+            reason = skip_reason(engine, precision, bool(artifacts.manifest.get("precisions", {}).get("fp16")),
+                                 args.device_id)
             if reason:
                 skipped.append({"engine": engine, "precision": precision, "reason": reason})
                 log(f"skipped {engine} {precision}: {reason}")
                 continue
             log(f"{engine} {precision} ...")
-            opts = EngineOptions(device_id=args.device_id, fp16=precision == "fp16", intra_op_threads=args.threads,
-                                 allow_spinning=False)
+            opts = EngineOptions(device_id=args.device_id, fp16=precision == "fp16" and engine == "trt",
+                                 intra_op_threads=args.threads, allow_spinning=False, tf32=False)
+            kw = {"precision": "fp16"} if precision == "fp16" and engine == "cuda" else {}
             ex = Explainer.from_artifacts(args.artifacts, engine=engine, engine_options=opts, class_set=args.classes,
-                                          batch_size=args.classify_batch)
+                                          batch_size=args.classify_batch, **kw)
             be = ex.backend
             out = ex.runner("explain").run({**ex.feed(image=be.asarray(x)),
                                             "target": be.asarray(target.numpy().astype(np.int64))})
@@ -207,6 +208,8 @@ def run_parity(args) -> dict:
                                                        method=args.method))
             row = {"engine": engine, "precision": precision,
                    "provider": ex.runner("classify").session.get_providers()[0],
+                   "providers": ex.runner("classify").session.get_providers(),
+                   "tf32": False,
                    "graphs": {k: tensor_diff(out[k], ref_graph[k]) for k in ref_graph},
                    "method": method_parity(exps, ref)}
             # the eager method fed this engine's activations and gradients: isolates the method's implementation

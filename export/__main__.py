@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-layer", default="layer4", help="target layer (layer4, the paper's choice)")
     p.add_argument("--opset", type=int, default=20)
     p.add_argument("--out", required=True, help="artifacts folder to write")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                   help="fp16: also write fp16 graphs (NAME.fp16.onnx, fp32 I/O; see export/precision.py)")
     p.add_argument("--json", default=None, help="also write the parity report as JSON to this file")
     return p
 
@@ -119,6 +121,10 @@ def main_export(argv) -> int:
     print(f"\nexported {lm.name} ({lm.pretrained_id}) to {res.out_dir} in {res.seconds['total_s']:.1f} s; "
           f"graphs: {sizes}; {classes}")
     print(f"explain.onnx ops: {', '.join(ops_used(res.out_dir / 'explain.onnx'))}")
+    if args.precision == "fp16":
+        from .precision import add_fp16_graphs, validation_table
+
+        print(validation_table(add_fp16_graphs(lm, res.out_dir)))
     if args.json:
         atomic_write(args.json, json.dumps({"report": res.report, "seconds": res.seconds, "manifest": res.manifest},
                                            indent=2))

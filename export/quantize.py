@@ -18,9 +18,11 @@ held-out images: per-image cosine of the logits, top-1 agreement, and for explai
 gradients. A graph fails (ValidationError, nothing written) when the worst logit cosine is below
 INT8_MIN_COSINE; the agreement is recorded in the manifest either way, so the user sees what int8 costs.
 
-Each int8 graph is a manifest entry `<graph>@int8` (file `<graph>.int8.onnx`, sha256, the base graph's
-I/O contract, `precision`, `base`, the quantization settings and the validation summary); the runtime uses
-it with `--precision int8` and falls back to the fp32 graph for graphs without one.
+The int8 graphs are recorded like the fp16 ones (export/precision.py), under the manifest's
+`precisions.int8`: `graphs` (per graph: file `<graph>.int8.onnx`, sha256, bytes, the fp32 graph's I/O
+contract), `quantization` (the settings) and `validation` (per graph). The runtime uses them with
+`--precision int8` and runs the graphs without an int8 version in fp32. Quantizing again adds to (or
+replaces) the graphs already there.
 """
 
 from __future__ import annotations
@@ -189,22 +191,20 @@ def quantize_export(artifacts: str | os.PathLike, graphs=("classify", "features"
                                         "reason": f"int8 logit cosine {row['logits_cosine_min']:.4f} < "
                                                   f"{INT8_MIN_COSINE} against fp32"}])
             base = art.manifest["graphs"][g]
-            entries[f"{g}@int8"] = {
-                "file": f"{g}.int8.onnx", "precision": "int8", "base": g,
-                "inputs": base["inputs"], "outputs": base["outputs"], "tolerances": base.get("tolerances", {}),
-                "quantization": {"format": "QDQ", "ops": ["Conv"], "weights": "int8 per-channel",
-                                 "activations": "uint8 per-tensor", "reduce_range": True,
-                                 "calibration": calibration, "calibration_images": source,
-                                 "n_calibration": n_calibration},
-                "validation": {k: v for k, v in row.items() if k not in ("graph", "seconds")},
-            }
+            entries[g] = {"file": f"{g}.int8.onnx", "inputs": base["inputs"], "outputs": base["outputs"]}
         manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-        for key, entry in entries.items():
+        int8 = manifest.setdefault("precisions", {}).setdefault("int8", {"graphs": {}, "validation": {}})
+        int8["quantization"] = {"format": "QDQ", "ops": ["Conv"], "weights": "int8 per-channel",
+                                "activations": "uint8 per-tensor", "reduce_range": True,
+                                "calibration": calibration, "calibration_images": source,
+                                "n_calibration": n_calibration, "min_logit_cosine": INT8_MIN_COSINE}
+        for g, entry in entries.items():
             dst = root / entry["file"]
             os.replace(tmp / entry["file"], dst)
             entry["sha256"] = sha256_path(dst)
             entry["bytes"] = dst.stat().st_size
-            manifest["graphs"][key] = entry
+            int8["graphs"][g] = entry
+            int8["validation"][g] = {k: v for k, v in report[g].items() if k not in ("graph", "seconds")}
         _atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -40,19 +40,38 @@ class Artifacts:
     verify: bool = True                          # check each graph's sha256 before it is used
     checked: set = field(default_factory=set)    # graphs already checked
 
-    def check_graph(self, name: str) -> Path:
+    def graph_entries(self, precision: str = "fp32") -> dict:
+        """The manifest's graph entries of a precision: "fp32" (`graphs`), "fp16" (`precisions.fp16.graphs`,
+        written by export/precision.py) or "int8" (`precisions.int8.graphs`, export/quantize.py)."""
+        if precision == "fp32":
+            return self.manifest["graphs"]
+        entry = (self.manifest.get("precisions") or {}).get(precision)
+        if entry is None:
+            how = (f"python -m export quantize --artifacts {self.root}" if precision == "int8" else
+                   f"export with --precision {precision} (or python -m export.precision --artifacts {self.root})")
+            raise ArtifactsError(f"{self.root / MANIFEST_NAME}: no {precision} graphs; {how}")
+        return entry["graphs"]
+
+    def precision_for(self, name: str, precision: str) -> str:
+        """The precision graph `name` runs at when `precision` is asked for: that one where the export has
+        the graph in it (fp16 has every graph; int8 those quantized), else fp32."""
+        if precision == "fp32" or name not in self.graph_entries(precision):
+            return "fp32"
+        return precision
+
+    def check_graph(self, name: str, precision: str = "fp32") -> Path:
         """The graph's path, after checking it is listed, present, of this runtime's contract and (when
         `verify`) that its sha256 matches the manifest. Each graph is checked once."""
         mpath = self.root / MANIFEST_NAME
-        entry = self.manifest["graphs"].get(name)
+        entry = self.graph_entries(precision).get(name)
         if entry is None:
             raise ArtifactsError(f"{mpath}: no '{name}' graph listed; re-export with this version")
-        path = self.graph_path(name)
-        if name in self.checked:
+        path = self.root / entry["file"]
+        if (name, precision) in self.checked:
             return path
         if not path.is_file():
             raise ArtifactsError(f"{path}: graph file missing")
-        if entry.get("inputs") != self.spec(name.split("@")[0]).to_json()["inputs"]:
+        if entry.get("inputs") != self.spec(name).to_json()["inputs"]:
             raise ArtifactsError(f"{path}: graph inputs differ from this runtime's contract; re-export")
         if self.verify:
             digest = sha256_path(path)
@@ -61,7 +80,7 @@ class Artifacts:
                     f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...; "
                     f"the graph was modified or belongs to another export"
                 )
-        self.checked.add(name)
+        self.checked.add((name, precision))
         return path
 
     @property
@@ -122,16 +141,6 @@ class Artifacts:
 
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["file"]
-
-    def precisions(self) -> set[str]:
-        """Precisions with at least one graph: "fp32" always, plus those of `<graph>@<precision>` entries."""
-        return {"fp32"} | {k.split("@", 1)[1] for k in self.manifest["graphs"] if "@" in k}
-
-    def graph_key(self, name: str, precision: str = "fp32") -> str:
-        """The manifest entry to run for graph `name` at `precision`: `name@precision` when the export has
-        it, else the fp32 graph `name`."""
-        key = f"{name}@{precision}"
-        return key if precision != "fp32" and key in self.manifest["graphs"] else name
 
     def class_set_names(self) -> list[str]:
         return list(self.manifest.get("class_sets", {}))

@@ -6,13 +6,25 @@ operations below. Two implementations of the image operations:
 - `NumpyBackend`: numpy + OpenCV (cv2.resize, cv2.GaussianBlur), the CPU path.
 - `MatrixBackend(xp)`: resize and blur as matrix products, R_h X R_w^T, with the operator matrices taken
   from OpenCV once per shape (both operations are linear and separable, so the matrices reproduce OpenCV
-  exactly up to float rounding). With xp = cupy this is the GPU path (cuBLAS batched matmul, nothing leaves
-  the device); with xp = numpy it runs here, which is how the GPU formulation is tested on a CPU machine.
+  exactly up to float rounding). With xp = cupy this is the GPU path (cuBLAS batched matmul); with
+  xp = numpy it runs here, which is how the GPU formulation is tested on a CPU machine.
+
+On a device back end every host<->device copy is recorded in `Backend.transfers` (a `TransferLog`: name,
+bytes, direction): the explicit ones (`asarray`, `to_host`, the runner's graph inputs and outputs) by
+name, and any `xp.asarray(host array)` a method makes through `backend.xp` under its caller's name, since
+`xp` is then a `CountingModule` around CuPy (`backend.module` is CuPy itself).
+
+The small batched eigendecomposition (`eigh`, [B, n, n] with n = h*w = 49 for RN50 at 224 px, 81..196 for
+larger inputs) runs on the host even on the GPU path: CuPy sends stacks of matrices to cuSOLVER's
+syevjBatched, which is fast only up to n of about 32 and was wrong in the past (cupy#4847); the copy is
+B*n*n float64 each way (19 KB per image at n = 49). `MatrixBackend.eigh_on_device = True` keeps it on the
+device, for measuring that path (benchmarks/gpu/).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import cv2
 import numpy as np
@@ -35,17 +47,96 @@ def blur_matrix(n: int, sigma: float, radius: int) -> np.ndarray:
     return cv2.GaussianBlur(eye, (1, 2 * radius + 1), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
+class TransferLog:
+    """Host<->device copies since the last `take()`: [{"name", "bytes", "direction": "h2d" | "d2h"}]."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def add(self, name: str, nbytes: int, direction: str) -> None:
+        self.records.append({"name": name, "bytes": int(nbytes), "direction": direction})
+
+    def take(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+    @staticmethod
+    def totals(records: list[dict]) -> dict:
+        """{"h2d": {"count", "bytes"}, "d2h": {...}} over a list of records."""
+        out = {d: {"count": 0, "bytes": 0} for d in ("h2d", "d2h")}
+        for r in records:
+            out[r["direction"]]["count"] += 1
+            out[r["direction"]]["bytes"] += r["bytes"]
+        return out
+
+
+def _caller(depth: int = 2) -> str:
+    """'module.function' of the code that called the caller (the name of an unnamed transfer)."""
+    f = sys._getframe(depth)
+    return f"{f.f_globals.get('__name__', '?').rsplit('.', 1)[-1]}.{f.f_code.co_name}"
+
+
+class CountingModule:
+    """A device array module (CuPy) whose host->device constructors record each copy in a TransferLog;
+    every other attribute is the module's own."""
+
+    _UPLOADS = ("asarray", "array", "ascontiguousarray")
+
+    def __init__(self, module, log: TransferLog):
+        self._module, self._log = module, log
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name not in self._UPLOADS:
+            return attr
+
+        def upload(a, *args, **kw):
+            out = attr(a, *args, **kw)
+            if not isinstance(a, self._module.ndarray):
+                self._log.add(_caller(), out.nbytes, "h2d")
+            return out
+
+        return upload
+
+
 class Backend:
-    """Interface: `xp` is the array module; the methods take and return xp arrays."""
+    """Interface: `xp` is the array module; the methods take and return xp arrays. `on_device`: the
+    arrays live on a GPU (then host<->device copies are logged in `transfers`)."""
 
     name = "base"
     xp = np
+    on_device = False
+    device_id = 0
 
-    def asarray(self, a, dtype=None):
-        return self.xp.asarray(a, dtype=dtype)
+    @property
+    def transfers(self) -> TransferLog:
+        log = self.__dict__.get("_transfers")
+        if log is None:
+            log = self.__dict__["_transfers"] = TransferLog()
+        return log
 
-    def to_host(self, a) -> np.ndarray:
-        return np.asarray(a)
+    @property
+    def module(self):
+        """The array module itself (CuPy, not the counting wrapper)."""
+        return getattr(self.xp, "_module", self.xp)
+
+    def is_device_array(self, a) -> bool:
+        return self.on_device and isinstance(a, self.module.ndarray)
+
+    def asarray(self, a, dtype=None, name: str | None = None):
+        """To this back end's device; a host array crossing is logged under `name` (else the caller's)."""
+        out = self.module.asarray(a, dtype=dtype)
+        if self.on_device and not self.is_device_array(a):
+            self.transfers.add(name or _caller(), out.nbytes, "h2d")
+        return out
+
+    def to_host(self, a, name: str | None = None) -> np.ndarray:
+        """To a numpy array; a device array crossing is logged under `name` (else the caller's)."""
+        if not self.is_device_array(a):
+            return np.asarray(a)
+        out = a.get()
+        self.transfers.add(name or _caller(), out.nbytes, "d2h")
+        return out
 
     def resize(self, maps, size: int, interpolation: str = "bilinear"):
         """maps [N, h, w] -> [N, size, size] float32."""
@@ -93,19 +184,26 @@ class NumpyBackend(Backend):
 class MatrixBackend(Backend):
     """Resize and blur as batched matrix products over any numpy-compatible array module."""
 
-    def __init__(self, xp=np, name: str | None = None):
-        self.xp = xp
+    eigh_on_device = False   # the small batched eigh runs on the host (see the module docstring)
+
+    def __init__(self, xp=np, name: str | None = None, device_id: int = 0):
+        self.on_device = xp is not np
+        self.device_id = int(device_id)
+        self.xp = CountingModule(xp, self.transfers) if self.on_device else xp
         self.name = name or f"matrix-{xp.__name__}"
         self._cache: dict = {}
 
     def _mat(self, key, make):
         m = self._cache.get(key)
         if m is None:
-            m = self._cache[key] = self.xp.asarray(make(), dtype=self.xp.float32)
+            m = self._cache[key] = self.asarray(make(), dtype=np.float32, name=f"operator {key[0]}{key[1:3]}")
         return m
 
-    def to_host(self, a) -> np.ndarray:
-        return a.get() if hasattr(a, "get") else np.asarray(a)
+    def eigh(self, gram):
+        if not self.on_device or self.eigh_on_device:
+            return self.xp.linalg.eigh(gram)
+        w, v = np.linalg.eigh(self.to_host(gram, name="eigh.gram"))
+        return self.asarray(w, name="eigh.eigenvalues"), self.asarray(v, name="eigh.eigenvectors")
 
     def resize(self, maps, size: int, interpolation: str = "bilinear"):
         maps = self.xp.asarray(maps, dtype=self.xp.float32)
@@ -122,23 +220,25 @@ class MatrixBackend(Backend):
         return kh @ images @ kw.T
 
     def synchronize(self) -> None:
-        if self.xp.__name__ == "cupy":
-            self.xp.cuda.get_current_stream().synchronize()
+        if self.on_device:
+            self.module.cuda.get_current_stream().synchronize()
 
 
-def cupy_backend() -> MatrixBackend:
+def cupy_backend(device_id: int = 0) -> MatrixBackend:
     try:
         import cupy
     except ImportError as e:
-        raise ValueError("the GPU back end needs CuPy: pip install 'decomcam[gpu]'") from e
-    return MatrixBackend(cupy, name="cupy")
+        raise ValueError("the GPU back end needs CuPy: pip install 'decomcam[cuda]' (CUDA 13) "
+                         "or 'decomcam[cuda12]'") from e
+    cupy.cuda.Device(int(device_id)).use()  # arrays the methods allocate land on the session's GPU
+    return MatrixBackend(cupy, name="cupy", device_id=device_id)
 
 
-def get_backend(name: str = "numpy") -> Backend:
+def get_backend(name: str = "numpy", device_id: int = 0) -> Backend:
     if name == "numpy":
         return NumpyBackend()
     if name == "matrix-numpy":
         return MatrixBackend(np)
     if name == "cupy":
-        return cupy_backend()
+        return cupy_backend(device_id)
     raise ValueError(f"unknown array back end '{name}'; valid: numpy, matrix-numpy, cupy")

@@ -1,7 +1,8 @@
 """`python -m runtime.explain`: explain images with the exported graphs.
 
-    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--method decomcam]
-        [--classes SET] [--target NAME] [--top-p N] [--batch-size N] [--out DIR] [--overwrite] [--report]
+    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--precision fp32|fp16|int8]
+        [--method decomcam] [--classes SET] [--target NAME] [--top-p N] [--batch-size N] [--out DIR] [--overwrite]
+        [--report]
 
 INPUTS are files, folders (searched recursively) or globs (quote them; `**` matches any depth). For each
 image it writes NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz into --out, and with --report
@@ -76,10 +77,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     g.add_argument("--engine", default="cpu", help="cpu (default), cuda or trt")
-    g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "int8"),
-                   help="graphs to run: fp32 (default) or int8 (written by `python -m export quantize`; graphs "
-                        "without an int8 version run in fp32)")
+    g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable); refused by cpu and cuda")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="graphs: fp32 (default), the export's fp16 graphs (export --precision fp16) or its int8 "
+                        "graphs (python -m export quantize; graphs without an int8 version run in fp32)")
     g.add_argument("--device-id", type=int_range(0, 1023), default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int_range(1, 1024), default=None,
                    help="ORT intra-op threads, 1..1024 (default: ORT's choice)")
@@ -329,7 +330,7 @@ def _on_sigterm(signum, frame):
 def run(args) -> int:
     from .artifacts import ArtifactsError
     from .config import DecomCamConfig
-    from .engines import EngineError, EngineOptions
+    from .engines import EngineError, EngineOptions, probe_engine
     from .explainer import Explainer, TargetError
     from .images import ImageError, load_image
     from .methods import list_methods
@@ -347,6 +348,10 @@ def run(args) -> int:
     try:
         config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space)
         opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads)
+        # the engine proven before anything else: a provider that lists itself but fails to load is a usage error
+        reason = probe_engine(args.engine, args.device_id) if args.engine in ("cuda", "trt") else None
+        if reason:
+            raise EngineError(reason)
         ex = Explainer.from_artifacts(args.artifacts, engine=args.engine, class_set=args.classes,
                                       batch_size=args.batch_size, engine_options=opts, resize_mode=args.resize,
                                       config=config, precision=args.precision)
@@ -405,6 +410,9 @@ def run(args) -> int:
             try:
                 exps = ex.explain_arrays([rgb for _, rgb in loaded], [str(it.path) for it, _ in loaded],
                                          target=target, method=args.method)
+            except EngineError as e:  # the engine itself failed: no point in trying the other images
+                error(str(e))
+                return 2
             except Exception as e:  # one bad group must not stop the run; report each file
                 first = (str(e).splitlines() or [""])[0][:200]
                 for it, _ in loaded:

@@ -20,13 +20,13 @@ import numpy as np
 from .artifacts import Artifacts, ArtifactsError, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
-from .engines import EngineOptions, create_session, providers_for
+from .engines import EngineOptions, providers_for
 from .images import Geometry, load_image, unnormalize
 from .methods import Method, MethodContext, get_method
-from .runner import GraphRunner
+from .runner import GraphRunner, make_runner
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class TargetError(ValueError):
@@ -52,6 +52,7 @@ class Explanation:
     input_rgb: np.ndarray              # [S, S, 3] uint8, the model input as pixels
     timings: dict = field(default_factory=dict)  # stage -> seconds, per image (batch stages are shared)
     random_weights: bool = False       # the model carries random weights (maps show the method only)
+    transfers: list = field(default_factory=list)  # host<->device copies of the call (shared by its images)
 
     def components_original(self) -> np.ndarray | None:
         """[p, H0, W0] component maps in original image coordinates (computed on demand)."""
@@ -97,12 +98,10 @@ class Explainer:
         self.artifacts = artifacts
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
-        if precision not in artifacts.precisions():
-            raise ArtifactsError(f"{artifacts.root}: no {precision} graphs in this export"
-                                 + ("; write them with `python -m export quantize --artifacts DIR`"
-                                    if precision == "int8" else ""))
-        self.precision = precision   # graphs with a `<name>@<precision>` entry run at it, the others in fp32
-        self.graph_precisions: dict[str, str] = {}
+        # "fp16": the export's fp16 graphs; "int8": its int8 graphs where it has them, fp32 for the others
+        self.precision = precision
+        artifacts.graph_entries(precision)  # an export without them fails here, in one line
+        self.graph_precisions: dict[str, str] = {}   # graph -> the precision it runs at
         self.engine = engine
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -113,7 +112,7 @@ class Explainer:
         providers_for(engine, self.options)  # an engine this machine cannot run fails here, in one line
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
-        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.backend = get_backend(backend, self.options.device_id) if isinstance(backend, str) else backend
         pre = artifacts.preprocess  # resize policy, size, interpolation: images are preprocessed as exported
         self.resize_mode = resize_mode or pre["resize"]   # None: the export's own policy (manifest)
         self.config = config or DecomCamConfig()
@@ -135,11 +134,10 @@ class Explainer:
     def runner(self, name: str) -> GraphRunner:
         r = self._sessions.get(name)
         if r is None:
-            key = self.artifacts.graph_key(name, self.precision)
-            self.graph_precisions[name] = self.artifacts.manifest["graphs"][key].get("precision", "fp32")
-            sess = create_session(self.artifacts.check_graph(key), self.engine, self.options)
-            r = self._sessions[name] = GraphRunner(sess, self.artifacts.spec(name), self.backend, self.artifacts.dims,
-                                                   self.options.device_id)
+            precision = self.artifacts.precision_for(name, self.precision)
+            self.graph_precisions[name] = precision
+            r = self._sessions[name] = make_runner(self.artifacts, name, self.engine, self.options, self.backend,
+                                                   len(self.classes.labels), self.batch_size, precision)
         return r
 
     def feed(self, **arrays) -> dict:
@@ -161,7 +159,7 @@ class Explainer:
     def check_graphs(self, method: "str | Method") -> None:
         """Check (listed, present, contract, sha256) every graph `method` runs, at this precision."""
         for name in self.graphs_for(method):
-            self.artifacts.check_graph(self.artifacts.graph_key(name, self.precision))
+            self.artifacts.check_graph(name, self.artifacts.precision_for(name, self.precision))
 
     def _chunked(self, graph: str, name: str, arrays) -> object:
         """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
@@ -241,6 +239,7 @@ class Explainer:
         tgt = np.array([self.resolve_target(t) for t in targets], dtype=np.int64)
 
         timings: dict[str, float] = {}
+        be.transfers.take()  # what crossed before this call (class embeddings) is not this call's
         t = time.perf_counter()
         pre = [self.artifacts.preprocess_image(im, self.resize_mode) for im in rgbs]
         x_host = np.stack([p[0] for p in pre])
@@ -301,6 +300,8 @@ class Explainer:
                 geometry=geoms[i], input_rgb=np.ascontiguousarray(pix[i].transpose(1, 2, 0)), random_weights=self.artifacts.random_weights,
             ))
         timings["postprocess"] = time.perf_counter() - t
+        transfers = be.transfers.take()
         for e in results:  # batch stages are shared: report each image's share
             e.timings = {k: v / n for k, v in timings.items()}
+            e.transfers = transfers
         return results

@@ -67,8 +67,10 @@ GRAPH = Field("object", fields={
     "inputs": Field("list", items=TENSOR),
     "outputs": Field("list", items=TENSOR),
     "tolerances": opt("any"),
-    "precision": opt("str", choices=("fp32", "fp16", "int8")),   # `<graph>@<precision>` entries
-    "base": opt("str"),                                           # the fp32 graph it was made from
+})
+PRECISION = Field("object", fields={   # precisions.fp16 (export/precision.py), precisions.int8 (export/quantize.py)
+    "graphs": Field("map", values=GRAPH),
+    "converter": opt("any"),
     "quantization": opt("any"),
     "validation": opt("any"),
 })
@@ -111,6 +113,7 @@ MANIFEST = Field("object", fields={
     "opset": opt("int", lo=1, hi=1000),
     "versions": opt("any"),
     "graphs": Field("map", values=GRAPH),
+    "precisions": opt("map", values=PRECISION),
     "class_sets": opt("map", values=CLASS_SET),
     "default_class_set": opt("str", nullable=True),
     "validation": opt("any"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its export and dev extras (idempotent, fast when up to date);
-# install Debian's chromium + chromium-driver for the HTML report's browser test when they are missing.
+# Create .venv and install the project with its cpu, export, dev and ray extras (idempotent, fast when up to
+# date); install Debian's chromium + chromium-driver for the HTML report's browser test when they are missing.
+# On a GPU machine install '.[cuda,export,dev]' (CUDA 13) or '.[cuda12,export,dev]' instead, never with cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -25,6 +26,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch and torchvision are pinned as a pair: the local CUDA build that also runs on the CPU.
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[export,dev]"
+  .venv/bin/python -m pip install -q -e ".[cpu,export,dev]"
   echo "$want" > "$stamp"
 fi

@@ -10,37 +10,61 @@ import pytest
 os.environ.setdefault("DECOMCAM_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "decomcam"))
 
 
-def has_cuda() -> bool:
+def gpu_skip_reason(engine: str | None = "cuda") -> str | None:
+    """Why the `gpu` (engine cuda), `trt` or `cupy` (engine None: CuPy and a GPU only) tests cannot run here,
+    or None. The same probe as the runtime and the benchmarks: a real session's providers, not the list
+    onnxruntime advertises."""
     try:
-        import onnxruntime as ort
+        from runtime.engines import probe_engine
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return False
+        reason = probe_engine(engine) if engine else None
+        if reason:
+            return reason
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no cupy, no driver: no GPU
-        return False
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no GPU"
+    except Exception as e:  # no cupy, no driver: no GPU
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def has_cuda() -> bool:
+    return gpu_skip_reason("cuda") is None
 
 
 def has_trt() -> bool:
-    try:
-        import onnxruntime as ort
+    return gpu_skip_reason("trt") is None
 
-        return "TensorrtExecutionProvider" in ort.get_available_providers() and has_cuda()
-    except ImportError:
-        return False
+
+# On the device, a run that tested nothing must not look green: DECOMCAM_REQUIRE_GPU=1 turns a skipped `gpu`
+# or `cupy` test into a failure (DECOMCAM_REQUIRE_TRT=1 the same for `trt`); benchmarks/gpu/ sets it.
+REQUIRE = {"gpu": "DECOMCAM_REQUIRE_GPU", "cupy": "DECOMCAM_REQUIRE_GPU", "trt": "DECOMCAM_REQUIRE_TRT"}
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU with onnxruntime-gpu and CuPy")
-    skip_trt = pytest.mark.skip(reason="needs ONNX Runtime's TensorrtExecutionProvider on a GPU")
-    gpu, trt = has_cuda(), has_trt()
+    reasons = {}
     for item in items:
-        if "gpu" in item.keywords and not gpu:
-            item.add_marker(skip_gpu)
-        if "trt" in item.keywords and not trt:
-            item.add_marker(skip_trt)
+        for marker, engine in (("gpu", "cuda"), ("trt", "trt"), ("cupy", None)):
+            if marker in item.keywords:
+                if marker not in reasons:
+                    reasons[marker] = gpu_skip_reason(engine)
+                if reasons[marker]:
+                    item.add_marker(pytest.mark.skip(reason=f"needs {marker}: {reasons[marker]}"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped:
+        return
+    for marker, var in REQUIRE.items():
+        if marker in item.keywords and os.environ.get(var) == "1":
+            reason = rep.longrepr[-1] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            rep.outcome = "failed"
+            rep.longrepr = f"{var}=1 and this `{marker}` test was skipped: {reason}"
+            return
 
 
 def make_images(n: int, seed: int = 0, sizes=((150, 200), (224, 224), (260, 180), (128, 300))) -> list[np.ndarray]:

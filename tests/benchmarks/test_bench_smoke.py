@@ -141,3 +141,48 @@ def test_rss_sampler_segment_samples_at_start_and_end():
         with s.segment("quick"):
             pass
     assert len(s.values("quick")) == 2 and finite(s.peak("quick"))
+
+
+def test_gpu_engines_that_fell_back_are_skipped_not_mislabelled(tiny_artifacts, tmp_path, monkeypatch):
+    """onnxruntime-gpu lists CUDA and TensorRT, but TensorRT's library is missing (ORT rebuilds the session on
+    CUDA) and CUDA's too (CPU): both are skipped with the reason, in latency and parity alike."""
+    import onnxruntime as ort
+
+    import runtime.engines as eng
+
+    real = ort.InferenceSession
+
+    class FellBack:
+        def __init__(self, model, so, providers):
+            names = [p if isinstance(p, str) else p[0] for p in providers]
+            self.sess = real(model, so, providers=["CPUExecutionProvider"])
+            self.got = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "TensorrtExecutionProvider" in names \
+                else ["CPUExecutionProvider"]
+
+        def get_providers(self):
+            return self.got
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+    monkeypatch.setattr(eng, "available_providers", lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                             "CPUExecutionProvider"])
+    monkeypatch.setattr(eng, "preload_gpu_libraries", lambda: None)
+    monkeypatch.setattr(eng.ort, "InferenceSession", FellBack)
+    eng.probe_engine.cache_clear()
+    try:
+        out = tmp_path / "latency.json"
+        argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu,cuda,trt", "--top-p", "2",
+                "--repeat", "1", "--warmup", "0", "--json", str(out)]
+        assert latency.main(argv) == 0
+        rep = load(out)
+        assert [r["engine"] for r in rep["results"]] == ["cpu"]
+        assert rep["results"][0]["providers"] == ["CPUExecutionProvider"]
+        assert rep["results"][0]["transfers"]["totals"]["h2d"] == {"count": 0, "bytes": 0}
+        reasons = {s["engine"]: s["reason"] for s in rep["skipped"]}
+        assert reasons["cuda"].startswith("engine 'cuda': CUDAExecutionProvider failed to load")
+        assert reasons["trt"].startswith("engine 'trt': TensorrtExecutionProvider failed to load")
+        assert parity.skip_reason("trt", "fp32").startswith("engine 'trt': TensorrtExecutionProvider failed")
+        assert "has none" in parity.skip_reason("cuda", "fp16", has_fp16=False)
+    finally:
+        eng.probe_engine.cache_clear()

@@ -37,11 +37,13 @@ def quantized(resnet_tiny, tmp_path_factory):
 def test_int8_graphs_are_recorded_like_any_graph(quantized):
     out, report = quantized
     m = json.loads((out / MANIFEST_NAME).read_text())
+    int8 = m["precisions"]["int8"]
+    assert set(int8["graphs"]) == {"classify", "explain"} and int8["quantization"]["format"] == "QDQ"
     for g in ("classify", "explain"):
-        e = m["graphs"][f"{g}@int8"]
-        assert e["file"] == f"{g}.int8.onnx" and e["precision"] == "int8" and e["base"] == g
+        e, v = int8["graphs"][g], int8["validation"][g]
+        assert e["file"] == f"{g}.int8.onnx"
         assert e["sha256"] == sha256_path(out / e["file"]) and e["inputs"] == m["graphs"][g]["inputs"]
-        assert e["validation"]["logits_cosine_min"] >= 0.95 and 0 <= e["validation"]["top1_agreement"] <= 1
+        assert v["logits_cosine_min"] >= 0.95 and 0 <= v["top1_agreement"] <= 1
         ops = {n.op_type for n in onnx.load(str(out / e["file"])).graph.node}
         assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     assert report["explain"]["gradients_cosine_min"] > 0.9

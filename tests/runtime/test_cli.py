@@ -178,11 +178,44 @@ def test_usage_errors(tiny_artifacts, tmp_path, capsys):
     assert code == 2 and "no inputs" in err
     code, _, err = run_cli(["x.jpg", "--artifacts", tiny_artifacts.out_dir, "--method", "magic"], capsys)
     assert code == 2 and "unknown method 'magic'" in err
-    code, _, err = run_cli(["x.jpg", "--artifacts", tiny_artifacts.out_dir, "--engine", "cuda"], capsys)
-    assert code == 2 and "available providers" in err
     with pytest.raises(SystemExit) as e:
         explain_main(["x.jpg", "--artifacts", str(tiny_artifacts.out_dir), "--top-p", "many"])
     assert e.value.code == 2
+
+
+def test_cuda_engine_errors_are_usage_errors(tiny_artifacts, tmp_path, capsys, monkeypatch):
+    """Independent of what is installed: a provider list without CUDA, then one that lists it but whose
+    sessions fall back to the CPU (a library failed to load), then --fp16 on cuda: exit 2, one line each."""
+    import runtime.engines as eng
+
+    img = write_good(tmp_path / "in", 1)[0]
+    args = [img, "--artifacts", tiny_artifacts.out_dir, "--out", tmp_path / "o", "--engine", "cuda"]
+    monkeypatch.setattr(eng, "available_providers", lambda: ["CPUExecutionProvider"])
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs CUDAExecutionProvider" in err and "available providers" in err
+
+    class CpuOnly:
+        def __init__(self, model, so, providers):
+            pass
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(eng, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(eng, "preload_gpu_libraries", lambda: None)
+    monkeypatch.setattr(eng.ort, "InferenceSession", CpuOnly)
+    eng.probe_engine.cache_clear()
+    try:
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1 and "CUDAExecutionProvider failed to load" in err
+        monkeypatch.setattr(CpuOnly, "get_providers", lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        monkeypatch.setattr(CpuOnly, "run", lambda self, names, feed: [np.maximum(feed["x"], 0)], raising=False)
+        eng.probe_engine.cache_clear()
+        code, _, err = run_cli([*args, "--fp16"], capsys)
+        assert code == 2 and "engine 'cuda' has no fp16 mode of its own" in err
+    finally:
+        eng.probe_engine.cache_clear()
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_outputs_are_written_atomically(tiny_artifacts, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,178 @@
+"""fp16 graphs: the exported fp32 graphs converted to float16 inside, float32 at their inputs and outputs.
+
+    python -m export ... --precision fp16            export, then add the fp16 graphs (validated on ORT-CPU
+                                                     where it can run them)
+    python -m export.precision --artifacts DIR [--validate-on cpu|cuda] [--json FILE]
+                                                     add (or re-validate) them on an existing export
+
+Files and manifest: each graph NAME.onnx gets NAME.fp16.onnx beside it, and the manifest gets
+
+    "precisions": {"fp16": {"graphs": {NAME: {"file", "sha256", "bytes", inputs, outputs, tolerances}},
+                            "converter": ..., "validation": {"status": "passed" | "failed" | "not run",
+                                                             "provider": ..., "reason"?, "rows"?}}}
+
+The fp32 `graphs` entry is untouched, and the I/O contract is the same (runtime/spec.py), so the runtime
+picks the fp16 files with `--precision fp16` (Explainer(precision="fp16")) and binds them as it binds
+the fp32 ones. The conversion is onnxruntime.transformers.float16 with keep_io_types (ORT ships it in both
+onnxruntime and onnxruntime-gpu).
+
+Validation: the fp16 graphs against the fp32 eager model (export.onnx_export's references: torch autograd
+on the unmodified open_clip module) at the export's (batch, L) sizes, with the fp16 tolerances below per
+output. ORT's CPU provider has no float16 kernels for several ops (Conv among them, on x86): there the
+session cannot be created or run, the validation says "not run" with ORT's reason, and it is done on the
+GPU with `--validate-on cuda` (the device kit does). A validation that ran and failed writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifacts import sha256_path
+from runtime.spec import GRAPHS, MANIFEST_NAME, Tolerance
+
+PRECISIONS = ("fp32", "fp16")
+# per output, in the units of export.onnx_export.compare: |out - ref| <= atol * max|ref| + rtol * |ref|.
+# float16 keeps 11 significant bits (relative rounding 4.9e-4 per operation); through ~50 layers and an
+# explicit backward the errors add up to about 1% of an output's scale.
+FP16_TOLERANCES = {
+    "logits": Tolerance(atol=2e-2, rtol=2e-2),
+    "activations": Tolerance(atol=2e-2, rtol=2e-2),
+    "gradients": Tolerance(atol=5e-2, rtol=1e-1),
+}
+CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def fp16_filename(name: str) -> str:
+    return f"{name}.fp16.onnx"
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Write the float16 version of graph `src` to `dst`, its inputs and outputs kept float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def validate_fp16(lm, paths: dict[str, Path], provider: str = "CPUExecutionProvider", seed: int = 1234) -> dict:
+    """The fp16 graphs against the fp32 eager model; {"status", "provider", "rows" | "reason"}."""
+    import onnxruntime as ort
+
+    from .onnx_export import VALIDATION_SIZES, _references, compare, sample_inputs
+
+    try:
+        opts = [(provider, {"use_tf32": 0})] if provider == "CUDAExecutionProvider" else [provider]
+        sessions = {n: ort.InferenceSession(str(p), providers=opts) for n, p in paths.items()}
+        for n, s in sessions.items():
+            if provider not in s.get_providers():
+                raise RuntimeError(f"{provider} did not load (the session got {', '.join(s.get_providers())})")
+    except Exception as e:  # noqa: BLE001 (ORT raises its own types; the reason is the result)
+        return {"status": "not run", "provider": provider, "reason": str(e).splitlines()[0][:300]}
+    rows = []
+    for i, (b, l) in enumerate(VALIDATION_SIZES):
+        feed = sample_inputs(lm, b, l, seed + i)
+        refs = _references(lm, feed)
+        for name, sess in sessions.items():
+            spec = GRAPHS[name]
+            if name == "head":
+                inputs = {"activations": refs["head"]["_activations"].astype(np.float32), "text": feed["text"].numpy()}
+            else:
+                inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
+            try:
+                outs = dict(zip(spec.output_names, sess.run(spec.output_names, inputs)))
+            except Exception as e:  # noqa: BLE001
+                return {"status": "not run", "provider": provider,
+                        "reason": f"{name}: ORT run failed: {str(e).splitlines()[0][:300]}"}
+            for out_name in spec.tolerances:
+                tol = FP16_TOLERANCES[out_name]
+                r = compare(outs[out_name], refs[name][out_name], tol.atol, tol.rtol)
+                rows.append({"graph": name, "output": out_name, "batch": b, "L": l, "atol": tol.atol,
+                             "rtol": tol.rtol, **r})
+    return {"status": "passed" if all(r["ok"] for r in rows) else "failed", "provider": provider, "rows": rows}
+
+
+def add_fp16_graphs(lm, out_dir: str | os.PathLike, validate_on: str = "cpu") -> dict:
+    """Convert every fp32 graph of an export, validate, and record them in the manifest (see the module
+    docstring). Returns the manifest's "fp16" entry; raises ExportError when a validation that ran failed
+    (then nothing is written)."""
+    from .onnx_export import ExportError
+
+    out_dir = Path(out_dir)
+    mpath = out_dir / MANIFEST_NAME
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    tmp = {name: out_dir / f".{fp16_filename(name)}.tmp{os.getpid()}" for name in manifest["graphs"]}
+    try:
+        for name, p in tmp.items():
+            convert_fp16(out_dir / manifest["graphs"][name]["file"], p)
+        validation = validate_fp16(lm, tmp, PROVIDERS[validate_on])
+        if validation["status"] == "failed":
+            bad = [r for r in validation["rows"] if not r["ok"]]
+            raise ExportError(f"{out_dir}: fp16 graphs fail their tolerances on {validation['provider']}: "
+                             + "; ".join(f"{r['graph']}.{r['output']} (batch {r['batch']}, L {r['L']}) max_abs "
+                                         f"{r['max_abs']:.3g}" for r in bad[:4]))
+        graphs = {}
+        for name, p in tmp.items():
+            final = out_dir / fp16_filename(name)
+            os.replace(p, final)
+            io = GRAPHS[name].to_json()
+            io["tolerances"] = {k: {"atol": FP16_TOLERANCES[k].atol, "rtol": FP16_TOLERANCES[k].rtol}
+                                for k in io["tolerances"]}
+            graphs[name] = {"file": final.name, "sha256": sha256_path(final), "bytes": final.stat().st_size, **io}
+    finally:
+        for p in tmp.values():
+            if p.exists():
+                p.unlink()
+    entry = {"graphs": graphs, "converter": CONVERTER, "validation": validation}
+    manifest.setdefault("precisions", {})["fp16"] = entry
+    part = mpath.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
+    part.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(part, mpath)
+    return entry
+
+
+def validation_table(entry: dict) -> str:
+    v = entry["validation"]
+    if v["status"] == "not run":
+        return f"fp16 graphs written; validation not run on {v['provider']}: {v['reason']}"
+    lines = [f"fp16 validation on {v['provider']}: {v['status']}",
+             f"{'graph':<9} {'output':<12} {'batch':>5} {'L':>3} {'max_abs':>10} {'cosine':>12}  ok"]
+    for r in v["rows"]:
+        lines.append(f"{r['graph']:<9} {r['output']:<12} {r['batch']:>5} {r['L']:>3} {r['max_abs']:>10.3g} "
+                     f"{r['cosine']:>12.8f}  {'yes' if r['ok'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.precision", description=__doc__.split("\n\n")[0])
+    p.add_argument("--artifacts", required=True, help="an export (python -m export)")
+    p.add_argument("--validate-on", default="cpu", choices=tuple(PROVIDERS), help="ORT provider of the validation")
+    p.add_argument("--pretrained", default=None, help="checkpoint path, for an export made from a checkpoint")
+    p.add_argument("--json", default=None, help="also write the fp16 entry here")
+    args = p.parse_args(argv)
+    from benchmarks.common import load_torch_model
+
+    manifest = json.loads((Path(args.artifacts) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    lm = load_torch_model(manifest, args.pretrained)
+    from .onnx_export import ExportError
+
+    try:
+        entry = add_fp16_graphs(lm, args.artifacts, args.validate_on)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(validation_table(entry))
+    if args.json:
+        Path(args.json).write_text(json.dumps(entry, indent=2), encoding="utf-8")
+    return 0 if entry["validation"]["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
