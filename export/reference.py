@@ -80,9 +80,17 @@ def decompose_paper(act: torch.Tensor, grad: torch.Tensor, p: int):
     return fm, sv[:p], evr, null
 
 
+def orient_peak(fmaps: torch.Tensor) -> torch.Tensor:
+    """fmaps [p, n]: make each row's largest-magnitude entry positive (scikit-learn < 1.5 `svd_flip` on the
+    PCA scores, the sign of the authors' 2023 code)."""
+    idx = fmaps.abs().argmax(dim=1)
+    peak = fmaps.gather(1, idx[:, None]).squeeze(1)
+    return fmaps * torch.where(peak < 0, -1.0, 1.0).to(fmaps.dtype)[:, None]
+
+
 def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int):
-    """The authors' code: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions,
-    components clamped at 0."""
+    """The authors' 2023 code: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
+    (scores U Sigma, signed by scikit-learn < 1.5's svd_flip), components clamped at 0."""
     c = act.shape[0]
     alpha = grad.double().reshape(c, -1).mean(1)                   # [C]
     k = min(top_k, c)
@@ -91,7 +99,7 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     x = m.T - m.T.mean(0, keepdim=True)                             # [n, K] centred over positions
     _, sv, vh = torch.linalg.svd(x, full_matrices=False)
     comps = (x @ vh[:p].T).T                                        # [p, n] projections onto the principal axes
-    comps = orient(comps, m.sum(0))
+    comps = orient_peak(comps)
     total = (sv ** 2).sum()
     evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64, device=x.device)
     null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool, device=x.device)
@@ -167,7 +175,8 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     null = torch.stack(nulls)                                        # [B, p]
     clock.lap("decompose")
     mode = "bilinear" if config.variant == "paper" else "bicubic"
-    up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)
+    up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)  # [B, p, S, S]
+    up = torch.where(null[:, :, None, None], torch.zeros_like(up), up)
     comps = minmax(up)                                               # [B, p, S, S]
     comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
     clock.lap("upsample")
@@ -210,7 +219,7 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
         z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
         sm = torch.nan_to_num(torch.softmax(z, dim=1), nan=0.0)
         wts = torch.where(null, torch.zeros_like(sm), scores.double() * sm)
-        sal = minmax(torch.relu((wts.float()[:, :, None, None] * comps).sum(1)))
+        sal = minmax(torch.relu((wts.float()[:, :, None, None] * up).sum(1)))   # the RAW maps, as the authors
     clock.lap("integrate")
 
     def host(t: torch.Tensor) -> np.ndarray:

@@ -24,10 +24,24 @@ once, and both implementations read them:
   logit_scale * cosine); weights = softmax over the non-null C_i; saliency = sum_i w_i H_i (a convex
   combination of [0, 1] maps, so it lies in [0, 1]; it is not re-normalised).
 
-The authors' public code differs; `variant="authors"` follows it: rank channels by the Grad-CAM weight
-alpha_c = mean(dy/dA_c), keep the top K, decompose alpha * A with a PCA centred over positions, clamp the
-components at 0, upsample bicubically, blur, and weight by w * softmax(w) of the cosine-similarity gains
-w_i = cos(masked_i) - cos(blurred); the saliency is ReLU'd and min-max normalised.
+The authors' public code differs; `variant="authors"` (method `decomcam-authors`) follows their 2023
+library (GitHub CapricornGuang/DecomCAM, commit 6272700, `src/cam/decom_cam.py`, `base_cam.py`,
+`utils/viz_tools.py`): rank channels by the Grad-CAM weight alpha_c = mean(dy/dA_c), keep the top K,
+decompose alpha * A with scikit-learn's PCA (centred over positions, scores U Sigma), clamp the scores at 0,
+upsample bicubically (the RAW map), mask with the min-max normalised map, blur, and weight by
+w * softmax(w) of the cosine-similarity gains w_i = cos(masked_i) - cos(blurred); the saliency is
+ReLU(sum_i weight_i * RAW map_i), min-max normalised for display (the authors leave it unnormalised).
+- Sign: the largest-magnitude entry of each score vector is made positive. That is scikit-learn's
+  `svd_flip(U, V, u_based_decision=True)`, which `PCA.fit_transform` applied before scikit-learn 1.5 (the
+  versions of 2023); 1.5 switched PCA to the sign of the principal axes V, so the same code run today
+  flips some components. The sign matters because the scores are clamped at 0.
+- Measured against a re-implementation of that code (tests/runtime/test_decomcam_authors_parity.py):
+  saliency Pearson >= 0.99 per image, component maps cosine >= 0.999. Remaining differences: the authors
+  blend the photo before their preprocessing and round it to uint8, and scipy's blur uses 'reflect'
+  borders (reflect-101 here).
+The authors' 2024 rewrite (HEAD, `pytorch_grad_cam/decom_cam.py`: p = 500, blending in normalised space,
+dot-product scores, weights thresholded then divided by their maximum) is a different algorithm; no
+variant here follows it.
 """
 
 from __future__ import annotations

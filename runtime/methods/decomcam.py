@@ -26,7 +26,8 @@ class DecomCam(Method):
         be.synchronize()
         ctx.timings["decompose"] = time.perf_counter() - t
         t = time.perf_counter()
-        comps = dc.upsample_components(be, dec, h, w, size, cfg)
+        up = dc.upsample(be, dec, h, w, size, cfg)                     # Up(F) [B, p, S, S]
+        comps = dc.normalise_components(be, up, dec.null)              # H [B, p, S, S] in [0, 1]
         be.synchronize()
         ctx.timings["upsample"] = time.perf_counter() - t
         masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg, timings=ctx.timings)
@@ -42,7 +43,7 @@ class DecomCam(Method):
         tgt = xp.asarray(ctx.target)
         y = logits[xp.arange(b * p), xp.repeat(tgt, p)].reshape(b, p)  # target logit per masked image
         y_blur = logits[b * p + xp.arange(b), tgt]
-        sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale)
+        sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale, raw=up)
         be.synchronize()
         ctx.timings["integrate"] = time.perf_counter() - t
         return MethodOutput(sal, comps, wts, scores, dec.explained_variance, dec.singular_values, forwards=p + 1)
