@@ -3,7 +3,8 @@
 Written independently of runtime/: gradients by torch autograd on the unmodified open_clip module, a full
 SVD (torch.linalg.svd, float64) with the paper's projection F* = U_p^T S*, torch interpolation, a
 conv2d Gaussian blur, and the eager CLIP model for the masked forwards. The open choices (sign, rank,
-epsilon, blur, blend space) are the ones runtime/config.py documents.
+epsilon, blur, blend space) and the integrations (the paper's, "gain-share") are the ones runtime/config.py
+documents.
 """
 
 from __future__ import annotations
@@ -161,10 +162,14 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     c, h, w = act.shape[1:]
     p = config.effective_p(c, h * w)
 
-    fmaps, svals, evrs, nulls = [], [], [], []
+    fmaps, svals, evrs, nulls, shares = [], [], [], [], []
     for i in range(b):
         if config.variant == "paper":
             fm, sv, evr, null = decompose_paper(act[i], grad[i], p)
+            g = (grad[i].double() * act[i].double()).reshape(c, -1).sum(0)    # channel sum of S* [n]
+            sv2 = sv ** 2
+            share = (fm @ g) / torch.where(sv2 > 0, sv2, torch.ones_like(sv2))
+            shares.append(torch.where(null, torch.zeros_like(share), share))   # a_i: g = sum_i a_i F_i
         else:
             fm, sv, evr, null = decompose_authors(act[i], grad[i], p, config.authors_top_k)
         fmaps.append(fm.reshape(p, h, w))
@@ -207,7 +212,20 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     tsel = target[:, None, None].expand(b, p, 1)
     y_masked = lg_masked.gather(2, tsel).squeeze(2)                   # [B, p]
     y_blur = lg_blur.gather(1, target[:, None])                       # [B, 1]
-    if config.variant == "paper":
+    if config.integration == "gain-share":
+        scores = (y_masked - y_blur).double()
+        pos = torch.where(null, torch.zeros_like(scores), scores.clamp_min(0))
+        mean = pos.sum(1, keepdim=True) / (~null).sum(1, keepdim=True).clamp_min(1)
+        ones = (~null).double()
+        r = torch.where(mean > 0, pos / torch.where(mean > 0, mean, torch.ones_like(mean)), ones)
+        coef = r * torch.stack(shares)                                        # [B, p]
+        cam = torch.einsum("bp,bpij->bij", coef, fmaps)                      # [B, h, w] float64
+        up = F.interpolate(torch.relu(cam).float()[:, None], size=(size, size), mode="bilinear",
+                           align_corners=False)[:, 0]
+        sal = minmax(up)
+        tot = coef.sum(1, keepdim=True)
+        wts = coef / torch.where(tot != 0, tot, torch.ones_like(tot))
+    elif config.variant == "paper":
         scores = y_masked - y_blur
         z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
         wts = torch.softmax(z, dim=1)

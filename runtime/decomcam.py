@@ -31,6 +31,7 @@ class Decomposition:
     singular_values: object     # [B, p] float64
     explained_variance: object  # [B, p] float64, sigma_i^2 / sum of all sigma^2
     null: object                # [B, p] bool
+    share: object = None        # [B, p] float64, a_i = <F_i, g> / sigma_i^2 with g = sum_c S*[c] (paper variant)
 
 
 def _orient(xp, fm, g):
@@ -113,8 +114,13 @@ def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
         gram = xp.matmul(s.transpose(0, 2, 1), s)                                  # [B, n, n]
         sigma, vec, total = _top_eig(be, gram, p)
         fm = (vec * sigma[:, None, :]).transpose(0, 2, 1)                          # Sigma_p V_p^T  [B, p, n]
-        fm = _orient(xp, fm, s.sum(1))
-        return _finish(xp, fm, sigma, total)
+        g = s.sum(1)                                                               # [B, n]
+        fm = _orient(xp, fm, g)
+        dec = _finish(xp, fm, sigma, total)
+        sig2 = sigma ** 2
+        share = xp.einsum("bpn,bn->bp", dec.feature_maps, g) / xp.where(sig2 > 0, sig2, 1.0)
+        dec.share = xp.where(dec.null, 0.0, share)                                 # a_i, g = sum_i a_i F_i
+        return dec
     # authors' variant: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
     k = min(int(config.authors_top_k), c)
     alpha = grad.astype(xp.float64).reshape(b, c, n).mean(2)                       # [B, C]
@@ -197,6 +203,28 @@ def _softmax_masked(xp, z, null):
     e = xp.where(null, 0.0, xp.exp(z - zmax))
     tot = e.sum(axis=1, keepdims=True)
     return e / xp.where(tot > 0, tot, 1.0)
+
+
+def integrate_share(be: Backend, y_masked, y_blur, dec: Decomposition, h: int, w: int, size: int):
+    """The "gain-share" integration (runtime/config.py): y_masked [B, p], y_blur [B] target logits ->
+    (saliency [B, S, S], weights [B, p], scores [B, p]).
+
+    r_i = relu(C_i) / mean_j relu(C_j) over the valid components (all 1 when no gain is positive);
+    M = sum_i r_i a_i F_i [B, h, w]; saliency = s(Up_bilinear(relu(M))). weights = r_i a_i / sum_j r_j a_j."""
+    xp = be.xp
+    null = dec.null
+    scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
+    pos = xp.where(null, 0.0, xp.maximum(scores, 0.0))
+    n_valid = xp.maximum((~null).sum(axis=1, keepdims=True), 1)
+    mean = pos.sum(axis=1, keepdims=True) / n_valid
+    r = xp.where(mean > 0, pos / xp.where(mean > 0, mean, 1.0), xp.where(null, 0.0, 1.0))   # [B, p]
+    coef = r * dec.share                                                          # [B, p]
+    b = coef.shape[0]
+    cam = xp.einsum("bp,bpn->bn", coef, dec.feature_maps).reshape(b, h, w)       # [B, h, w]
+    up = be.resize(xp.maximum(cam, 0.0).astype(xp.float32), size, "bilinear")    # [B, S, S]
+    tot = coef.sum(axis=1, keepdims=True)
+    wts = coef / xp.where(tot != 0, tot, 1.0)
+    return minmax(xp, up).astype(xp.float32), wts, scores
 
 
 def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float, raw=None):
