@@ -31,6 +31,8 @@ Decom-CAM (the paper, runtime/config.py's choices): S* = dy/dA * A, F = Sigma_p 
 full SVD), H_i = s(Up_bilinear(F_i)), keep_i = max(P H_i, blur(P)(1 - H_i)), and for the study also the
 complement remove_i = max(P (1 - H_i), blur(P) H_i); 2p + 1 forwards per photo (p masks kept, p removed,
 the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
+The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
+checks that the two compute the same map).
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ VARIANTS = {
     "gcam-relu-gain": "r_i = relu(C_i) / mean_j relu(C_j)",
     "gcam-keep-remove": "r_i = relu(D_i) / mean_j relu(D_j)",
 }
-# The variants worth deletion/insertion on the confirmation photos (see benchmarks/README.md).
-SHORTLIST = ("paper", "top1", "evr", "keep-remove-relu", "signed-keep-remove-sigma", "evr-keep-remove")
+# The study's name of the integration the runtime offers as DecomCamConfig(integration="gain-share").
+RUNTIME_NAMES = {"gcam-relu-gain": "gain-share"}
 
 
 def log(msg: str) -> None:
@@ -402,21 +404,20 @@ def run(args) -> int:
         [m for m in args.del_ins_methods.split(",") if m]
     for m in di_methods:
         if m not in VARIANTS and m not in BASELINES:
-            raise SystemExit(f"unknown method '{m}'")
+            print(f"error: unknown method '{m}'; valid: {', '.join([*VARIANTS, *BASELINES])}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
-    done = set()
+    done = set()                                      # photos already in this folder: a rerun resumes
     if rec_path.exists():
-        for line in rec_path.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["index"], tuple(sorted(r["del_ins"]))))
+        done = {json.loads(line)["index"] for line in rec_path.read_text().splitlines() if line.strip()}
     model = Lite0(args.threads, out)
     t0 = time.perf_counter()
     with open(rec_path, "a") as fout:
         for idx, row in enumerate(rows):
             want_di = lo <= idx < hi
-            if args.del_ins_only and not want_di:
+            if idx in done or (args.del_ins_only and not want_di):
                 continue
             rgb = load_image(str(data / row["file"]))
             x, _ = preprocess(rgb, SIZE, MEAN, STD, "stretch")
@@ -584,7 +585,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="explain the photos with every variant and baseline, write records.jsonl")
     r.add_argument("data", help="folder with manifest.csv and images/ (imagenet-val-boxes layout)")
-    r.add_argument("--out", required=True, help="output folder (records.jsonl is appended to)")
+    r.add_argument("--out", required=True, help="output folder (records.jsonl is appended to; photos already "
+                                                "there are skipped, so a rerun resumes)")
     r.add_argument("--limit", type=int, default=None, help="only the first N photos")
     r.add_argument("--del-ins", default="0:70", help="photo index range FROM:TO for deletion/insertion (0:70)")
     r.add_argument("--del-ins-methods", default="all", help="'all' or a comma-separated list")
@@ -597,7 +599,11 @@ def main(argv=None) -> int:
     q.add_argument("--resamples", type=int, default=1000)
     q.add_argument("--markdown", default=None, help="also write the tables here")
     args = p.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    try:
+        return run(args) if args.command == "run" else report(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
