@@ -3,7 +3,8 @@
 Written independently of runtime/: gradients by torch autograd on the unmodified open_clip module, a full
 SVD (torch.linalg.svd, float64) with the paper's projection F* = U_p^T S*, torch interpolation, a
 conv2d Gaussian blur, and the eager CLIP model for the masked forwards. The open choices (sign, rank,
-epsilon, blur, blend space) are the ones runtime/config.py documents.
+epsilon, blur, blend space) and the integrations (the paper's, "gain-share") are the ones runtime/config.py
+documents.
 """
 
 from __future__ import annotations
@@ -80,9 +81,17 @@ def decompose_paper(act: torch.Tensor, grad: torch.Tensor, p: int):
     return fm, sv[:p], evr, null
 
 
+def orient_peak(fmaps: torch.Tensor) -> torch.Tensor:
+    """fmaps [p, n]: make each row's largest-magnitude entry positive (scikit-learn < 1.5 `svd_flip` on the
+    PCA scores, the sign of the authors' 2023 code)."""
+    idx = fmaps.abs().argmax(dim=1)
+    peak = fmaps.gather(1, idx[:, None]).squeeze(1)
+    return fmaps * torch.where(peak < 0, -1.0, 1.0).to(fmaps.dtype)[:, None]
+
+
 def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int):
-    """The authors' code: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions,
-    components clamped at 0."""
+    """The authors' 2023 code: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
+    (scores U Sigma, signed by scikit-learn < 1.5's svd_flip), components clamped at 0."""
     c = act.shape[0]
     alpha = grad.double().reshape(c, -1).mean(1)                   # [C]
     k = min(top_k, c)
@@ -91,7 +100,7 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     x = m.T - m.T.mean(0, keepdim=True)                             # [n, K] centred over positions
     _, sv, vh = torch.linalg.svd(x, full_matrices=False)
     comps = (x @ vh[:p].T).T                                        # [p, n] projections onto the principal axes
-    comps = orient(comps, m.sum(0))
+    comps = orient_peak(comps)
     total = (sv ** 2).sum()
     evr = (sv[:p] ** 2) / total if total > 0 else torch.zeros(p, dtype=torch.float64, device=x.device)
     null = sv[:p] <= NULL_TOL * sv[0] if sv[0] > 0 else torch.ones(p, dtype=torch.bool, device=x.device)
@@ -159,10 +168,14 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     c, h, w = act.shape[1:]
     p = config.effective_p(c, h * w)
 
-    fmaps, svals, evrs, nulls = [], [], [], []
+    fmaps, svals, evrs, nulls, shares = [], [], [], [], []
     for i in range(b):
         if config.variant == "paper":
             fm, sv, evr, null = decompose_paper(act[i], grad[i], p)
+            g = (grad[i].double() * act[i].double()).reshape(c, -1).sum(0)    # channel sum of S* [n]
+            sv2 = sv ** 2
+            share = (fm @ g) / torch.where(sv2 > 0, sv2, torch.ones_like(sv2))
+            shares.append(torch.where(null, torch.zeros_like(share), share))   # a_i: g = sum_i a_i F_i
         else:
             fm, sv, evr, null = decompose_authors(act[i], grad[i], p, config.authors_top_k)
         fmaps.append(fm.reshape(p, h, w))
@@ -173,7 +186,8 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     null = torch.stack(nulls)                                        # [B, p]
     clock.lap("decompose")
     mode = "bilinear" if config.variant == "paper" else "bicubic"
-    up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)
+    up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)  # [B, p, S, S]
+    up = torch.where(null[:, :, None, None], torch.zeros_like(up), up)
     comps = minmax(up)                                               # [B, p, S, S]
     comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
     clock.lap("upsample")
@@ -204,7 +218,20 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     tsel = target[:, None, None].expand(b, p, 1)
     y_masked = lg_masked.gather(2, tsel).squeeze(2)                   # [B, p]
     y_blur = lg_blur.gather(1, target[:, None])                       # [B, 1]
-    if config.variant == "paper":
+    if config.integration == "gain-share":
+        scores = (y_masked - y_blur).double()
+        pos = torch.where(null, torch.zeros_like(scores), scores.clamp_min(0))
+        mean = pos.sum(1, keepdim=True) / (~null).sum(1, keepdim=True).clamp_min(1)
+        ones = (~null).double()
+        r = torch.where(mean > 0, pos / torch.where(mean > 0, mean, torch.ones_like(mean)), ones)
+        coef = r * torch.stack(shares)                                        # [B, p]
+        cam = torch.einsum("bp,bpij->bij", coef, fmaps)                      # [B, h, w] float64
+        up = F.interpolate(torch.relu(cam).float()[:, None], size=(size, size), mode="bilinear",
+                           align_corners=False)[:, 0]
+        sal = minmax(up)
+        tot = coef.sum(1, keepdim=True)
+        wts = coef / torch.where(tot != 0, tot, torch.ones_like(tot))
+    elif config.variant == "paper":
         scores = y_masked - y_blur
         z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
         wts = torch.softmax(z, dim=1)
@@ -216,7 +243,7 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
         z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
         sm = torch.nan_to_num(torch.softmax(z, dim=1), nan=0.0)
         wts = torch.where(null, torch.zeros_like(sm), scores.double() * sm)
-        sal = minmax(torch.relu((wts.float()[:, :, None, None] * comps).sum(1)))
+        sal = minmax(torch.relu((wts.float()[:, :, None, None] * up).sum(1)))   # the RAW maps, as the authors
     clock.lap("integrate")
 
     def host(t: torch.Tensor) -> np.ndarray:

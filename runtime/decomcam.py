@@ -31,6 +31,7 @@ class Decomposition:
     singular_values: object     # [B, p] float64
     explained_variance: object  # [B, p] float64, sigma_i^2 / sum of all sigma^2
     null: object                # [B, p] bool
+    share: object = None        # [B, p] float64, a_i = <F_i, g> / sigma_i^2 with g = sum_c S*[c] (paper variant)
 
 
 def _orient(xp, fm, g):
@@ -53,6 +54,18 @@ def _top_eig(be: Backend, gram, p: int):
     sigma = xp.sqrt(xp.clip(lam, 0.0, None))
     total = xp.trace(gram, axis1=1, axis2=2)      # = sum of all sigma^2 = |S*|_F^2
     return sigma, vec, total
+
+
+def _orient_peak(xp, fm):
+    """fm [B, p, n]: make the entry of largest magnitude of each F_i positive (first one on ties).
+
+    This is scikit-learn's `svd_flip` with `u_based_decision=True` applied to the PCA scores U Sigma, the
+    convention of `PCA.fit_transform` before scikit-learn 1.5 (1.5 switched PCA to the sign of the
+    principal axes V instead), so the sign of the authors' 2023 components."""
+    idx = xp.argmax(xp.abs(fm), axis=2)
+    peak = xp.take_along_axis(fm, idx[:, :, None], axis=2)[:, :, 0]
+    s = xp.where(peak < 0, -1.0, 1.0)
+    return fm * s[:, :, None]
 
 
 def _finish(xp, fm, sigma, total):
@@ -101,8 +114,13 @@ def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
         gram = xp.matmul(s.transpose(0, 2, 1), s)                                  # [B, n, n]
         sigma, vec, total = _top_eig(be, gram, p)
         fm = (vec * sigma[:, None, :]).transpose(0, 2, 1)                          # Sigma_p V_p^T  [B, p, n]
-        fm = _orient(xp, fm, s.sum(1))
-        return _finish(xp, fm, sigma, total)
+        g = s.sum(1)                                                               # [B, n]
+        fm = _orient(xp, fm, g)
+        dec = _finish(xp, fm, sigma, total)
+        sig2 = sigma ** 2
+        share = xp.einsum("bpn,bn->bp", dec.feature_maps, g) / xp.where(sig2 > 0, sig2, 1.0)
+        dec.share = xp.where(dec.null, 0.0, share)                                 # a_i, g = sum_i a_i F_i
+        return dec
     # authors' variant: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
     k = min(int(config.authors_top_k), c)
     alpha = grad.astype(xp.float64).reshape(b, c, n).mean(2)                       # [B, C]
@@ -118,7 +136,7 @@ def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
     else:                                                                          # n x n: X X^T = U S^2 U^T
         sigma, vec, total = _top_eig(be, xp.matmul(x, x.transpose(0, 2, 1)), p)
         comps = (vec * sigma[:, None, :]).transpose(0, 2, 1)                       # U_p Sigma_p
-    comps = _orient(xp, comps, m.sum(1))
+    comps = _orient_peak(xp, comps)                                                # sklearn < 1.5 svd_flip
     comps = xp.clip(comps, 0.0, None)
     return _finish(xp, comps, sigma, total)
 
@@ -130,14 +148,26 @@ def minmax(xp, maps):
     return (maps - lo) / xp.maximum(hi - lo, NORM_EPS)
 
 
-def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
-    """F [B, p, n] -> H [B, p, S, S] float32 in [0, 1]; null components are 0."""
+def upsample(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
+    """F [B, p, n] -> Up(F) [B, p, S, S] float32, not normalised (bilinear for the paper, bicubic for the
+    authors' variant); null components are 0."""
     xp = be.xp
     b, p, _ = dec.feature_maps.shape
     interp = "bilinear" if config.variant == "paper" else "bicubic"
     up = be.resize(dec.feature_maps.reshape(b * p, h, w).astype(xp.float32), size, interp).reshape(b, p, size, size)
+    return xp.where(dec.null[:, :, None, None], xp.float32(0), up)
+
+
+def normalise_components(be: Backend, up, null):
+    """Up(F) [B, p, S, S] -> H = s(Up(F)) [B, p, S, S] float32 in [0, 1]; null components are 0."""
+    xp = be.xp
     comps = minmax(xp, up).astype(xp.float32)
-    return xp.where(dec.null[:, :, None, None], xp.float32(0), comps)
+    return xp.where(null[:, :, None, None], xp.float32(0), comps)
+
+
+def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
+    """F [B, p, n] -> H [B, p, S, S] float32 in [0, 1]; null components are 0."""
+    return normalise_components(be, upsample(be, dec, h, w, size, config), dec.null)
 
 
 def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig, timings: dict | None = None):
@@ -175,8 +205,33 @@ def _softmax_masked(xp, z, null):
     return e / xp.where(tot > 0, tot, 1.0)
 
 
-def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float):
-    """y_masked [B, p], y_blur [B] target logits -> (saliency [B, S, S], weights [B, p], scores [B, p])."""
+def integrate_share(be: Backend, y_masked, y_blur, dec: Decomposition, h: int, w: int, size: int):
+    """The "gain-share" integration (runtime/config.py): y_masked [B, p], y_blur [B] target logits ->
+    (saliency [B, S, S], weights [B, p], scores [B, p]).
+
+    r_i = relu(C_i) / mean_j relu(C_j) over the valid components (all 1 when no gain is positive);
+    M = sum_i r_i a_i F_i [B, h, w]; saliency = s(Up_bilinear(relu(M))). weights = r_i a_i / sum_j r_j a_j."""
+    xp = be.xp
+    null = dec.null
+    scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
+    pos = xp.where(null, 0.0, xp.maximum(scores, 0.0))
+    n_valid = xp.maximum((~null).sum(axis=1, keepdims=True), 1)
+    mean = pos.sum(axis=1, keepdims=True) / n_valid
+    r = xp.where(mean > 0, pos / xp.where(mean > 0, mean, 1.0), xp.where(null, 0.0, 1.0))   # [B, p]
+    coef = r * dec.share                                                          # [B, p]
+    b = coef.shape[0]
+    cam = xp.einsum("bp,bpn->bn", coef, dec.feature_maps).reshape(b, h, w)       # [B, h, w]
+    up = be.resize(xp.maximum(cam, 0.0).astype(xp.float32), size, "bilinear")    # [B, S, S]
+    tot = coef.sum(axis=1, keepdims=True)
+    wts = coef / xp.where(tot != 0, tot, 1.0)
+    return minmax(xp, up).astype(xp.float32), wts, scores
+
+
+def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float, raw=None):
+    """y_masked [B, p], y_blur [B] target logits -> (saliency [B, S, S], weights [B, p], scores [B, p]).
+
+    comps: H [B, p, S, S] in [0, 1]. raw: Up(F) [B, p, S, S] before normalisation, which the authors'
+    variant sums (their weighted sum is over the raw clamped bicubic maps); required for that variant."""
     xp = be.xp
     scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
     if config.variant == "paper":
@@ -184,7 +239,9 @@ def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig
         sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
     else:
         scores = scores / logit_scale                                             # cosine-similarity gains
+        if raw is None:
+            raise ValueError("the authors' integration sums the raw upsampled maps: pass raw=")
         wts = xp.where(null, 0.0, scores * _softmax_masked(xp, scores, null))
-        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
+        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), raw)
         sal = minmax(xp, xp.maximum(sal, 0))
     return sal.astype(xp.float32), wts, scores

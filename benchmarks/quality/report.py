@@ -13,7 +13,8 @@ __all__ = ["display_name", "pointing_table", "pointing_per_class_table", "deleti
 _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
     "scorecam++": "ScoreCAM++", "ablationcam": "AblationCAM", "decomcam": "Decom-CAM",
-    "decomcam-authors": "Decom-CAM (authors' code)", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
+    "decomcam-authors": "Decom-CAM (authors' code)", "decomcam-gain-share": "Decom-CAM (gain-share)",
+    "xgradcam": "XGradCAM", "layercam": "LayerCAM",
     "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM",
     "center_point": "Centre point (baseline)", "random_point": "Random point (baseline)",
     "random_saliency": "Random saliency (baseline)", "center_saliency": "Centre Gaussian (baseline)",

@@ -1,4 +1,4 @@
-"""Decom-CAM (the paper's equations) and the authors'-code variant, as methods."""
+"""Decom-CAM (the paper's equations), the authors'-code variant and the gain-share integration, as methods."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ class DecomCam(Method):
 
     name = "decomcam"
     variant = "paper"
+    integration = "paper"
 
     def __call__(self, ctx: MethodContext) -> MethodOutput:
         be, xp = ctx.backend, ctx.backend.xp
-        cfg = ctx.config if ctx.config.variant == self.variant else ctx.config.with_(variant=self.variant)
+        cfg = ctx.config
+        if (cfg.variant, cfg.integration) != (self.variant, self.integration):
+            cfg = cfg.with_(variant=self.variant, integration=self.integration)
         b, _, h, w = ctx.activations.shape
         size = ctx.x.shape[-1]
         t = time.perf_counter()
@@ -26,7 +29,8 @@ class DecomCam(Method):
         be.synchronize()
         ctx.timings["decompose"] = time.perf_counter() - t
         t = time.perf_counter()
-        comps = dc.upsample_components(be, dec, h, w, size, cfg)
+        up = dc.upsample(be, dec, h, w, size, cfg)                     # Up(F) [B, p, S, S]
+        comps = dc.normalise_components(be, up, dec.null)              # H [B, p, S, S] in [0, 1]
         be.synchronize()
         ctx.timings["upsample"] = time.perf_counter() - t
         masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg, timings=ctx.timings)
@@ -42,7 +46,10 @@ class DecomCam(Method):
         tgt = xp.asarray(ctx.target)
         y = logits[xp.arange(b * p), xp.repeat(tgt, p)].reshape(b, p)  # target logit per masked image
         y_blur = logits[b * p + xp.arange(b), tgt]
-        sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale)
+        if cfg.integration == "paper":
+            sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale, raw=up)
+        else:
+            sal, wts, scores = dc.integrate_share(be, y, y_blur, dec, h, w, size)
         be.synchronize()
         ctx.timings["integrate"] = time.perf_counter() - t
         return MethodOutput(sal, comps, wts, scores, dec.explained_variance, dec.singular_values, forwards=p + 1)
@@ -55,3 +62,13 @@ class DecomCamAuthors(DecomCam):
 
     name = "decomcam-authors"
     variant = "authors"
+
+
+@register
+class DecomCamGainShare(DecomCam):
+    """Decom-CAM with the "gain-share" integration (runtime/config.py): each component's share a_i F_i of
+    the class-discriminative map, re-weighted by its measured gain, ReLU, bilinear, min-max. Same
+    decomposition and the same p + 1 forwards as `decomcam`."""
+
+    name = "decomcam-gain-share"
+    integration = "gain-share"

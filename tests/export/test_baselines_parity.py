@@ -76,6 +76,7 @@ PARITY_TESTS = {
     "scorecam++": "test_runtime_matches_eager_reference",
     "decomcam": "test_decomcam_matches_eager_reference",
     "decomcam-authors": "test_decomcam_matches_eager_reference",
+    "decomcam-gain-share": "test_decomcam_matches_eager_reference",
 }
 EAGER = [m for m in PARITY_TESTS if not m.startswith("decomcam")]
 TABLE: dict[str, dict] = {}
@@ -216,12 +217,15 @@ def test_runtime_matches_eager_reference(setup, name):
     assert np.abs(ours - ref).max() < 1e-3
 
 
-@pytest.mark.parametrize("name", ["decomcam", "decomcam-authors"])
+DECOMCAM_CONFIGS = {"decomcam": {"variant": "paper"}, "decomcam-authors": {"variant": "authors"},
+                    "decomcam-gain-share": {"variant": "paper", "integration": "gain-share"}}
+
+
+@pytest.mark.parametrize("name", list(DECOMCAM_CONFIGS))
 def test_decomcam_matches_eager_reference(setup, name):
     ours, _ = runtime_maps(setup, name)
     ref = decomcam_reference(setup["lm"].model, setup["x"], setup["text"], setup["lm"].mean, setup["lm"].std,
-                             target=torch.tensor(TARGETS), config=setup["ex"].config.with_(
-                                 variant="paper" if name == "decomcam" else "authors"))
+                             target=torch.tensor(TARGETS), config=setup["ex"].config.with_(**DECOMCAM_CONFIGS[name]))
     np.testing.assert_allclose(ours, ref.saliency, atol=2e-3)
     live = [i for i in range(len(ours)) if ref.saliency[i].std() > 1e-3]  # the authors' clamp can zero a map
     assert live and min(pearson(ours[live], ref.saliency[live])) >= PEARSON

