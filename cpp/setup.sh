@@ -15,8 +15,10 @@
 # (installed by scripts/setup.sh when run as root, or: apt-get install cmake g++ libopencv-dev
 # libeigen3-dev nlohmann-json3-dev).
 set -euo pipefail
-cd "$(dirname "$0")"
-PY="${1:-../.venv/bin/python}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${1:-$root/.venv/bin/python}"
+case "$PY" in /*) ;; */*) PY="$(pwd)/$PY" ;; esac   # a relative path, before the cd below
+cd "$root/cpp"
 ORT_DEB_PACKAGE=libonnxruntime-dev
 deps=build/deps
 mkdir -p "$deps"
@@ -58,11 +60,17 @@ fi
 ln -sfn "$lib" "$deps/ort/lib/libonnxruntime.so"
 ln -sfn "$lib" "$deps/ort/lib/libonnxruntime.so.1"
 
-# --- the consumer -------------------------------------------------------------------------------------
+# --- the consumer (skipped when the sources, this script and the library are those of the last build) --
+stamp=build/.decomcam-cpp-build
+want="$(cat CMakeLists.txt src/* setup.sh | sha256sum | cut -c1-16) $lib"
+if [ -x build/decomcam-cpp ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DORT_ROOT="$(pwd)/$deps/ort" -DORT_RUNPATH="$capi" >/dev/null
 if ! cmake --build build -j "$(nproc)" > build/build.log 2>&1; then
   cat build/build.log >&2
   echo "cpp/setup.sh: the build failed (log above, in cpp/build/build.log)" >&2
   exit 1
 fi
+echo "$want" > "$stamp"
 echo "[cpp/setup] built $(pwd)/build/decomcam-cpp (ORT headers $(cat "$deps/ort/headers-version"), library $lib)" >&2

@@ -4,11 +4,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <fstream>
 #include <iterator>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace decomcam {
 namespace {
@@ -93,6 +96,26 @@ Weights pillow_weights(int in_size, int out_size, int first, int count, const st
   return W;
 }
 
+// Silences stderr while alive: libjpeg prints its warnings ("Corrupt JPEG data: ...") there directly,
+// and a decode failure is reported once, as the input's one line.
+struct MuteStderr {
+  int saved = -1;
+  MuteStderr() {
+    std::fflush(stderr);
+    saved = dup(2);
+    int devnull = open("/dev/null", O_WRONLY);
+    if (saved >= 0 && devnull >= 0) dup2(devnull, 2);
+    if (devnull >= 0) close(devnull);
+  }
+  ~MuteStderr() {
+    if (saved >= 0) {
+      std::fflush(stderr);
+      dup2(saved, 2);
+      close(saved);
+    }
+  }
+};
+
 inline uint8_t clip8(int32_t acc) {
   acc = (acc + (1 << (kPrecisionBits - 1))) >> kPrecisionBits;
   return uint8_t(std::min(std::max(acc, 0), 255));
@@ -113,6 +136,7 @@ cv::Mat load_image(const std::string& path, long long max_pixels) {
   cv::Mat buf(1, int(data.size()), CV_8U, data.data());
   cv::Mat img;
   try {
+    MuteStderr mute;
     img = cv::imdecode(buf, cv::IMREAD_UNCHANGED);
   } catch (const cv::Exception&) {
     img.release();
@@ -123,7 +147,12 @@ cv::Mat load_image(const std::string& path, long long max_pixels) {
   int ch = img.channels();
   bool alpha = ch == 2 || ch == 4;
   if (img.depth() == CV_8U && !alpha) {
-    cv::Mat bgr = cv::imdecode(buf, cv::IMREAD_COLOR);  // applies the EXIF orientation; grey -> 3 channels
+    cv::Mat bgr;
+    {
+      MuteStderr mute;
+      bgr = cv::imdecode(buf, cv::IMREAD_COLOR);  // applies the EXIF orientation; grey -> 3 channels
+    }
+    if (bgr.empty()) throw fail(path, "not an image or corrupt (OpenCV cannot decode it)");
     cv::Mat rgb;
     cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
     return rgb;
