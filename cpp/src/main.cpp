@@ -9,6 +9,7 @@
 // and <stem>.overlay.png (and <stem>.input.npy, the model input, with --save-input), and prints one JSON
 // line. Exit status: 0 all inputs explained, 1 some failed (one line each on stderr; the others are still
 // explained), 2 usage error (bad option, unknown target, missing/malformed manifest, tampered graph).
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <iostream>
