@@ -29,3 +29,26 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[cpu,export,dev]"
   echo "$want" > "$stamp"
 fi
+
+# The C++ consumer (cpp/): Debian packages for its build, then the build itself (cpp/setup.sh: ONNX Runtime
+# headers from Debian 13, the library from the onnxruntime wheel in .venv). Installing needs root and
+# apt-get; elsewhere the packages are named and the build is left to tests/cpp, which skips without a compiler.
+cpp_pkgs="cmake g++ libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev libeigen3-dev nlohmann-json3-dev"
+missing=""
+command -v dpkg-query >/dev/null || cpp_pkgs=""   # not Debian: install the equivalents by hand
+for p in $cpp_pkgs; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing the C++ build's Debian packages:$missing" >&2
+    apt-get update -q >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null \
+      || echo "[setup] apt-get could not install:$missing" >&2
+  else
+    echo "[setup] the C++ consumer needs these Debian packages (not installed, not root):$missing" >&2
+  fi
+fi
+if command -v g++ >/dev/null && command -v cmake >/dev/null; then
+  bash cpp/setup.sh .venv/bin/python || echo "[setup] the C++ build failed (above); tests/cpp will fail with it" >&2
+fi
