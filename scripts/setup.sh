@@ -26,7 +26,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch and torchvision are pinned as a pair: the local CUDA build that also runs on the CPU.
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[cpu,export,dev]"
+  .venv/bin/python -m pip install -q -e ".[cpu,export,dev,ray]"
   echo "$want" > "$stamp"
 fi
 

@@ -1,0 +1,153 @@
+"""runtime.dataset on a local Ray instance (2 workers, tiny export, generated images with broken ones):
+the CLI's outputs, per-image errors, resume, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.explain import main as explain_main
+from tests.conftest import make_images
+
+ray = pytest.importorskip("ray", reason="the `ray` extra (ray[data]) is not installed")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from runtime.dataset import DatasetError, explain_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+N_GOOD, BROKEN = 46, ("cut.png", "zero.jpg", "text.png", "notimage.bmp")
+SUFFIXES = (".overlay.png", ".components.png", ".json", ".npz")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    for i, im in enumerate(make_images(N_GOOD, seed=11, sizes=((70, 90), (64, 64), (80, 60)))):
+        cv2.imwrite(str(d / f"p{i:02d}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    good = (d / "p00.png").read_bytes()
+    (d / "cut.png").write_bytes(good[: len(good) // 2])
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "text.png").write_bytes(b"hello, not a picture")
+    (d / "notimage.bmp").write_bytes(b"BM" + os.urandom(40))
+    return d
+
+
+def _numbers(j: dict) -> dict:
+    j = dict(j)
+    j.pop("timings_ms")
+    return j
+
+
+def test_outputs_equal_the_cli_and_errors_are_rows(local_ray, photos, tiny_artifacts, tmp_path, capsys):
+    cli_out, ray_out = tmp_path / "cli", tmp_path / "ray"
+    code = explain_main([str(photos), "--artifacts", str(tiny_artifacts.out_dir), "--out", str(cli_out),
+                         "--top-p", "4", "--quiet"])
+    capsys.readouterr()
+    assert code == 1  # the broken files
+    s = explain_dataset([str(photos)], tiny_artifacts.out_dir, ray_out, workers=2, top_p=4, images_per_batch=4)
+    assert (s["ok"], s["failed"], s["skipped"], s["rows"]) == (N_GOOD, len(BROKEN), 0, N_GOOD + len(BROKEN))
+    cli_files = sorted(p.name for p in cli_out.iterdir())
+    ray_files = sorted(p.name for p in ray_out.iterdir() if p.name != "explanations.parquet")
+    assert cli_files == ray_files and len(ray_files) == 4 * N_GOOD
+    for name in (n for n in cli_files if n.endswith(".json")):
+        a, b = json.loads((cli_out / name).read_text()), json.loads((ray_out / name).read_text())
+        assert _numbers(a) == _numbers(b), name
+    for name in (n for n in cli_files if n.endswith(".npz")):
+        with np.load(cli_out / name) as a, np.load(ray_out / name) as b:
+            assert set(a.files) == set(b.files)
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k])
+    t = pq.read_table(ray_out / "explanations.parquet").to_pylist()
+    assert len(t) == N_GOOD + len(BROKEN) and len({r["source"] for r in t}) == len(t)
+    bad = {Path(r["source"]).name: r for r in t if r["status"] == "failed"}
+    assert set(bad) == set(BROKEN)
+    assert all(r["error"].startswith(r["source"]) and "\n" not in r["error"] for r in bad.values())
+    ok = next(r for r in t if r["stem"] == "p03")
+    j = json.loads((ray_out / "p03.json").read_text())
+    with np.load(ray_out / "p03.npz") as z:
+        np.testing.assert_array_equal(np.asarray(ok["saliency"], np.float32).reshape(ok["saliency_side"], -1),
+                                      z["saliency"])
+    assert ok["target"] == j["target"]["index"] and ok["weights"] == pytest.approx(j["weights"])
+
+
+def test_rerun_skips_finished_images_and_keeps_the_table_whole(local_ray, photos, tiny_artifacts, tmp_path):
+    out = tmp_path / "o"
+    explain_dataset([str(photos / "p0*.png")], tiny_artifacts.out_dir, out, workers=2, top_p=4)
+    first = pq.read_table(out / "explanations.parquet").to_pylist()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix != ".parquet"}
+    s = explain_dataset([str(photos / "p0*.png")], tiny_artifacts.out_dir, out, workers=2, top_p=4)
+    assert s["ok"] == 0 and s["skipped"] == 10
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix != ".parquet"} == mtimes
+    again = pq.read_table(out / "explanations.parquet").to_pylist()
+    key = lambda r: r["stem"]  # noqa: E731
+    for a, b in zip(sorted(first, key=key), sorted(again, key=key)):
+        assert b["status"] == "skipped" and a["status"] == "ok"
+        assert a["saliency"] == b["saliency"] and a["weights"] == pytest.approx(b["weights"])
+
+
+def test_usage_errors(tiny_artifacts, tmp_path):
+    with pytest.raises(DatasetError, match="workers must be >= 1"):
+        explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, workers=0)
+    with pytest.raises(DatasetError, match="unknown method 'nope'"):
+        explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, method="nope")
+    with pytest.raises(DatasetError, match="needs gpus_per_worker"):
+        explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, engine="cuda")
+    from runtime.explainer import TargetError
+
+    with pytest.raises(TargetError, match="unknown target class"):
+        explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, target="zebra-ish")
+
+
+def _worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(ln.split()[0]) for ln in out.splitlines() if "MapWorker" in ln and "ExplainActor" in ln]
+
+
+def test_a_killed_worker_loses_and_duplicates_nothing(photos, tiny_artifacts, tmp_path):
+    out = tmp_path / "k"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.dataset", str(photos), "--artifacts",
+                             str(tiny_artifacts.out_dir), "--out", str(out), "--workers", "2", "--top-p", "4",
+                             "--images-per-batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        pids = _worker_pids()
+        if pids and out.is_dir() and len(list(out.glob("*.json"))) >= 4:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=600)
+    if killed is None:
+        pytest.skip("the run finished before a worker could be killed (nothing to test)")
+    assert proc.returncode == 1, stderr  # the broken files
+    t = pq.read_table(out / "explanations.parquet").to_pylist()
+    assert len(t) == N_GOOD + len(BROKEN) and len({r["source"] for r in t}) == len(t)
+    # a retried batch finds the images the killed worker finished: explained once, reported "skipped"
+    assert sum(r["status"] in ("ok", "skipped") for r in t) == N_GOOD
+    assert {Path(r["source"]).name for r in t if r["status"] == "failed"} == set(BROKEN)
+    for i in range(N_GOOD):
+        for s in SUFFIXES:
+            assert (out / f"p{i:02d}{s}").stat().st_size > 0
+        json.loads((out / f"p{i:02d}.json").read_text())
+        with np.load(out / f"p{i:02d}.npz") as z:
+            assert np.isfinite(z["saliency"]).all()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
