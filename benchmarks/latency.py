@@ -19,6 +19,7 @@ Engines:
     torch-fp16   the same under torch.autocast(float16) on the GPU.
     cpu, cuda    ONNX Runtime through runtime.explainer.Explainer (the library path), fp32 graphs.
     cuda-fp16    the cuda engine on the export's fp16 graphs (python -m export --precision fp16).
+    cpu-int8     the cpu engine on the export's int8 graphs (python -m export quantize).
     trt          ONNX Runtime's TensorRT provider, fp32; trt-fp16 with trt_fp16_enable.
 A GPU engine runs only when runtime.engines.probe_engine proves its provider loads, and its sessions are
 checked again when created (a TensorRT request that fell back to CUDA is skipped, never labelled trt); an
@@ -50,7 +51,7 @@ import numpy as np
 from . import common
 
 TORCH_ENGINES = ("torch", "torch-fp16")
-ORT_ENGINES = ("cpu", "cuda", "cuda-fp16", "trt", "trt-fp16")
+ORT_ENGINES = ("cpu", "cpu-int8", "cuda", "cuda-fp16", "trt", "trt-fp16")
 ENGINES = TORCH_ENGINES + ORT_ENGINES
 TORCH_METHODS_DECOMCAM = {"decomcam": "paper", "decomcam-authors": "authors"}
 # stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
@@ -93,12 +94,13 @@ class OrtEngine(Engine):
 
         engine = name.split("-")[0]
         fp16 = name.endswith("-fp16")
+        int8 = name.endswith("-int8")
         reason = probe_engine(engine, args.device_id) if engine != "cpu" else None
         if reason:
             raise Skip(reason)
         opts = EngineOptions(device_id=args.device_id, fp16=fp16 and engine == "trt", intra_op_threads=args.threads,
                              allow_spinning=not shares_with_torch)
-        kw = {"precision": "fp16"} if fp16 and engine == "cuda" else {}
+        kw = {"precision": "fp16"} if fp16 and engine == "cuda" else {"precision": "int8"} if int8 else {}
         try:
             self.ex = Explainer.from_artifacts(artifacts, engine=engine, engine_options=opts,
                                                batch_size=args.classify_batch, class_set=args.classes, **kw)
@@ -107,7 +109,7 @@ class OrtEngine(Engine):
         except (EngineError, ValueError, RuntimeError, TypeError) as e:
             raise Skip(str(e).splitlines()[0]) from e
         providers = self.ex.runner("classify").session.get_providers()
-        precision = "fp16-graphs" if kw else "fp16-trt" if fp16 else "fp32"
+        precision = "int8" if int8 else "fp16-graphs" if kw else "fp16-trt" if fp16 else "fp32"
         super().__init__(name, precision, "cpu" if engine == "cpu" else "cuda", providers[0])
         self.providers = providers
         self.top_p = args.top_p
@@ -312,6 +314,7 @@ def run_latency(args) -> dict:
                     log(f"{method} batch {b}: rep {rep + 1}/{args.repeat} "
                         + "  ".join(f"{e.name} {totals[e.name][-1] * 1e3:.0f} ms" for e in active))
                 sampler.label = None
+                flops = method_flops(artifacts, method, args.top_p)   # per image, the fp32 graphs' count
                 ref = next((e for e in active if e.name == "torch"), None)
                 ref_p50 = common.stats_ms(totals[ref.name])["p50"] if ref else None
                 ref_mean = common.stats_ms(totals[ref.name])["mean"] if ref else None
@@ -326,6 +329,8 @@ def run_latency(args) -> dict:
                         "end_to_end_runs_ms": [1e3 * v for v in totals[eng.name]],
                         "cpu_time_ms": common.stats_ms(cpu[eng.name]),
                         "images_per_s": b / (e2e["p50"] / 1e3),
+                        "gflop_per_image": flops / 1e9 if flops else None,
+                        "gflop_per_s": flops * b / (e2e["p50"] / 1e3) / 1e9 if flops else None,
                         "speedup_vs_torch": (ref_p50 / e2e["p50"]) if ref_p50 else None,
                         "speedup_vs_torch_mean": (ref_mean / e2e["mean"]) if ref_mean else None,
                         "cpu_time_ratio_vs_torch": (common.stats_ms(cpu[ref.name])["p50"]
@@ -350,6 +355,21 @@ def run_latency(args) -> dict:
     }
 
 
+def method_flops(artifacts, method: str, top_p: int) -> float | None:
+    """FLOPs of one explanation (benchmarks.flops: explain.onnx + the classifier forwards) for the Decom-CAM
+    methods (p + 1 forwards); None for the others, whose forward count depends on the image."""
+    if not method.startswith("decomcam"):
+        return None
+    from .flops import explanation_flops
+
+    c, n = artifacts.dims["C"], artifacts.dims["h"] * artifacts.dims["w"]
+    try:
+        return float(explanation_flops(artifacts, min(top_p, c, n) + 1)["total"])
+    except Exception as e:  # shape inference can fail on an unusual graph: the column is then empty
+        log(f"FLOP count unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+        return None
+
+
 def latency_tables(report: dict) -> str:
     out = []
     res = report["results"]
@@ -359,7 +379,7 @@ def latency_tables(report: dict) -> str:
         stages = [s for s in STAGES if any(s in r["stages_ms"] for r in rows)]
         extra = sorted({k for r in rows for k in r["stages_ms"]} - set(STAGES))
         headers = (["engine", "prec", "B"] + [f"{s} ms" for s in stages + extra]
-                   + ["p50 ms", "p90 ms", "p99 ms", "img/s", "speed-up", "CPU s", "CPU ratio", "peak RSS MB"]
+                   + ["p50 ms", "p90 ms", "p99 ms", "img/s", "GFLOP/s", "speed-up", "CPU s", "CPU ratio", "peak RSS MB"]
                    + (["peak dev MB", "H2D KB", "D2H KB"] if gpu else []))
         body = []
         for r in rows:
@@ -368,7 +388,7 @@ def latency_tables(report: dict) -> str:
             body.append([r["engine"], r["precision"], r["batch"]]
                         + [common.fmt(st.get(s)) for s in stages + extra]
                         + [common.fmt(e2e["p50"]), common.fmt(e2e["p90"]), common.fmt(e2e["p99"]),
-                           common.fmt(r["images_per_s"], 2),
+                           common.fmt(r["images_per_s"], 2), common.fmt(r.get("gflop_per_s"), 0),
                            (common.fmt(r["speedup_vs_torch"], 2) + "x") if r["speedup_vs_torch"] else "-",
                            common.fmt(r["cpu_time_ms"]["p50"] / 1e3, 2),
                            (common.fmt(r["cpu_time_ratio_vs_torch"], 2) + "x") if r["cpu_time_ratio_vs_torch"] else "-",

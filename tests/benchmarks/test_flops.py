@@ -40,3 +40,19 @@ def test_peak_is_cores_times_fma_width_times_clock():
     if p["mhz"]:
         assert np.isclose(p["gflops_fp32"], 2 * p["fma_units"] * p["simd_lanes_fp32"] * 2 * p["mhz"] / 1e3)
     assert p["simd_lanes_fp32"] in (4, 8, 16)
+
+
+def test_latency_reports_gflop_per_s_from_the_graph_count(tiny_artifacts, tmp_path):
+    import json
+
+    from benchmarks import latency
+    from benchmarks.flops import explanation_flops
+    from runtime.artifacts import load_artifacts
+
+    out = tmp_path / "lat.json"
+    assert latency.main(["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu", "--batch", "1",
+                         "--top-p", "3", "--repeat", "1", "--warmup", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    want = explanation_flops(load_artifacts(tiny_artifacts.out_dir), 4)["total"]
+    assert r["gflop_per_image"] * 1e9 == want
+    assert abs(r["gflop_per_s"] - want / (r["end_to_end_ms"]["p50"] / 1e3) / 1e9) < 1e-9 * max(1, r["gflop_per_s"])
