@@ -177,6 +177,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-calibration", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--n-check", type=int, default=32, help="held-out images the validation runs on (default 32)")
     p.add_argument("--calibration", default="percentile", choices=CALIBRATIONS, help="activation ranges (default percentile)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="refuse a graph whose worst held-out logit cosine against fp32 is below this (default 0.5)")
     return p
 
 
@@ -186,7 +188,7 @@ def main_quantize(argv) -> int:
     args = build_quantize_parser().parse_args(argv)
     report = quantize_export(args.artifacts, [g for g in args.graphs.split(",") if g], images=args.images,
                              n_calibration=args.n_calibration, n_check=args.n_check, calibration=args.calibration,
-                             explain_trunk=args.explain_trunk)
+                             explain_trunk=args.explain_trunk, min_cosine=args.min_cosine)
     print(format_report(report))
     return 0
 

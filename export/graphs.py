@@ -24,8 +24,8 @@ class PoolHead(nn.Module):
         q_h . k_hj = (W_k,h^T q_h) . tok_j + q_h . b_k,h    the last term is the same for every token j, and
                                                            softmax ignores it
         sum_j a_hj v_hj = W_v,h (sum_j a_hj tok_j) + b_v,h  the attention weights sum to 1
-    so the head costs about 3 C^2 + 2 H N C multiply-adds instead of 2 N C^2 (RN50: ~13 vs ~420 MFLOP per
-    image). The export validates it against the stock open_clip module like every graph.
+    so the head costs about 3 C^2 + 2 H N C multiply-adds instead of 2 N C^2 (RN50: ~19 million instead of
+    ~420 million per image). The export validates it against the stock open_clip module like every graph.
 
     Shapes: B images, C channels, n = h*w positions, N = n + 1 tokens, H heads of width d = C / H,
     D embedding width, L classes.
