@@ -138,6 +138,12 @@ class Artifacts:
     def family(self) -> str:
         return self.manifest.get("family", "clip")
 
+    @property
+    def preprocess(self) -> dict:
+        """The manifest's `preprocess` over the defaults: crop, shortest side to input_size, bicubic."""
+        return {"resize": "crop", "resize_size": None, "interpolation": "bicubic",
+                **(self.manifest.get("preprocess") or {})}
+
 
 def _load_embeddings(path: Path, shape: tuple[int, int], sha256: str | None) -> np.ndarray:
     """A float .npy of exactly `shape`, checked from its header (and `sha256`) before it is read: [L, D] float32."""

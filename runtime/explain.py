@@ -93,8 +93,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blur-sigma", type=float_range(0.0, 1000.0), default=None,
                    help="blur sigma in input pixels, in (0, 1000] (default 10*S/224)")
     g.add_argument("--blend-space", default="pixel", choices=("pixel", "normalized"))
-    g.add_argument("--resize", default="crop", choices=("crop", "stretch"),
-                   help="crop: CLIP's shortest-side resize + centre crop; stretch: whole image to S x S")
+    g.add_argument("--resize", default=None, choices=("crop", "stretch"),
+                   help="crop: CLIP's shortest-side resize + centre crop; stretch: whole image to S x S "
+                        "(default: the manifest's preprocess.resize, else crop)")
 
 
 def build_parser() -> argparse.ArgumentParser:

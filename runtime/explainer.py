@@ -90,7 +90,7 @@ class Explainer:
 
     def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
                  batch_size: int = 32, engine_options: EngineOptions | None = None,
-                 backend: Backend | str | None = None, resize_mode: str = "crop",
+                 backend: Backend | str | None = None, resize_mode: str | None = None,
                  config: DecomCamConfig | None = None):
         self.artifacts = artifacts
         self.engine = engine
@@ -104,7 +104,7 @@ class Explainer:
         if backend is None:
             backend = "cupy" if engine in ("cuda", "trt") else "numpy"
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
-        self.resize_mode = resize_mode
+        self.resize_mode = resize_mode or artifacts.preprocess["resize"]  # None: the manifest's (default crop)
         self.config = config or DecomCamConfig()
         self.classes = artifacts.load_class_set(class_set)
         self.text = self.backend.asarray(self.classes.embeddings)
@@ -215,7 +215,9 @@ class Explainer:
 
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode) for im in rgbs]
+        pp = self.artifacts.preprocess
+        pre = [preprocess(im, self.size, self.artifacts.mean, self.artifacts.std, self.resize_mode,
+                          resize_size=pp["resize_size"], interpolation=pp["interpolation"]) for im in rgbs]
         x_host = np.stack([p[0] for p in pre])
         geoms = [p[1] for p in pre]
         timings["preprocess"] = time.perf_counter() - t
