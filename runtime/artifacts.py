@@ -189,6 +189,7 @@ class Artifacts:
 
 
 
+
 def _load_embeddings(path: Path, shape: tuple[int, int], sha256: str | None) -> np.ndarray:
     """A float .npy of exactly `shape`, checked from its header (and `sha256`) before it is read: [L, D] float32."""
     try:

@@ -190,6 +190,10 @@ def validate_manifest(manifest, path="manifest.json") -> dict:
         if default is not None and default not in sets:
             raise ManifestError(f"field 'default_class_set': {default!r} is not one of the class sets "
                                 f"({', '.join(sets) or 'none'})")
+        rs = (manifest.get("preprocess") or {}).get("resize_size")
+        if rs is not None and rs < manifest["input_size"]:
+            raise ManifestError(f"field 'preprocess.resize_size': {rs} is smaller than input_size "
+                                f"{manifest['input_size']}")
         if family == "clip" and "D" not in manifest["dims"]:
             raise ManifestError("field 'dims.D': missing (needed by the clip family)")
         for name, entry in sets.items():

@@ -182,6 +182,7 @@ BAD_MANIFESTS = [
     (_set(("preprocess",), {"resize": "pad"}), "field 'preprocess.resize': 'pad' is not one of"),
     (_set(("preprocess",), {"resize_size": 0}), "field 'preprocess.resize_size': 0 is out of range"),
     (_set(("preprocess",), {"interpolation": "lanczos"}), "field 'preprocess.interpolation'"),
+    (_set(("preprocess",), {"resize_size": 100}), "field 'preprocess.resize_size': 100 is smaller than input_size 128"),
     (_set(("graphs", "explain", "file"), "../../etc/passwd"), "field 'graphs.explain.file': expected a relative path inside"),
     (_set(("class_sets", "voc", "labels"), "/etc/passwd"), "field 'class_sets.voc.labels': expected a relative path"),
     (_drop(("class_sets", "voc", "embeddings")), "field 'class_sets.voc.embeddings': missing \\(needed by the clip"),
@@ -219,6 +220,23 @@ def test_optional_fields_of_other_families_are_accepted(tiny_artifacts):
     for g in m["graphs"].values():
         g["inputs"] = [t for t in g["inputs"] if t["name"] != "text"]
     assert validate_manifest(m) is m
+
+
+def test_manifest_preprocess_settings_are_used(art):
+    """preprocess.resize_size / interpolation in the manifest reach runtime.images.preprocess."""
+    from runtime.explainer import Explainer
+    from runtime.images import preprocess
+    from tests.conftest import make_images
+
+    edit_manifest(art, _set(("preprocess",), {"resize_size": 160, "interpolation": "bilinear"}))
+    ex = Explainer.from_artifacts(art)
+    rgb = make_images(1, seed=5)[0]                       # 150 x 200
+    e = ex.explain(rgb, top_p=2)
+    x, g = preprocess(rgb, 128, ex.artifacts.mean, ex.artifacts.std, resize_size=160, interpolation="bilinear")
+    assert e.geometry == g and round(g.scale_h * 150) == 160
+    np.testing.assert_array_equal(e.input_rgb, np.asarray(
+        np.clip(np.rint((x.transpose(1, 2, 0) * np.float32(ex.artifacts.std) + np.float32(ex.artifacts.mean)) * 255),
+                0, 255), np.uint8))
 
 
 # -- 10. checkpoints that are not checkpoints -------------------------------------------------------
