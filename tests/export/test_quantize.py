@@ -65,7 +65,7 @@ def test_runtime_runs_int8_and_falls_back_to_fp32(quantized, resnet_tiny):
 
 
 def test_precision_errors(resnet_tiny, quantized, tmp_path):
-    with pytest.raises(ArtifactsError, match="no int8 graphs in this export"):
+    with pytest.raises(ArtifactsError, match="no int8 graphs; python -m export quantize"):
         Explainer.from_artifacts(resnet_tiny, precision="int8")
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         Explainer.from_artifacts(resnet_tiny, precision="int4")
