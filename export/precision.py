@@ -28,13 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from runtime.artifacts import sha256_path
-from runtime.spec import GRAPHS, MANIFEST_NAME, Tolerance
+from runtime.fsutil import atomic_write, temp_dir
+from runtime.spec import MANIFEST_NAME, Tolerance, family
 
 PRECISIONS = ("fp32", "fp16")
 # per output, in the units of export.onnx_export.compare: |out - ref| <= atol * max|ref| + rtol * |ref|.
@@ -66,7 +68,7 @@ def validate_fp16(lm, paths: dict[str, Path], provider: str = "CPUExecutionProvi
     """The fp16 graphs against the fp32 eager model; {"status", "provider", "rows" | "reason"}."""
     import onnxruntime as ort
 
-    from .onnx_export import VALIDATION_SIZES, _references, compare, sample_inputs
+    from .onnx_export import VALIDATION_SIZES, _references, compare, model_dims, sample_inputs, specs
 
     try:
         opts = [(provider, {"use_tf32": 0})] if provider == "CUDAExecutionProvider" else [provider]
@@ -77,13 +79,17 @@ def validate_fp16(lm, paths: dict[str, Path], provider: str = "CPUExecutionProvi
     except Exception as e:  # noqa: BLE001 (ORT raises its own types; the reason is the result)
         return {"status": "not run", "provider": provider, "reason": str(e).splitlines()[0][:300]}
     rows = []
-    for i, (b, l) in enumerate(VALIDATION_SIZES):
+    graph_specs = specs(lm)   # the family's contracts (a fixed-class model has no text input)
+    sizes = VALIDATION_SIZES if lm.family == "clip" else tuple((b, model_dims(lm)["K"]) for b, _ in VALIDATION_SIZES)
+    for i, (b, l) in enumerate(sizes):
         feed = sample_inputs(lm, b, l, seed + i)
         refs = _references(lm, feed)
         for name, sess in sessions.items():
-            spec = GRAPHS[name]
+            spec = graph_specs[name]
             if name == "head":
-                inputs = {"activations": refs["head"]["_activations"].astype(np.float32), "text": feed["text"].numpy()}
+                inputs = {"activations": refs["head"]["_activations"].astype(np.float32)}
+                if "text" in spec.input_names:
+                    inputs["text"] = feed["text"].numpy()
             else:
                 inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
             try:
@@ -108,7 +114,9 @@ def add_fp16_graphs(lm, out_dir: str | os.PathLike, validate_on: str = "cpu") ->
     out_dir = Path(out_dir)
     mpath = out_dir / MANIFEST_NAME
     manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    tmp = {name: out_dir / f".{fp16_filename(name)}.tmp{os.getpid()}" for name in manifest["graphs"]}
+    graph_specs = family(manifest.get("family")).graphs
+    tmp_dir = temp_dir(out_dir)   # private, random name; removed below whatever happens
+    tmp = {name: tmp_dir / fp16_filename(name) for name in manifest["graphs"]}
     try:
         for name, p in tmp.items():
             convert_fp16(out_dir / manifest["graphs"][name]["file"], p)
@@ -121,20 +129,16 @@ def add_fp16_graphs(lm, out_dir: str | os.PathLike, validate_on: str = "cpu") ->
         graphs = {}
         for name, p in tmp.items():
             final = out_dir / fp16_filename(name)
-            os.replace(p, final)
-            io = GRAPHS[name].to_json()
+            os.replace(p, final)   # out of the private temporary folder
+            io = graph_specs[name].to_json()
             io["tolerances"] = {k: {"atol": FP16_TOLERANCES[k].atol, "rtol": FP16_TOLERANCES[k].rtol}
                                 for k in io["tolerances"]}
             graphs[name] = {"file": final.name, "sha256": sha256_path(final), "bytes": final.stat().st_size, **io}
     finally:
-        for p in tmp.values():
-            if p.exists():
-                p.unlink()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     entry = {"graphs": graphs, "converter": CONVERTER, "validation": validation}
     manifest.setdefault("precisions", {})["fp16"] = entry
-    part = mpath.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
-    part.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(part, mpath)
+    atomic_write(mpath, json.dumps(manifest, indent=2))
     return entry
 
 
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         return 1
     print(validation_table(entry))
     if args.json:
-        Path(args.json).write_text(json.dumps(entry, indent=2), encoding="utf-8")
+        atomic_write(args.json, json.dumps(entry, indent=2))
     return 0 if entry["validation"]["status"] != "failed" else 1
 
 

@@ -34,13 +34,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from runtime.artifacts import load_artifacts, sha256_path
+from runtime.fsutil import temp_dir
 from runtime.spec import MANIFEST_NAME
 
 from .onnx_export import ExportError, ValidationError, _atomic_write_text, log
@@ -150,7 +150,7 @@ def quantize_export(artifacts: str | os.PathLike, graphs=("classify", "features"
     method = {"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
               "entropy": CalibrationMethod.Entropy}[calibration]
     report, entries = {}, {}
-    tmp = Path(tempfile.mkdtemp(prefix=".quantize-", dir=root))
+    tmp = temp_dir(root)   # private, random name; removed below whatever happens
     try:
         for g in graphs:
             t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def quantize_export(artifacts: str | os.PathLike, graphs=("classify", "features"
                                 "top1_target": TOP1_TARGET}
         for g, entry in entries.items():
             dst = root / entry["file"]
-            os.replace(tmp / entry["file"], dst)
+            os.replace(tmp / entry["file"], dst)   # out of the private temporary folder
             entry["sha256"] = sha256_path(dst)
             entry["bytes"] = dst.stat().st_size
             int8["graphs"][g] = entry

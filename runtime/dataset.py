@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,38 +320,34 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
         ds = ray.data.from_items([{"source": s, "stem": t} for s, t in zip(sources, stems)],
                                  override_num_blocks=max(1, min(len(sources), workers * 4))) if sources else None
         table_rows = 0
-        tmp = Path(tempfile.mkstemp(prefix=f".{parquet}.", suffix=".part", dir=job.out_dir)[1])
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            counts = {"ok": 0, "skipped": 0, "failed": 0}
-            errors = [f"{spec}: {problem}" for spec, problem in problems]
-            with pq.ParquetWriter(str(tmp), _schema()) as writer:
-                for spec, problem in problems:
-                    writer.write_table(pa.Table.from_pylist([_row(spec, "", "failed", f"{spec}: {problem}")],
-                                                            schema=_schema()))
-                    counts["failed"] += 1
-                    table_rows += 1
-                if ds is not None:
-                    out = ds.map_batches(bound(job), batch_size=images_per_batch,
-                                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                                         num_gpus=gpus_per_worker,
-                                         num_cpus=1 if gpus_per_worker == 0 else 0,
-                                         max_restarts=max_restarts, max_task_retries=max_task_retries)
-                    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-                        batch = batch.select(_schema().names).cast(_schema())
-                        writer.write_table(batch)
-                        table_rows += batch.num_rows
-                        for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
-                            counts[status] = counts.get(status, 0) + 1
-                            if status == "failed":
-                                errors.append(err)
-            final = Path(job.out_dir) / parquet
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        from .fsutil import atomic_open
+
+        counts = {"ok": 0, "skipped": 0, "failed": 0}
+        errors = [f"{spec}: {problem}" for spec, problem in problems]
+        # written to a private temporary next to the table and renamed when complete (runtime/fsutil.py)
+        with atomic_open(Path(job.out_dir) / parquet) as f, pq.ParquetWriter(f, _schema()) as writer:
+            for spec, problem in problems:
+                writer.write_table(pa.Table.from_pylist([_row(spec, "", "failed", f"{spec}: {problem}")],
+                                                        schema=_schema()))
+                counts["failed"] += 1
+                table_rows += 1
+            if ds is not None:
+                out = ds.map_batches(bound(job), batch_size=images_per_batch,
+                                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                                     num_gpus=gpus_per_worker,
+                                     num_cpus=1 if gpus_per_worker == 0 else 0,
+                                     max_restarts=max_restarts, max_task_retries=max_task_retries)
+                for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                    batch = batch.select(_schema().names).cast(_schema())
+                    writer.write_table(batch)
+                    table_rows += batch.num_rows
+                    for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
+                        counts[status] = counts.get(status, 0) + 1
+                        if status == "failed":
+                            errors.append(err)
     finally:
         if started_here:
             ray.shutdown()
