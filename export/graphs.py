@@ -10,6 +10,8 @@ unmodified open_clip module.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -165,6 +167,24 @@ class HeadModule(nn.Module):
         return self.head(activations, text)
 
 
+def hooked_autograd(forward: Callable[[], torch.Tensor], layer: nn.Module, target: torch.Tensor, call: int = -1):
+    """Run `forward()` (-> logits [B, L]) on an unmodified module with a forward hook on `layer`; return the
+    logits, the layer's output of call `call` (-1: its last call in the forward) and d logits[b, t_b] /
+    d output by torch autograd, t_b = target[b] or the top-1 class where target[b] < 0."""
+    calls = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: calls.append(out))
+    try:
+        with torch.enable_grad():
+            logits = forward()
+            a = calls[call]
+            target = torch.where(target < 0, logits.argmax(1), target)
+            sel = logits.gather(1, target[:, None]).sum()
+            (grad,) = torch.autograd.grad(sel, a)
+    finally:
+        handle.remove()
+    return logits.detach(), a.detach(), grad.detach()
+
+
 def autograd_reference(clip_model: nn.Module, image: torch.Tensor, text: torch.Tensor, target: torch.Tensor):
     """Independent oracle on the unmodified open_clip module: logits, layer4 activations and
     d logits[b, target[b]] / d activations by torch autograd (a forward hook captures layer4).
@@ -172,20 +192,9 @@ def autograd_reference(clip_model: nn.Module, image: torch.Tensor, text: torch.T
     A fixed-class model (export.pooled.PooledModel) answers with its own oracle; `text` is ignored."""
     if hasattr(clip_model, "autograd"):
         return clip_model.autograd(image, target)
-    store = {}
 
-    def hook(_m, _i, out):
-        store["a"] = out
+    def logits():
+        feats = clip_model.encode_image(image, normalize=True)
+        return clip_model.logit_scale.exp() * feats @ text.T
 
-    handle = clip_model.visual.layer4.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            feats = clip_model.encode_image(image, normalize=True)
-            logits = clip_model.logit_scale.exp() * feats @ text.T
-            a = store["a"]
-            target = torch.where(target < 0, logits.argmax(1), target)
-            sel = logits.gather(1, target[:, None]).sum()
-            (grad,) = torch.autograd.grad(sel, a)
-    finally:
-        handle.remove()
-    return logits.detach(), a.detach(), grad.detach()
+    return hooked_autograd(logits, clip_model.visual.layer4, target)

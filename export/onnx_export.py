@@ -206,6 +206,20 @@ def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dic
     }
 
 
+def validation_cases(lm: LoadedModel, sizes=VALIDATION_SIZES, seed: int = 1234):
+    """Per validation size: (batch, L, the PyTorch references, {graph: its ORT inputs}). Every graph sees the
+    same sample inputs; head.onnx gets the reference activations. A fixed-class model's L is its K."""
+    graph_specs = specs(lm)
+    if lm.family == "pooled-linear":  # L is the fixed K: validate at batch sizes only
+        sizes = tuple((b, model_dims(lm)["K"]) for b, _ in sizes)
+    for i, (b, l) in enumerate(sizes):
+        feed = sample_inputs(lm, b, l, seed + i)
+        refs = _references(lm, feed)
+        arrays = {**{k: v.numpy() for k, v in feed.items()},
+                  "activations": refs["head"]["_activations"].astype(np.float32)}
+        yield b, l, refs, {name: {t.name: arrays[t.name] for t in spec.inputs} for name, spec in graph_specs.items()}
+
+
 def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SIZES, seed: int = 1234,
                     spin: bool = True) -> dict:
     """Run the written graphs with ORT-CPU against PyTorch; raise ValidationError listing all failures."""
@@ -216,22 +230,12 @@ def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SI
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()}
     graph_specs = specs(lm)
-    if lm.family == "pooled-linear":  # L is the fixed K: validate at batch sizes only
-        sizes = tuple((b, model_dims(lm)["K"]) for b, _ in sizes)
     rows, failures = [], []
-    for i, (b, l) in enumerate(sizes):
-        feed = sample_inputs(lm, b, l, seed + i)
-        refs = _references(lm, feed)
+    for b, l, refs, feeds in validation_cases(lm, sizes, seed):
         for name, sess in sessions.items():
             spec = graph_specs[name]
-            if name == "head":
-                inputs = {"activations": refs["head"]["_activations"].astype(np.float32)}
-                if "text" in spec.input_names:
-                    inputs["text"] = feed["text"].numpy()
-            else:
-                inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
             try:
-                outs = dict(zip(spec.output_names, sess.run(spec.output_names, inputs)))
+                outs = dict(zip(spec.output_names, sess.run(spec.output_names, feeds[name])))
             except Exception as e:  # ORT raises its own exception types for shape errors
                 failures.append({"graph": name, "output": "*", "batch": b, "L": l, "max_abs": float("inf"),
                                  "max_rel": float("inf"), "atol": 0, "rtol": 0,

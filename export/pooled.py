@@ -188,22 +188,9 @@ class PooledModel(nn.Module):
     def autograd(self, image: torch.Tensor, target: torch.Tensor):
         """Independent oracle on the unmodified module: logits, target-layer activations and
         d logits[b, target[b]] / d activations by torch autograd (a forward hook captures the layer)."""
-        calls = []
+        from .graphs import hooked_autograd
 
-        def hook(_m, _i, out):
-            calls.append(out)
-
-        handle = self.parts.target_module.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                logits = self.model(image)
-                a = calls[self.parts.target_call]
-                target = torch.where(target < 0, logits.argmax(1), target)
-                sel = logits.gather(1, target[:, None]).sum()
-                (grad,) = torch.autograd.grad(sel, a)
-        finally:
-            handle.remove()
-        return logits.detach(), a.detach(), grad.detach()
+        return hooked_autograd(lambda: self.model(image), self.parts.target_module, target, self.parts.target_call)
 
 
 class PooledTrunk(nn.Module):

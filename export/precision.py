@@ -68,7 +68,7 @@ def validate_fp16(lm, paths: dict[str, Path], provider: str = "CPUExecutionProvi
     """The fp16 graphs against the fp32 eager model; {"status", "provider", "rows" | "reason"}."""
     import onnxruntime as ort
 
-    from .onnx_export import VALIDATION_SIZES, _references, compare, model_dims, sample_inputs, specs
+    from .onnx_export import VALIDATION_SIZES, compare, specs, validation_cases
 
     try:
         opts = [(provider, {"use_tf32": 0})] if provider == "CUDAExecutionProvider" else [provider]
@@ -80,20 +80,11 @@ def validate_fp16(lm, paths: dict[str, Path], provider: str = "CPUExecutionProvi
         return {"status": "not run", "provider": provider, "reason": str(e).splitlines()[0][:300]}
     rows = []
     graph_specs = specs(lm)   # the family's contracts (a fixed-class model has no text input)
-    sizes = VALIDATION_SIZES if lm.family == "clip" else tuple((b, model_dims(lm)["K"]) for b, _ in VALIDATION_SIZES)
-    for i, (b, l) in enumerate(sizes):
-        feed = sample_inputs(lm, b, l, seed + i)
-        refs = _references(lm, feed)
+    for b, l, refs, feeds in validation_cases(lm, VALIDATION_SIZES, seed):
         for name, sess in sessions.items():
             spec = graph_specs[name]
-            if name == "head":
-                inputs = {"activations": refs["head"]["_activations"].astype(np.float32)}
-                if "text" in spec.input_names:
-                    inputs["text"] = feed["text"].numpy()
-            else:
-                inputs = {t.name: feed[t.name].numpy() for t in spec.inputs}
             try:
-                outs = dict(zip(spec.output_names, sess.run(spec.output_names, inputs)))
+                outs = dict(zip(spec.output_names, sess.run(spec.output_names, feeds[name])))
             except Exception as e:  # noqa: BLE001
                 return {"status": "not run", "provider": provider,
                         "reason": f"{name}: ORT run failed: {str(e).splitlines()[0][:300]}"}

@@ -215,8 +215,8 @@ class ExplainActor:
                 try:
                     rows.append(self._existing(source, stem))
                     continue
-                except (OSError, ValueError, KeyError) as e:  # unreadable previous outputs: explain again
-                    del e
+                except (OSError, ValueError, KeyError):  # unreadable previous outputs: explain again
+                    pass
             try:
                 rgb = decode_image(read_bytes(source, job.max_bytes), source, job.max_pixels or DEFAULT_MAX_PIXELS)
             except ImageError as e:
@@ -245,8 +245,10 @@ class ExplainActor:
         return _columns(rows)
 
 
-def bound(job: Job) -> type:
-    return type("ExplainActor", (ExplainActor,), {"JOB": job, "__module__": __name__})
+def bound(job: Job, actor: type | None = None) -> type:
+    """A subclass of `actor` (default ExplainActor) that carries `job`."""
+    base = actor or ExplainActor
+    return type(base.__name__, (base,), {"JOB": job, "__module__": base.__module__})
 
 
 def _columns(rows: list[dict]) -> dict:
@@ -273,11 +275,13 @@ def _schema():
 def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_dir: str | os.PathLike, *,
                     address: str | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
                     images_per_batch: int = 4, max_restarts: int = 3, max_task_retries: int = 3,
-                    parquet: str = PARQUET_NAME, progress: bool = False, **job_options) -> dict:
+                    parquet: str = PARQUET_NAME, progress: bool = False, actor: type | None = None,
+                    **job_options) -> dict:
     """Explain every image of `inputs` on Ray Data; returns a summary (counts, seconds, the table's path).
 
     address: None starts (or joins) a local Ray instance; "auto" or "ray://host:10001" joins a cluster.
-    job_options: the fields of `Job` (engine, method, target, top_p, overwrite, ...)."""
+    job_options: the fields of `Job` (engine, method, target, top_p, overwrite, ...).
+    actor: a subclass of ExplainActor to run instead (extra outputs per image, instrumentation)."""
     import ray
 
     from .artifacts import load_artifacts
@@ -287,6 +291,8 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
         raise DatasetError(f"workers must be >= 1, got {workers}")
     if gpus_per_worker < 0:
         raise DatasetError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if actor is not None and not (isinstance(actor, type) and issubclass(actor, ExplainActor)):
+        raise DatasetError(f"actor must be a subclass of ExplainActor, got {actor!r}")
     if images_per_batch < 1:
         raise DatasetError(f"images_per_batch must be >= 1, got {images_per_batch}")
     job = Job(artifacts=str(Path(artifacts).resolve()), out_dir=str(Path(out_dir).resolve()), **job_options)
@@ -335,7 +341,7 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
                 counts["failed"] += 1
                 table_rows += 1
             if ds is not None:
-                out = ds.map_batches(bound(job), batch_size=images_per_batch,
+                out = ds.map_batches(bound(job, actor), batch_size=images_per_batch,
                                      batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
                                      num_gpus=gpus_per_worker,
                                      num_cpus=1 if gpus_per_worker == 0 else 0,
