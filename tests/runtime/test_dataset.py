@@ -111,19 +111,23 @@ def test_usage_errors(tiny_artifacts, tmp_path):
 
 
 def _dying_actor(marker: Path) -> type:
-    """An ExplainActor whose process kills itself with SIGKILL once, in the whole job: in the middle of its
-    first batch, after the first image's outputs are written and before the others are. The marker file,
-    created exclusively, makes exactly one actor die, however fast or slow the run."""
+    """An ExplainActor whose process kills itself with SIGKILL once, in the whole job: in the first batch
+    that holds a good photo, after that photo's outputs are written and before the rest of the batch is.
+    The marker file, created exclusively, makes exactly one actor die, however fast or slow the run."""
     from runtime.dataset import ExplainActor
 
     class DyingActor(ExplainActor):
         def __call__(self, batch):
+            stems = [str(s) for s in batch["stem"]]
+            good = next((i for i, s in enumerate(stems) if s.startswith("p")), None)
+            if good is None:
+                return super().__call__(batch)
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return super().__call__(batch)
-            super().__call__(batch.slice(0, 1))       # the first image done, the rest not
-            os.kill(os.getpid(), signal.SIGKILL)      # as `kill -9` of the worker process
+            super().__call__(batch.slice(0, good + 1))   # up to the first good photo: its outputs written
+            os.kill(os.getpid(), signal.SIGKILL)         # as `kill -9` of the worker process
 
     return DyingActor
 
