@@ -10,7 +10,11 @@ Throughput (--folder): N images in a folder (generated 320 x 240 photo-like JPEG
 few) explained end to end through the CLI's own code path (`runtime.explain.main`, in process, --quiet,
 outputs written to a temporary folder), with host memory sampled in the background:
 
-    python -m benchmarks.latency --artifacts DIR --folder DIR [--n 100,1000] [--engines cpu] --json FILE
+    python -m benchmarks.latency --artifacts DIR --folder DIR [--n 100,1000] [--engines cpu,cpu-int8]
+        [--modes serial,pipeline,ray-1,ray-2] --json FILE
+
+Modes: `pipeline` is the CLI as shipped (the next group decoded and the previous one written in worker
+threads while the graphs run), `serial` the same with --no-pipeline, `ray-K` runtime.dataset with K actors.
 
 Engines:
     torch        the eager reference export.reference.decomcam_reference on the export's own torch model:
@@ -409,12 +413,68 @@ def latency_tables(report: dict) -> str:
 _CLI_SECONDS = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s")
 
 
+THROUGHPUT_MODES = ("pipeline", "serial", "ray-1", "ray-2", "ray-4")
+
+
+def _cli_engine_args(eng: str) -> list[str]:
+    """The CLI options of a benchmark engine name (cpu-int8 = --engine cpu --precision int8, ...)."""
+    base = ["--engine", eng.split("-")[0]]
+    if eng == "trt-fp16":
+        base.append("--fp16")
+    elif eng == "cuda-fp16":
+        base += ["--precision", "fp16"]
+    elif eng == "cpu-int8":
+        base += ["--precision", "int8"]
+    return base
+
+
+def _run_cli_mode(args, eng: str, mode: str, paths, out_dir: str) -> tuple[int, float | None, str]:
+    """runtime.explain.main in process: (explained, loop seconds as the CLI reports them, stderr tail)."""
+    from runtime.explain import main as explain_main
+
+    cli = [*map(str, paths), "--artifacts", str(args.artifacts), *_cli_engine_args(eng), "--top-p", str(args.top_p),
+           "--method", args.methods.split(",")[0], "--batch-size", str(args.classify_batch),
+           "--threads", str(args.threads), "--quiet", "--overwrite", "--out", out_dir]
+    if mode == "serial":
+        cli.append("--no-pipeline")
+    if args.classes:
+        cli += ["--classes", args.classes]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = explain_main(cli)
+    if rc != 0:
+        raise SystemExit(f"runtime.explain failed (exit {rc}):\n{stderr.getvalue()[-2000:]}")
+    m = _CLI_SECONDS.search(stdout.getvalue())
+    return (int(m.group(1)), float(m.group(3)), "") if m else (len(paths), None, "")
+
+
+def _run_ray_mode(args, eng: str, workers: int, paths, out_dir: str) -> tuple[int, float | None, str]:
+    """runtime.dataset.explain_dataset on a local Ray instance with `workers` actors, the machine's threads
+    shared between them; batches of the CLI's group size."""
+    from runtime.dataset import explain_dataset
+
+    precision = {"cpu-int8": "int8", "cuda-fp16": "fp16"}.get(eng, "fp32")
+    engine = eng.split("-")[0]
+    group = max(1, args.classify_batch // (args.top_p + 1))
+    s = explain_dataset([str(p) for p in paths], args.artifacts, out_dir, workers=workers,
+                        gpus_per_worker=1.0 / workers if engine in ("cuda", "trt") else 0.0,
+                        images_per_batch=group, engine=engine, precision=precision, method=args.methods.split(",")[0],
+                        top_p=args.top_p, batch_size=args.classify_batch, threads=max(1, args.threads // workers),
+                        class_set=args.classes, overwrite=True)
+    if s["failed"]:
+        raise SystemExit(f"runtime.dataset: {s['failed']} images failed: {s['errors'][:3]}")
+    return s["ok"], s["seconds"], f"recovered {s['recovered']}" if s["recovered"] else ""
+
+
 def run_throughput(args) -> dict:
     from runtime.artifacts import load_artifacts
-    from runtime.explain import main as explain_main
 
     artifacts = load_artifacts(args.artifacts)
     ns = parse_list(args.n, int)
+    modes = parse_list(args.modes)
+    bad = [m for m in modes if m not in THROUGHPUT_MODES]
+    if bad:
+        raise SystemExit(f"unknown --modes {bad}; valid: {', '.join(THROUGHPUT_MODES)}")
     names = [n for n in parse_list(args.engines) if n in ORT_ENGINES]
     skipped = [{"engine": n, "reason": "throughput mode runs the CLI (ONNX Runtime engines only)"}
                for n in parse_list(args.engines) if n not in ORT_ENGINES]
@@ -425,86 +485,96 @@ def run_throughput(args) -> dict:
     gen_s = time.perf_counter() - t
     results = []
     sampler = common.RssSampler(interval=0.05)
+    ray_started = False
     with sampler:
         for eng in names:
             for n in ns:
-                label = f"{eng}/N={n}"
-                cli = [*map(str, paths[:n]), "--artifacts", str(args.artifacts), "--engine",
-                       eng.split("-")[0], "--top-p", str(args.top_p), "--method", args.methods.split(",")[0],
-                       "--batch-size", str(args.classify_batch), "--threads", str(args.threads), "--quiet", "--overwrite"]
-                if eng == "trt-fp16":
-                    cli.append("--fp16")
-                if eng == "cuda-fp16":
-                    cli += ["--precision", "fp16"]
-                if args.classes:
-                    cli += ["--classes", args.classes]
-                out_dir = tempfile.mkdtemp(prefix="bench-out-")
-                try:
-                    reset = common.reset_peak_rss()
-                    rss0 = common.rss_mb()
-                    t0 = time.perf_counter()
-                    stdout, stderr = io.StringIO(), io.StringIO()
-                    with sampler.segment(label), contextlib.redirect_stdout(stdout), \
-                            contextlib.redirect_stderr(stderr):
-                        rc = explain_main([*cli, "--out", out_dir])
-                    wall = time.perf_counter() - t0
-                    sampler.label = None
-                finally:
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                if rc != 0:
-                    raise SystemExit(f"runtime.explain failed (exit {rc}) on {label}:\n{stderr.getvalue()[-2000:]}")
-                m = _CLI_SECONDS.search(stdout.getvalue())
-                loop_s = float(m.group(3)) if m else None
-                ok = int(m.group(1)) if m else n
-                samp = [(tt, v) for tt, lab, v in sampler.samples if lab == label]
-                ts = np.array([tt for tt, _ in samp])
-                vs = np.array([v for _, v in samp])
+                for mode in modes:  # modes interleaved per engine and N: their ratio is one run's
+                    label = f"{eng}/{mode}/N={n}"
+                    out_dir = tempfile.mkdtemp(prefix="bench-out-")
+                    try:
+                        reset = common.reset_peak_rss()
+                        rss0 = common.rss_mb()
+                        t0 = time.perf_counter()
+                        with sampler.segment(label):
+                            if mode.startswith("ray-"):
+                                if not ray_started:  # Ray itself started once, outside the timings
+                                    _start_local_ray()
+                                    ray_started = True
+                                ok, loop_s, note = _run_ray_mode(args, eng, int(mode[4:]), paths[:n], out_dir)
+                            else:
+                                ok, loop_s, note = _run_cli_mode(args, eng, mode, paths[:n], out_dir)
+                        wall = time.perf_counter() - t0
+                        sampler.label = None
+                    finally:
+                        shutil.rmtree(out_dir, ignore_errors=True)
+                    samp = [(tt, v) for tt, lab, v in sampler.samples if lab == label]
+                    ts = np.array([tt for tt, _ in samp])
+                    vs = np.array([v for _, v in samp])
 
-                def window(lo: float, hi: float) -> float | None:  # median RSS over a fraction of the run's time
-                    if not len(vs):
-                        return None
-                    t_lo, t_hi = ts[0] + lo * (ts[-1] - ts[0]), ts[0] + hi * (ts[-1] - ts[0])
-                    sel = vs[(ts >= t_lo) & (ts <= t_hi)]
-                    return float(np.median(sel)) if len(sel) else float(vs[-1])
+                    def window(lo: float, hi: float) -> float | None:  # median RSS over a fraction of the run
+                        if not len(vs):
+                            return None
+                        t_lo, t_hi = ts[0] + lo * (ts[-1] - ts[0]), ts[0] + hi * (ts[-1] - ts[0])
+                        sel = vs[(ts >= t_lo) & (ts <= t_hi)]
+                        return float(np.median(sel)) if len(sel) else float(vs[-1])
 
-                early, late = window(0.1, 0.2), window(0.9, 1.0)  # sessions made, first images through / the end
-                results.append({
-                    "engine": eng, "n": n, "explained": ok, "wall_s": wall, "loop_s": loop_s,
-                    "images_per_s": (ok / loop_s) if loop_s else None, "images_per_s_wall": ok / wall,
-                    "rss_start_mb": rss0, "rss_10_20pct_mb": early, "rss_last_10pct_mb": late,
-                    "peak_rss_mb": float(vs.max()) if len(vs) else None,
-                    "rss_growth_mb": (late - early) if early is not None else None,
-                    "rss_after_mb": common.rss_mb(),  # main() returned: the sessions are freed
-                    "vmhwm_mb": common.peak_rss_mb() if reset else None,
-                    "rss_samples": len(vs),
-                })
-                log(f"throughput {label}: {ok} images in {wall:.1f} s, peak RSS {results[-1]['peak_rss_mb']:.0f} MB")
+                    early, late = window(0.1, 0.2), window(0.9, 1.0)  # sessions made, first images through / the end
+                    in_process = not mode.startswith("ray-")  # Ray's actors are other processes
+                    results.append({
+                        "engine": eng, "mode": mode, "n": n, "explained": ok, "wall_s": wall, "loop_s": loop_s,
+                        "images_per_s": (ok / loop_s) if loop_s else None, "images_per_s_wall": ok / wall,
+                        "rss_start_mb": rss0, "rss_10_20pct_mb": early if in_process else None,
+                        "rss_last_10pct_mb": late if in_process else None,
+                        "peak_rss_mb": float(vs.max()) if len(vs) and in_process else None,
+                        "rss_growth_mb": (late - early) if early is not None and in_process else None,
+                        "rss_after_mb": common.rss_mb(),  # main() returned: the sessions are freed
+                        "vmhwm_mb": common.peak_rss_mb() if reset and in_process else None,
+                        "rss_samples": len(vs), "note": note,
+                    })
+                    log(f"throughput {label}: {ok} images in {wall:.1f} s ({ok / wall:.2f} img/s wall)")
+    if ray_started:
+        import ray
+
+        ray.shutdown()
     return {
         "results": results, "skipped": skipped,
         "process": {"peak_rss_mb": common.peak_rss_mb(), "rss_mb": common.rss_mb()},
         "settings": {
             "artifacts": str(args.artifacts), "model": artifacts.model,
             "pretrained_id": artifacts.manifest.get("pretrained_id"), "input_size": artifacts.input_size,
-            "folder": str(args.folder), "n": ns, "engines": names, "top_p": args.top_p,
+            "folder": str(args.folder), "n": ns, "engines": names, "modes": modes, "top_p": args.top_p,
             "method": args.methods.split(",")[0], "threads": args.threads, "batch_size": args.classify_batch,
-            "images": "first N files of the folder (generated bench_*.jpg: photo-like 320x240 JPEG q90, "
-                      f"seed {args.seed}); generation took {gen_s:.1f} s, not counted",
-            "path": "runtime.explain.main in process: load, preprocess, explain, write overlay/components PNG, "
-                    "JSON and NPZ per image",
+            "images": "first N image files of the folder (sorted; generated bench_*.jpg, photo-like 320x240 JPEG "
+                      f"q90, seed {args.seed}, where it holds fewer); generation took {gen_s:.1f} s, not counted",
+            "path": "pipeline/serial: runtime.explain.main in process (serial = --no-pipeline): load, preprocess, "
+                    "explain, write overlay/components PNG, JSON and NPZ per image; ray-K: runtime.dataset."
+                    "explain_dataset on a local Ray instance, K actors with threads // K ORT threads each, the "
+                    "same files plus the Parquet table (img/s from its own clock, after Ray started)",
         },
     }
 
 
+def _start_local_ray() -> None:
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+
+
 def throughput_table(report: dict) -> str:
-    headers = ["engine", "N", "img/s", "img/s (wall)", "wall s", "RSS before MB", "RSS 10-20% MB",
+    headers = ["engine", "mode", "N", "img/s", "img/s (wall)", "wall s", "RSS before MB", "RSS 10-20% MB",
                "RSS last 10% MB", "growth MB", "peak RSS MB", "VmHWM MB"]
-    rows = [[r["engine"], r["n"], common.fmt(r["images_per_s"], 2), common.fmt(r["images_per_s_wall"], 2),
+    rows = [[r["engine"], r.get("mode", "pipeline"), r["n"], common.fmt(r["images_per_s"], 2), common.fmt(r["images_per_s_wall"], 2),
              common.fmt(r["wall_s"]), common.fmt(r["rss_start_mb"], 0), common.fmt(r["rss_10_20pct_mb"], 0),
              common.fmt(r["rss_last_10pct_mb"], 0), common.fmt(r["rss_growth_mb"], 0), common.fmt(r["peak_rss_mb"], 0),
              common.fmt(r["vmhwm_mb"], 0)] for r in report["results"]]
     skipped = "".join(f"\nskipped {s['engine']}: {s['reason']}" for s in report["skipped"])
     return f"model {report['settings']['model']}, method {report['settings']['method']}, p={report['settings']['top_p']}\n" \
-        + common.format_table(headers, rows, "lr" + "r" * (len(headers) - 2)) + skipped
+        + common.format_table(headers, rows, "llr" + "r" * (len(headers) - 3)) + skipped \
+        + "".join(f"\n{r['engine']}/{r['mode']}/N={r['n']}: {r['note']}" for r in report["results"] if r.get("note"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -538,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--folder", default=None, help="explain the images of this folder through the CLI "
                                                   "(generated where it holds fewer than N)")
     t.add_argument("--n", default="100,1000", help="image counts, comma list (default 100,1000)")
+    t.add_argument("--modes", default="pipeline",
+                   help=f"comma list of {', '.join(THROUGHPUT_MODES)} (default pipeline): the CLI with and without "
+                        "its pipeline (--no-pipeline), and runtime.dataset on a local Ray instance with K workers")
     p.add_argument("--json", default=None, help="write the report here")
     return p
 

@@ -25,8 +25,10 @@ flattened, with its side). Analytics tools read it directly.
 
 Failures: a bad image is one row with status "failed" and its one-line error, never a dead job. A worker
 that dies (out of memory, a killed process, a lost node) is restarted by Ray (`max_restarts`) and its
-batch retried (`max_task_retries`); outputs are written atomically and are a deterministic function of the
-image, so a retried batch rewrites the same files and the table gets each image once.
+batch retried (`max_task_retries`); outputs are written atomically, so a retried batch finds the images the
+dead worker had finished complete, does not explain them again, and the table gets each image once. Their
+rows say "ok", not "skipped": the driver lists the images finished before the run, and "skipped" is kept for
+those; the summary's `recovered` counts the rows relabelled so.
 """
 
 from __future__ import annotations
@@ -245,6 +247,35 @@ class ExplainActor:
         return _columns(rows)
 
 
+def _finished_stems(out_dir: Path) -> set[str]:
+    """Stems whose four output files are all in `out_dir` (one listing of the folder)."""
+    from .render import OUTPUT_SUFFIXES
+
+    try:
+        names = {e.name for e in os.scandir(out_dir)}
+    except OSError:
+        return set()
+    first = OUTPUT_SUFFIXES[0]
+    stems = {n[: -len(first)] for n in names if n.endswith(first)}
+    return {s for s in stems if all(f"{s}{x}" in names for x in OUTPUT_SUFFIXES)}
+
+
+def _relabel_recovered(batch, finished_before: set[str]):
+    """(batch with "skipped" rows of images not finished before the run relabelled "ok", their count)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    status = batch.column("status").to_pylist()
+    stems = batch.column("stem").to_pylist()
+    new = ["ok" if st == "skipped" and stem not in finished_before else st for st, stem in zip(status, stems)]
+    n = sum(a != b for a, b in zip(status, new))
+    if not n:
+        return batch, 0
+    i = batch.schema.get_field_index("status")
+    col = pc.cast(pa.array(new), batch.schema.field(i).type)
+    return batch.set_column(i, batch.schema.field(i), col), n
+
+
 def bound(job: Job, actor: type | None = None) -> type:
     """A subclass of `actor` (default ExplainActor) that carries `job`."""
     base = actor or ExplainActor
@@ -311,6 +342,9 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
     sources, problems = list_inputs(specs)
     stems = output_stems(sources)
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    # the images finished before this run: a row an actor reports "skipped" for any other image was written
+    # by an earlier attempt of this run (a worker that died after writing it, its batch retried): "ok"
+    finished_before = set() if job.overwrite else _finished_stems(Path(job.out_dir))
 
     started_here = False
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ core logs to stderr otherwise
@@ -331,7 +365,7 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
 
         from .fsutil import atomic_open
 
-        counts = {"ok": 0, "skipped": 0, "failed": 0}
+        counts = {"ok": 0, "skipped": 0, "failed": 0, "recovered": 0}
         errors = [f"{spec}: {problem}" for spec, problem in problems]
         # written to a private temporary next to the table and renamed when complete (runtime/fsutil.py)
         with atomic_open(Path(job.out_dir) / parquet) as f, pq.ParquetWriter(f, _schema()) as writer:
@@ -348,6 +382,8 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
                                      max_restarts=max_restarts, max_task_retries=max_task_retries)
                 for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
                     batch = batch.select(_schema().names).cast(_schema())
+                    batch, recovered = _relabel_recovered(batch, finished_before)
+                    counts["recovered"] += recovered
                     writer.write_table(batch)
                     table_rows += batch.num_rows
                     for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
@@ -404,7 +440,8 @@ def main(argv=None) -> int:
     for err in s["errors"]:
         print(f"error: {err}", file=sys.stderr)
     print(f"explained {s['ok']} of {s['inputs']} inputs on Ray ({s['workers']} workers): {s['failed']} failed, "
-          f"{s['skipped']} skipped (outputs exist) in {s['seconds']:.1f} s -> {args.out}; table {s['parquet']}")
+          f"{s['skipped']} skipped (outputs exist) in {s['seconds']:.1f} s -> {args.out}; table {s['parquet']}"
+          + (f"; {s['recovered']} images finished by a worker that died were kept" if s["recovered"] else ""))
     return 1 if s["failed"] else 0
 
 

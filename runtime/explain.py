@@ -6,7 +6,9 @@
 
 INPUTS are files, folders (searched recursively) or globs (quote them; `**` matches any depth). For each
 image it writes NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz into --out, and with --report
-an index.html showing them all. Exit status: 0 when every input succeeded, 1 when some failed (each failure
+an index.html showing them all. Images are explained in groups; while the graphs run on one group, the next
+is decoded and preprocessed and the previous one written in worker threads (runtime/pipeline.py: bounded
+queues, input order kept; --no-pipeline does all of it in one thread). Exit status: 0 when every input succeeded, 1 when some failed (each failure
 is one line on stderr naming the file and the problem; the others are still processed), 2 for a usage error
 (an option out of range, unknown target class, missing or mismatched artifacts, an --out that cannot be
 written), 130 when interrupted (Ctrl-C) and 143 on SIGTERM. Outputs that already exist are skipped unless
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse larger files before reading them (default {DEFAULT_MAX_BYTES:,} = 1 GiB)")
     o.add_argument("--group", type=int_range(1, 4096), default=None,
                    help="images explained together, 1..4096 (default: batch-size // (p+1), at least 1)")
+    o.add_argument("--no-pipeline", action="store_true",
+                   help="decode, explain and write in one thread (default: the next group is decoded and the "
+                        "previous one written in worker threads while the graphs run)")
     o.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     o.add_argument("--list-methods", action="store_true", help="print the methods and exit")
     return p
@@ -334,6 +339,7 @@ def run(args) -> int:
     from .explainer import Explainer, TargetError
     from .images import ImageError, load_image
     from .methods import list_methods
+    from .pipeline import run_pipeline
     from .render import OUTPUT_SUFFIXES, write_outputs
 
     if args.list_methods:
@@ -347,7 +353,9 @@ def run(args) -> int:
         return 2
     try:
         config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space)
-        opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads)
+        # with the pipeline, ORT's idle intra-op threads do not spin: the loader and writer threads need the cores
+        opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads,
+                             allow_spinning=args.no_pipeline)
         # the engine proven before anything else: a provider that lists itself but fails to load is a usage error
         reason = probe_engine(args.engine, args.device_id) if args.engine in ("cuda", "trt") else None
         if reason:
@@ -388,46 +396,74 @@ def run(args) -> int:
     p = config.effective_p(ex.artifacts.dims["C"], ex.artifacts.dims["h"] * ex.artifacts.dims["w"])
     group = args.group or max(1, args.batch_size // (p + 1))
     t0 = time.perf_counter()
-    ok = 0
 
     def fail(it, msg: str):
         error(f"{it.path}: {msg}")
         failures[str(it.path)] = msg
 
-    with progress_bar(len(todo), args.quiet) as bar:
-        for start in range(0, len(todo), group):
-            chunk = todo[start:start + group]
-            loaded = []
-            for it in chunk:
-                try:
-                    loaded.append((it, load_image(it.path, max_pixels=args.max_pixels, max_bytes=args.max_bytes)))
-                except ImageError as e:
-                    error(str(e))
-                    failures[str(it.path)] = str(e).removeprefix(f"{it.path}: ")
-                    bar.update(1)
-            if not loaded:
-                continue
+    def load(chunk: list[Item]):
+        """Loader stage: decode (refusing bad files) and preprocess one group."""
+        loaded, bad, decode_s = [], [], []
+        for it in chunk:
+            t = time.perf_counter()
             try:
-                exps = ex.explain_arrays([rgb for _, rgb in loaded], [str(it.path) for it, _ in loaded],
-                                         target=target, method=args.method)
-            except EngineError as e:  # the engine itself failed: no point in trying the other images
-                error(str(e))
-                return 2
-            except Exception as e:  # one bad group must not stop the run; report each file
-                first = (str(e).splitlines() or [""])[0][:200]
-                for it, _ in loaded:
-                    fail(it, f"explanation failed ({type(e).__name__}: {first})")
-                    bar.update(1)
-                continue
-            for (it, rgb), e in zip(loaded, exps):
-                try:
-                    write_outputs(out_dir, it.stem, rgb, e,
-                                  extra={"engine": args.engine, "artifacts": str(args.artifacts),
-                                         "precision": dict(ex.graph_precisions)})
-                    ok += 1
-                except OSError as err:
-                    fail(it, f"could not write outputs ({err})")
+                loaded.append((it, load_image(it.path, max_pixels=args.max_pixels, max_bytes=args.max_bytes)))
+                decode_s.append(time.perf_counter() - t)
+            except ImageError as e:
+                bad.append((it, str(e)))
+        if not loaded:
+            return loaded, bad, None, (decode_s, 0.0)
+        t = time.perf_counter()
+        prepared = ex.preprocess([rgb for _, rgb in loaded])
+        return loaded, bad, prepared, (decode_s, (time.perf_counter() - t) / len(loaded))
+
+    def compute(group):
+        """Engine stage: one explanation call per group; an EngineError ends the run (exit 2)."""
+        loaded, bad, prepared, _ = group
+        if not loaded:
+            return group, None, None
+        try:
+            exps = ex.explain_arrays([rgb for _, rgb in loaded], [str(it.path) for it, _ in loaded],
+                                     target=target, method=args.method, prepared=prepared)
+        except EngineError:
+            raise
+        except Exception as e:  # one bad group must not stop the run; each of its files is reported
+            return group, None, e
+        return group, exps, None
+
+    done = {"ok": 0}
+
+    def emit(result):
+        """Writer stage: report and write one group, in input order (every per-image line comes from here)."""
+        (loaded, bad, _, (decode_s, preprocess_s)), exps, exc = result
+        for it, msg in bad:
+            error(msg)
+            failures[str(it.path)] = msg.removeprefix(f"{it.path}: ")
+            bar.update(1)
+        if exc is not None:
+            first = (str(exc).splitlines() or [""])[0][:200]
+            for it, _ in loaded:
+                fail(it, f"explanation failed ({type(exc).__name__}: {first})")
                 bar.update(1)
+            return
+        for (it, rgb), e, load_s in zip(loaded, exps or (), decode_s):
+            e.timings.update(load=load_s, preprocess=preprocess_s)  # the loader's share of this image
+            try:
+                write_outputs(out_dir, it.stem, rgb, e, extra={  # graph_precisions: the graphs run so far
+                    "engine": args.engine, "artifacts": str(args.artifacts), "precision": dict(ex.graph_precisions)})
+                done["ok"] += 1
+            except OSError as err:
+                fail(it, f"could not write outputs ({err})")
+            bar.update(1)
+
+    groups = [todo[i:i + group] for i in range(0, len(todo), group)]
+    with progress_bar(len(todo), args.quiet) as bar:
+        try:
+            run_pipeline(groups, load, compute, emit, depth=2, threaded=not args.no_pipeline)
+        except EngineError as e:  # the engine itself failed: no point in trying the other images
+            error(str(e))
+            return 2
+    ok = done["ok"]
     dt = time.perf_counter() - t0
     failed = len(failures)
     if args.report:

@@ -220,10 +220,19 @@ class Explainer:
             e.timings["load"] = load_s / max(len(res), 1)
         return res[0] if single else res
 
+    def preprocess(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """Decoded uint8 RGB images [H, W, 3] -> (x [B, 3, S, S] float32 on the host, geometries), as the
+        export was made; `explain_arrays(prepared=...)` takes it (the CLI's loader thread runs this)."""
+        pre = [self.artifacts.preprocess_image(im, self.resize_mode) for im in rgbs]
+        return np.stack([p[0] for p in pre]), [p[1] for p in pre]
+
     def explain_arrays(self, rgbs: list[np.ndarray], sources: list[str | None] | None = None, target=None,
                        top_p: int | None = None, method: "str | Method" = "decomcam",
-                       config: DecomCamConfig | None = None) -> list[Explanation]:
-        """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches."""
+                       config: DecomCamConfig | None = None,
+                       prepared: tuple[np.ndarray, list] | None = None) -> list[Explanation]:
+        """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches.
+
+        prepared: `self.preprocess(rgbs)`, when already computed (its time is then not in the timings)."""
         if not rgbs:
             return []
         cfg = config or self.config
@@ -241,10 +250,13 @@ class Explainer:
         timings: dict[str, float] = {}
         be.transfers.take()  # what crossed before this call (class embeddings) is not this call's
         t = time.perf_counter()
-        pre = [self.artifacts.preprocess_image(im, self.resize_mode) for im in rgbs]
-        x_host = np.stack([p[0] for p in pre])
-        geoms = [p[1] for p in pre]
-        timings["preprocess"] = time.perf_counter() - t
+        if prepared is None:
+            x_host, geoms = self.preprocess(rgbs)
+            timings["preprocess"] = time.perf_counter() - t
+        else:
+            x_host, geoms = prepared
+            if len(x_host) != n or len(geoms) != n:
+                raise ValueError(f"prepared holds {len(x_host)} images for {n} given")
 
         t = time.perf_counter()
         x = be.asarray(x_host)

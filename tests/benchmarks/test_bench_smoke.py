@@ -75,6 +75,22 @@ def test_throughput_one_iteration(tiny_artifacts, tmp_path):
             assert finite(r[k]), k
 
 
+def test_throughput_modes_serial_pipeline_and_ray(tiny_artifacts, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    out, folder = tmp_path / "throughput.json", tmp_path / "images"
+    argv = ["--artifacts", str(tiny_artifacts.out_dir), "--folder", str(folder), "--n", "3", "--engines", "cpu",
+            "--modes", "serial,pipeline,ray-2", "--top-p", "2", "--threads", "2", "--json", str(out)]
+    assert latency.main(argv) == 0
+    rep = load(out)
+    assert [(r["mode"], r["explained"]) for r in rep["results"]] == [("serial", 3), ("pipeline", 3), ("ray-2", 3)]
+    for r in rep["results"]:
+        assert finite(r["images_per_s"]) and finite(r["images_per_s_wall"])
+        assert (r["peak_rss_mb"] is None) == (r["mode"] == "ray-2")  # Ray's actors are other processes
+    assert "| ray-2 " in rep["table"]
+    with pytest.raises(SystemExit, match="unknown --modes"):
+        latency.main([*argv[:-4], "--modes", "threads", "--json", str(out)])
+
+
 def test_parity_one_iteration(tiny_artifacts, tmp_path):
     out = tmp_path / "parity.json"
     argv = ["--artifacts", str(tiny_artifacts.out_dir), "--engines", "cpu", "--precision", "fp32,fp16",

@@ -88,7 +88,7 @@ def test_rerun_skips_finished_images_and_keeps_the_table_whole(local_ray, photos
     first = pq.read_table(out / "explanations.parquet").to_pylist()
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix != ".parquet"}
     s = explain_dataset([str(photos / "p0*.png")], tiny_artifacts.out_dir, out, workers=2, top_p=4)
-    assert s["ok"] == 0 and s["skipped"] == 10
+    assert s["ok"] == 0 and s["skipped"] == 10 and s["recovered"] == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix != ".parquet"} == mtimes
     again = pq.read_table(out / "explanations.parquet").to_pylist()
     key = lambda r: r["stem"]  # noqa: E731
@@ -139,8 +139,10 @@ def test_a_killed_worker_loses_and_duplicates_nothing(local_ray, photos, tiny_ar
     assert marker.exists()                            # a worker was killed mid-batch
     t = pq.read_table(out / "explanations.parquet").to_pylist()
     assert len(t) == s["rows"] == N_GOOD + len(BROKEN) and len({r["source"] for r in t}) == len(t)
-    # the retried batch finds the image the killed worker finished: explained once, reported "skipped"
-    assert s["skipped"] >= 1 and sum(r["status"] in ("ok", "skipped") for r in t) == N_GOOD
+    # the retried batch finds the image the killed worker finished: explained once, and reported "ok" (it
+    # was not finished before this run), counted as recovered
+    assert s["recovered"] >= 1 and s["skipped"] == 0 and s["ok"] == N_GOOD
+    assert sum(r["status"] == "ok" for r in t) == N_GOOD
     assert {Path(r["source"]).name for r in t if r["status"] == "failed"} == set(BROKEN)
     for i in range(N_GOOD):
         for suffix in SUFFIXES:
