@@ -475,11 +475,16 @@ def run_throughput(args) -> dict:
     bad = [m for m in modes if m not in THROUGHPUT_MODES]
     if bad:
         raise SystemExit(f"unknown --modes {bad}; valid: {', '.join(THROUGHPUT_MODES)}")
+    from runtime.engines import probe_engine
+
     names = [n for n in parse_list(args.engines) if n in ORT_ENGINES]
     skipped = [{"engine": n, "reason": "throughput mode runs the CLI (ONNX Runtime engines only)"}
                for n in parse_list(args.engines) if n not in ORT_ENGINES]
-    if not names:
-        names = ["cpu"]
+    for n in list(names):  # a GPU engine this machine cannot run is skipped with its reason
+        reason = probe_engine(n.split("-")[0], args.device_id) if n.split("-")[0] in ("cuda", "trt") else None
+        if reason:
+            skipped.append({"engine": n, "reason": reason})
+            names.remove(n)
     t = time.perf_counter()
     paths = common.image_folder(args.folder, max(ns), seed=args.seed)
     gen_s = time.perf_counter() - t

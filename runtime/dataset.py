@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,11 +376,16 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
                 counts["failed"] += 1
                 table_rows += 1
             if ds is not None:
-                out = ds.map_batches(bound(job, actor), batch_size=images_per_batch,
-                                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                                     num_gpus=gpus_per_worker,
-                                     num_cpus=1 if gpus_per_worker == 0 else 0,
-                                     max_restarts=max_restarts, max_task_retries=max_task_retries)
+                with warnings.catch_warnings():
+                    # Ray 2.60 documents max_restarts / max_task_retries as map_batches' extra keywords (its
+                    # own defaults retry forever, which a photo that crashes its worker would never end) and
+                    # warns that extra keywords are deprecated, without a named replacement yet
+                    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                    out = ds.map_batches(bound(job, actor), batch_size=images_per_batch,
+                                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                                         num_gpus=gpus_per_worker,
+                                         num_cpus=1 if gpus_per_worker == 0 else 0,
+                                         max_restarts=max_restarts, max_task_retries=max_task_retries)
                 for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
                     batch = batch.select(_schema().names).cast(_schema())
                     batch, recovered = _relabel_recovered(batch, finished_before)

@@ -5,6 +5,7 @@
 #   the fp16 graphs validated on the CUDA provider (python -m export.precision --validate-on cuda),
 #   the latency benchmark (torch, torch-fp16, cuda, cuda-fp16 where fp16 graphs exist; batch 1 and 8),
 #   the parity benchmark (cpu, cuda; fp32, fp16; TF32 off, explicit targets),
+#   the CLI's throughput over 200 generated photos, serial and pipelined (benchmarks.latency --modes),
 # each engine through runtime.engines.probe_engine (an engine that cannot run is skipped with its reason).
 source "$(dirname "$0")/kit_env.sh"
 log "final call: model $KIT_MODEL, dry run $KIT_DRY_RUN"
@@ -42,5 +43,11 @@ step latency 240 "$PY" -m benchmarks.latency --artifacts "$ART" --engines "$engi
   --warmup 2 --json "$OUT/latency.json" || rc=1
 step parity 180 "$PY" -m benchmarks.parity --artifacts "$ART" --engines cpu,cuda --precision fp32,fp16 \
   --n-images 4 --json "$OUT/parity.json" || rc=1
+# the CLI end to end on the GPU, without and with its pipeline (decode and writes in worker threads while the
+# graphs run: this is where the pipeline matters, the graphs being fast); generated photo-like JPEGs
+tp_engines="cuda"
+case "$engines" in *cuda-fp16*) tp_engines="cuda,cuda-fp16" ;; esac
+step throughput 150 "$PY" -m benchmarks.latency --artifacts "$ART" --folder "$KIT_TMP/photos" --n 200 \
+  --engines "$tp_engines" --modes serial,pipeline --json "$OUT/throughput.json" || rc=1
 log "final call done: exit $rc"
 exit $rc

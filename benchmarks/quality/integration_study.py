@@ -87,6 +87,10 @@ VARIANTS = {
     "gcam-area": "r_i = p softmax(C_i / m_i)",
     "gcam-relu-gain": "r_i = relu(C_i) / mean_j relu(C_j)",
     "gcam-keep-remove": "r_i = relu(D_i) / mean_j relu(D_j)",
+    # The same with LayerCAM's channel sum g+ = sum_c relu(dy/dA_c) A_c (Grad-CAM++'s map for a GAP head):
+    # its projection onto the top-p spatial components of S*, a+_i = <F_i, g+> / sigma_i^2.
+    "lcam-rank-p": "s(Up(relu(sum_{i<=p} a+_i F_i))): the rank-p LayerCAM map, r_i = 1",
+    "lcam-relu-gain": "s(Up(relu(sum_i r_i a+_i F_i))), r_i = relu(C_i) / mean_j relu(C_j)",
 }
 # The study's name of the integration the runtime offers as DecomCamConfig(integration="gain-share").
 RUNTIME_NAMES = {"gcam-relu-gain": "gain-share"}
@@ -226,8 +230,10 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     c, h, w = act.shape
     fm, sv, evr, null = decompose_paper(torch.from_numpy(act), torch.from_numpy(np.ascontiguousarray(grad)), p)
     g = (act.astype(np.float64) * grad).reshape(c, -1).sum(0)                        # channel sum of S* [n]
+    g_pos = (act.astype(np.float64) * np.maximum(grad, 0)).reshape(c, -1).sum(0)     # LayerCAM's sum [n]
     sv2 = sv.numpy() ** 2
     share = np.where(null.numpy(), 0.0, fm.numpy() @ g / np.where(sv2 > 0, sv2, 1.0))  # a_i [p]
+    share_pos = np.where(null.numpy(), 0.0, fm.numpy() @ g_pos / np.where(sv2 > 0, sv2, 1.0))  # a+_i [p]
     up = F.interpolate(fm.reshape(1, -1, h, w).float(), size=(SIZE, SIZE), mode="bilinear",
                        align_corners=False)[0]                                       # [p, S, S] signed
     up = torch.where(null[:, None, None], torch.zeros_like(up), up)
@@ -252,6 +258,7 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         "mass": hmap.numpy().mean((1, 2)),
         "fm": fm.numpy().reshape(-1, h, w),                                          # signed F_i [p, h, w]
         "share": share,                                                              # a_i [p]
+        "share_pos": share_pos,                                                      # a+_i [p]
     }
 
 
@@ -275,13 +282,13 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
             up = up / np.where(peak > 0, peak, 1.0)[:, None, None]
         return minmax_np(np.maximum(np.einsum("p,pij->ij", np.where(valid, w, 0.0).astype(np.float32), up), 0))
 
-    def gcam(r):
+    def gcam(r, share="share"):
         import torch
 
         from export.baselines_reference import finish
 
         r = np.where(valid, r, 0.0)
-        cam = np.einsum("p,pij->ij", r * d["share"], d["fm"])
+        cam = np.einsum("p,pij->ij", r * d[share], d["fm"])
         return finish(torch.from_numpy(cam)[None], SIZE)[0].numpy()
 
     def mean_one(w):
@@ -298,6 +305,10 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
         return gcam(mean_one(np.maximum(gain, 0)))
     if name == "gcam-keep-remove":
         return gcam(mean_one(np.maximum(kr, 0)))
+    if name == "lcam-rank-p":
+        return gcam(np.ones_like(gain), "share_pos")
+    if name == "lcam-relu-gain":
+        return gcam(mean_one(np.maximum(gain, 0)), "share_pos")
     if name == "paper":
         return convex(softmax(gain, valid))
     if name == "top1":

@@ -81,3 +81,30 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "manifest.csv").write_text("file,class_index,boxes_xyxy\n")
     assert st.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--del-ins-methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_lcam_variants_project_layercams_map_onto_the_top_p_components(pieces):
+    """lcam-rank-p = Grad-CAM's finish of V_p V_p^T g+, V_p the top-p right singular vectors of S* = dy/dA * A
+    (numpy's SVD here) and g+ = sum_c relu(dy/dA_c) A_c; lcam-relu-gain re-weights the same shares by the gains."""
+    model, _, act, d = pieces
+    grad = model.gradient(act, 2).astype(np.float64)
+    c = act.shape[0]
+    s = (grad * act).reshape(c, -1)
+    _, _, vh = np.linalg.svd(s, full_matrices=False)
+    vp = vh[:10]                                                         # [p, n]
+    g_pos = (np.maximum(grad, 0) * act).reshape(c, -1).sum(0)            # [n]
+    assert (grad < 0).any() and (grad > 0).any()                         # g+ differs from Grad-CAM's sum
+    proj = vp.T @ (vp @ g_pos)
+    from export.baselines_reference import finish
+
+    expect = finish(torch.from_numpy(proj.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    got = st.variant_saliency("lcam-rank-p", d)
+    assert np.ptp(got) > 0
+    assert np.abs(got - expect).max() <= 1e-5
+    d2 = dict(d, y_keep=d["y_blur"] + np.linspace(-1.0, 3.0, 10))         # gains: 3 negative, 7 positive
+    gain = np.maximum(d2["y_keep"] - d2["y_blur"], 0)
+    r = gain / gain.mean()
+    coef = vp @ g_pos                                                    # <v_i, g+>
+    weighted = finish(torch.from_numpy((vp.T @ (r * coef)).reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    got = st.variant_saliency("lcam-relu-gain", d2)
+    assert np.abs(got - weighted).max() <= 1e-5 and np.abs(got - expect).max() > 1e-3
