@@ -414,7 +414,10 @@ def run(args) -> int:
         if not loaded:
             return loaded, bad, None, (decode_s, 0.0)
         t = time.perf_counter()
-        prepared = ex.preprocess([rgb for _, rgb in loaded])
+        try:
+            prepared = ex.preprocess([rgb for _, rgb in loaded])
+        except Exception as e:  # reported by the writer like a failed explanation of the group
+            prepared = e
         return loaded, bad, prepared, (decode_s, (time.perf_counter() - t) / len(loaded))
 
     def compute(group):
@@ -422,6 +425,8 @@ def run(args) -> int:
         loaded, bad, prepared, _ = group
         if not loaded:
             return group, None, None
+        if isinstance(prepared, Exception):
+            return group, None, prepared
         try:
             exps = ex.explain_arrays([rgb for _, rgb in loaded], [str(it.path) for it, _ in loaded],
                                      target=target, method=args.method, prepared=prepared)

@@ -205,3 +205,30 @@ def test_cli_interrupted_mid_run_keeps_finished_outputs_and_no_temporaries(tiny_
     monkeypatch.setattr(explainer.Explainer, "explain_arrays", real)
     code, stdout, _ = run_cli(args, capsys)
     assert code == 0 and "explained 4 of 10" in stdout and "6 skipped" in stdout
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["threaded", "serial"])
+def test_cli_preprocessing_failure_fails_its_group_only(tiny_artifacts, tmp_path, capsys, monkeypatch, pipeline):
+    """Preprocessing runs in the loader thread: if it raises for a group, that group's images fail with one
+    line each (as an explanation failure) and the other groups are written."""
+    import runtime.explainer as explainer
+
+    imgs = write_good(tmp_path / "in", 6)
+    real = explainer.Explainer.preprocess
+    calls = {"n": 0}
+
+    def flaky(self, rgbs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("resize failed")
+        return real(self, rgbs)
+
+    monkeypatch.setattr(explainer.Explainer, "preprocess", flaky)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([tmp_path / "in", "--artifacts", tiny_artifacts.out_dir, "--out", out, "--top-p", "3",
+                                 "--batch-size", "8", "--quiet", *([] if pipeline else ["--no-pipeline"])], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and "explained 4 of 6" in stdout
+    assert len(lines) == 2 and all("explanation failed (RuntimeError: resize failed)" in ln for ln in lines)
+    assert {Path(ln.split(": ")[1]).name for ln in lines} == {imgs[2].name, imgs[3].name}
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}{s}" for p in imgs[:2] + imgs[4:] for s in OUTPUTS)
