@@ -52,25 +52,12 @@ CALIBRATIONS = ("percentile", "minmax", "entropy")
 
 def generated_photos(n: int, seed: int = 0, size: tuple[int, int] = (240, 320)) -> list[np.ndarray]:
     """Photo-like uint8 RGB images: smooth colour fields, a few shapes, sensor noise (deterministic)."""
-    import cv2
+    from .photos import photo_like_rgb
 
     rng = np.random.default_rng(seed)
-    out = []
     h, w = size
-    for _ in range(n):
-        low = rng.random((3 + rng.integers(0, 4), 3 + rng.integers(0, 4), 3)).astype(np.float32)
-        img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC) * 220 + 15
-        for _ in range(int(rng.integers(2, 6))):
-            c = tuple(float(v) for v in rng.integers(0, 255, 3))
-            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-            r = int(rng.integers(min(h, w) // 12, min(h, w) // 3))
-            if rng.random() < 0.5:
-                cv2.circle(img, centre, r, c, -1)
-            else:
-                cv2.rectangle(img, (centre[0] - r, centre[1] - r), (centre[0] + r, centre[1] + r), c, -1)
-        img = img + rng.normal(0, 6, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
+    return [photo_like_rgb(rng, h, w, grid=(3, 7), shapes=(2, 6), level=(220.0, 15.0), radius_div=12, noise=6.0)
+            for _ in range(n)]
 
 
 def _image_tensors(art, folder: str | None, n: int, seed: int) -> tuple[np.ndarray, str]:

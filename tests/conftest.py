@@ -68,26 +68,11 @@ def pytest_runtest_makereport(item, call):
 
 
 def make_images(n: int, seed: int = 0, sizes=((150, 200), (224, 224), (260, 180), (128, 300))) -> list[np.ndarray]:
-    """Photo-like uint8 RGB images: smooth background, a few filled shapes, mild noise."""
-    import cv2
+    """Photo-like uint8 RGB images: smooth background, a few filled shapes, mild noise (export/photos.py)."""
+    from export.photos import photo_like_rgb
 
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        h, w = sizes[i % len(sizes)]
-        low = rng.random((4, 4, 3)).astype(np.float32)
-        img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC) * 200 + 20
-        for _ in range(3):
-            c = tuple(float(v) for v in rng.integers(0, 255, 3))
-            center = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-            r = int(rng.integers(min(h, w) // 10, min(h, w) // 3))
-            if rng.random() < 0.5:
-                cv2.circle(img, center, r, c, -1)
-            else:
-                cv2.rectangle(img, (center[0] - r, center[1] - r), (center[0] + r, center[1] + r), c, -1)
-        img = img + rng.normal(0, 5, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
+    return [photo_like_rgb(rng, *sizes[i % len(sizes)]) for i in range(n)]
 
 
 @pytest.fixture(scope="session")

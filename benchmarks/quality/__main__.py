@@ -180,10 +180,23 @@ def main_pointing(args) -> int:
     return 0
 
 
-def main_deletion(args) -> int:
-    from .evaluate import deletion_insertion, resolve_methods, scaled_step
+def _plot_curves(di: dict, path) -> bool:
+    """The Figure-4 plot of a deletion/insertion result's binned curves (methods and baselines); False, with a
+    line on stderr, when no image was predicted correctly."""
     from .protocol import plot_binned
     from .report import display_name
+
+    curves = {display_name(n): r["binned"] for n, r in [*di["methods"].items(), *di["baselines"].items()]
+              if r["binned"]}
+    if not curves:
+        print("no correctly predicted images: no plot written", file=sys.stderr)
+        return False
+    plot_binned(curves, path)
+    return True
+
+
+def main_deletion(args) -> int:
+    from .evaluate import deletion_insertion, resolve_methods, scaled_step
     from .voc import read_imagefolder
 
     methods = resolve_methods(args.methods)
@@ -201,14 +214,8 @@ def main_deletion(args) -> int:
     res["artifacts"] = str(args.artifacts)
     res["engine"] = args.engine
     _print_deletion(res)
-    if args.plot:
-        curves = {display_name(n): r["binned"] for n, r in [*res["methods"].items(), *res["baselines"].items()]
-                  if r["binned"]}
-        if curves:
-            plot_binned(curves, args.plot)
-            res["plot"] = str(args.plot)
-        else:
-            print("no correctly predicted images: no plot written", file=sys.stderr)
+    if args.plot and _plot_curves(res, args.plot):
+        res["plot"] = str(args.plot)
     write_json(args.json, res)
     return 0
 
@@ -263,10 +270,8 @@ def main_real(args, argv) -> int:
     from runtime.methods import list_methods
 
     from .boxes_data import read_boxes_manifest
-    from .protocol import plot_binned
     from .real import RealConfig, evaluate_real
-    from .report import (display_name, real_deletion_table, real_mean_table, real_pointing_table,
-                         real_seconds_table)
+    from .report import real_deletion_table, real_mean_table, real_pointing_table, real_seconds_table
 
     methods = resolve_methods_all(args.methods, list_methods())
     if args.bootstrap < 1:
@@ -316,15 +321,8 @@ def main_real(args, argv) -> int:
         print(real_deletion_table(res["on_subset"]["deletion_insertion"], proto, extra))
     print()
     print(real_seconds_table(res["seconds"]))
-    if args.plot:
-        di = res["deletion_insertion"]
-        curves = {display_name(n): r["binned"] for n, r in [*di["methods"].items(), *di["baselines"].items()]
-                  if r["binned"]}
-        if curves:
-            plot_binned(curves, args.plot)
-            out["plot"] = str(args.plot)
-        else:
-            print("no correctly predicted images: no plot written", file=sys.stderr)
+    if args.plot and _plot_curves(res["deletion_insertion"], args.plot):
+        out["plot"] = str(args.plot)
     write_json(args.json, out)
     return 1 if res["n_bad"] else 0
 

@@ -22,6 +22,7 @@ from benchmarks.quality.real import SLOW_METHODS, map_targets, pointing_hits, st
 from benchmarks.quality.voc import VOC_CLASSES
 from runtime.images import preprocess
 from runtime.methods import list_methods
+from tests.benchmarks.test_quality_run import finite_numbers
 from tests.conftest import make_images
 
 N_IMAGES = 6
@@ -75,17 +76,6 @@ def run_cli(args, capsys):
     return code, out, err
 
 
-def finite_or_none(obj, path="$"):
-    if isinstance(obj, float):
-        assert math.isfinite(obj), path
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            finite_or_none(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            finite_or_none(v, f"{path}[{i}]")
-
-
 # --------------------------------------------------------------------------------------------------
 # The command on the tiny export
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
                                  "--bootstrap", "200", "--plot", png], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
-    finite_or_none(res)
+    finite_numbers(res)
     assert res["benchmark"] == "quality-real" and res["command"].startswith("python -m benchmarks.quality real --data")
     assert {"cpu", "isa", "cores", "versions", "load_average"} <= set(res["machine"])
     assert res["n_images"] == N_IMAGES and res["n_bad"] == 0 and len(res["images"]) == N_IMAGES
