@@ -491,7 +491,7 @@ def run_throughput(args) -> dict:
     results = []
     sampler = common.RssSampler(interval=0.05)
     ray_started = False
-    with sampler:
+    with contextlib.ExitStack() as stack, sampler:
         for eng in names:
             for n in ns:
                 for mode in modes:  # modes interleaved per engine and N: their ratio is one run's
@@ -503,8 +503,10 @@ def run_throughput(args) -> dict:
                         t0 = time.perf_counter()
                         with sampler.segment(label):
                             if mode.startswith("ray-"):
-                                if not ray_started:  # Ray itself started once, outside the timings
-                                    _start_local_ray()
+                                if not ray_started:  # Ray itself started once, outside Ray's own clock
+                                    from runtime.dataset import ray_session
+
+                                    stack.enter_context(ray_session())
                                     ray_started = True
                                 ok, loop_s, note = _run_ray_mode(args, eng, int(mode[4:]), paths[:n], out_dir)
                             else:
@@ -538,10 +540,6 @@ def run_throughput(args) -> dict:
                         "rss_samples": len(vs), "note": note,
                     })
                     log(f"throughput {label}: {ok} images in {wall:.1f} s ({ok / wall:.2f} img/s wall)")
-    if ray_started:
-        import ray
-
-        ray.shutdown()
     return {
         "results": results, "skipped": skipped,
         "process": {"peak_rss_mb": common.peak_rss_mb(), "rss_mb": common.rss_mb()},
@@ -558,15 +556,6 @@ def run_throughput(args) -> dict:
                     "same files plus the Parquet table (img/s from its own clock, after Ray started)",
         },
     }
-
-
-def _start_local_ray() -> None:
-    import logging
-
-    import ray
-
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    ray.init(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def throughput_table(report: dict) -> str:

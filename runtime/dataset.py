@@ -37,9 +37,12 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,6 +307,31 @@ def _schema():
 # ----------------------------------------------------------------------------------------------------
 # The driver
 
+@contextmanager
+def ray_session(address: str | None = None):
+    """Ray for the length of a `with`: joins the running instance, or starts one (`address` None: local;
+    "auto" or "ray://host:10001": a cluster) and shuts it down at the end. ray.init installs its own SIGTERM
+    handler (sys.exit) and keeps it after ray.shutdown; the handlers that were in place before are put back,
+    so that the caller's Ctrl-C / SIGTERM handling is the same after a dataset run as before it."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    saved = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+             if threading.current_thread() is threading.main_thread() else {})
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ core logs to stderr otherwise
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+             logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for s, h in saved.items():
+            if h is not None:  # None: set outside Python; cannot be put back from here
+                signal.signal(s, h)
+
+
 def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_dir: str | os.PathLike, *,
                     address: str | None = None, workers: int = 2, gpus_per_worker: float = 0.0,
                     images_per_batch: int = 4, max_restarts: int = 3, max_task_retries: int = 3,
@@ -347,58 +375,55 @@ def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_d
     # by an earlier attempt of this run (a worker that died after writing it, its batch retried): "ok"
     finished_before = set() if job.overwrite else _finished_stems(Path(job.out_dir))
 
-    started_here = False
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ core logs to stderr otherwise
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-                 logging_level=logging.WARNING)
-        started_here = True
+    with ray_session(address):
+        return _run(ray, job, sources, problems, stems, finished_before, workers, gpus_per_worker,
+                    images_per_batch, max_restarts, max_task_retries, parquet, progress, actor)
+
+
+def _run(ray, job, sources, problems, stems, finished_before, workers, gpus_per_worker, images_per_batch,
+         max_restarts, max_task_retries, parquet, progress, actor) -> dict:
     t0 = time.perf_counter()
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(progress)
-        logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
-        ds = ray.data.from_items([{"source": s, "stem": t} for s, t in zip(sources, stems)],
-                                 override_num_blocks=max(1, min(len(sources), workers * 4))) if sources else None
-        table_rows = 0
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress)
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
+    ds = ray.data.from_items([{"source": s, "stem": t} for s, t in zip(sources, stems)],
+                             override_num_blocks=max(1, min(len(sources), workers * 4))) if sources else None
+    table_rows = 0
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        from .fsutil import atomic_open
+    from .fsutil import atomic_open
 
-        counts = {"ok": 0, "skipped": 0, "failed": 0, "recovered": 0}
-        errors = [f"{spec}: {problem}" for spec, problem in problems]
-        # written to a private temporary next to the table and renamed when complete (runtime/fsutil.py)
-        with atomic_open(Path(job.out_dir) / parquet) as f, pq.ParquetWriter(f, _schema()) as writer:
-            for spec, problem in problems:
-                writer.write_table(pa.Table.from_pylist([_row(spec, "", "failed", f"{spec}: {problem}")],
-                                                        schema=_schema()))
-                counts["failed"] += 1
-                table_rows += 1
-            if ds is not None:
-                with warnings.catch_warnings():
-                    # Ray 2.60 documents max_restarts / max_task_retries as map_batches' extra keywords (its
-                    # own defaults retry forever, which a photo that crashes its worker would never end) and
-                    # warns that extra keywords are deprecated, without a named replacement yet
-                    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-                    out = ds.map_batches(bound(job, actor), batch_size=images_per_batch,
-                                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-                                         num_gpus=gpus_per_worker,
-                                         num_cpus=1 if gpus_per_worker == 0 else 0,
-                                         max_restarts=max_restarts, max_task_retries=max_task_retries)
-                for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-                    batch = batch.select(_schema().names).cast(_schema())
-                    batch, recovered = _relabel_recovered(batch, finished_before)
-                    counts["recovered"] += recovered
-                    writer.write_table(batch)
-                    table_rows += batch.num_rows
-                    for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
-                        counts[status] = counts.get(status, 0) + 1
-                        if status == "failed":
-                            errors.append(err)
-    finally:
-        if started_here:
-            ray.shutdown()
+    counts = {"ok": 0, "skipped": 0, "failed": 0, "recovered": 0}
+    errors = [f"{spec}: {problem}" for spec, problem in problems]
+    # written to a private temporary next to the table and renamed when complete (runtime/fsutil.py)
+    with atomic_open(Path(job.out_dir) / parquet) as f, pq.ParquetWriter(f, _schema()) as writer:
+        for spec, problem in problems:
+            writer.write_table(pa.Table.from_pylist([_row(spec, "", "failed", f"{spec}: {problem}")],
+                                                    schema=_schema()))
+            counts["failed"] += 1
+            table_rows += 1
+        if ds is not None:
+            with warnings.catch_warnings():
+                # Ray 2.60 documents max_restarts / max_task_retries as map_batches' extra keywords (its
+                # own defaults retry forever, which a photo that crashes its worker would never end) and
+                # warns that extra keywords are deprecated, without a named replacement yet
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                out = ds.map_batches(bound(job, actor), batch_size=images_per_batch,
+                                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                                     num_gpus=gpus_per_worker,
+                                     num_cpus=1 if gpus_per_worker == 0 else 0,
+                                     max_restarts=max_restarts, max_task_retries=max_task_retries)
+            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                batch = batch.select(_schema().names).cast(_schema())
+                batch, recovered = _relabel_recovered(batch, finished_before)
+                counts["recovered"] += recovered
+                writer.write_table(batch)
+                table_rows += batch.num_rows
+                for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
+                    counts[status] = counts.get(status, 0) + 1
+                    if status == "failed":
+                        errors.append(err)
     return {"inputs": len(sources) + len(problems), **counts, "errors": errors, "rows": table_rows,
             "seconds": time.perf_counter() - t0, "parquet": str(Path(job.out_dir) / parquet),
             "workers": workers, "gpus_per_worker": gpus_per_worker}

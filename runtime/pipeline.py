@@ -12,7 +12,9 @@ Guarantees (tested in tests/runtime/test_pipeline.py, with and without threads):
 - errors: an exception raised by load, compute or emit stops the pipeline and is re-raised in the caller's
   thread; the groups computed before it are still emitted (nothing finished is lost), nothing after it is;
 - interrupts: KeyboardInterrupt (or any BaseException) in the caller's thread stops loading, lets the emitter
-  finish the groups already computed, joins it, and re-raises, so no write is cut in the middle.
+  finish the groups already computed, joins it, and re-raises, so no write is cut in the middle; this holds
+  also for an interrupt that arrives while the caller waits for the last writes. The caller's thread never
+  sleeps without a timeout, so a signal received by a worker thread is handled within _POLL_S.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             if stop.is_set():
                 return False
+
+
+def _get(q: queue.Queue):
+    """A blocking get that wakes every _POLL_S: the caller's thread then runs the Python signal handlers of a
+    signal that another thread received (SIGTERM sent by a worker thread), instead of sleeping through it."""
+    while True:
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
 
 
 def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Callable[[Any], Any],
@@ -73,17 +85,22 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
             end = _End(e)
         _put(loaded, end, stop)
 
+    emitted_all = threading.Event()  # the emitter's last act (Thread.join is not used: see below)
+
     def emitter():
-        while True:
-            item = computed.get()
-            if isinstance(item, _End):
-                return
-            try:
-                emit(item)
-            except BaseException as e:
-                emit_error.append(e)
-                stop.set()
-                return
+        try:
+            while True:
+                item = computed.get()
+                if isinstance(item, _End):
+                    return
+                try:
+                    emit(item)
+                except BaseException as e:
+                    emit_error.append(e)
+                    stop.set()
+                    return
+        finally:
+            emitted_all.set()
 
     # the loader does no writing, so it is a daemon: an interrupted run does not wait for a slow decode
     load_thread = threading.Thread(target=loader, name="pipeline-load", daemon=True)
@@ -93,7 +110,7 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
     failure: BaseException | None = None
     try:
         while True:
-            item = loaded.get()
+            item = _get(loaded)
             if isinstance(item, _End):
                 failure = item.exc
                 break
@@ -105,15 +122,31 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
     except BaseException as e:
         failure = e
     stop.set()
-    # the emitter finishes what was computed (at most depth groups), then ends; a second Ctrl-C here
-    # abandons it (a cut write leaves only a temporary, removed by the next run)
-    while emit_thread.is_alive():
+    # the emitter finishes what was computed (at most depth groups), then ends. An interrupt that arrives
+    # during this wait (a signal sent while the last groups are written) is held until the emitter is done;
+    # a second one abandons the emitter (a cut write leaves only a temporary, removed by the next run).
+    end_sent = False
+    held: BaseException | None = None
+    # (Thread.join is not interrupt-safe: a signal handler raising inside join(timeout) can mark a running
+    # thread as stopped, CPython bpo-45274; an Event can be waited on again after an interrupt.)
+    while True:
         try:
-            computed.put(_End(), timeout=_POLL_S)
-            break
+            if emitted_all.is_set():
+                break
+            if not end_sent:
+                computed.put(_End(), timeout=_POLL_S)
+                end_sent = True
+            else:
+                emitted_all.wait(timeout=_POLL_S)
         except queue.Full:
             continue
-    emit_thread.join()
+        except BaseException as e:
+            if held is not None or (failure is not None and not isinstance(failure, Exception)):
+                raise  # the second interrupt
+            held = e
+    emit_thread.join()  # at once: setting the event was the emitter's last act
+    if failure is None:
+        failure = held
     if emit_error:
         raise emit_error[0]
     if failure is not None:

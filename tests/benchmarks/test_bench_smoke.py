@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -80,7 +81,11 @@ def test_throughput_modes_serial_pipeline_and_ray(tiny_artifacts, tmp_path):
     out, folder = tmp_path / "throughput.json", tmp_path / "images"
     argv = ["--artifacts", str(tiny_artifacts.out_dir), "--folder", str(folder), "--n", "3", "--engines", "cpu",
             "--modes", "serial,pipeline,ray-2", "--top-p", "2", "--threads", "2", "--json", str(out)]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert latency.main(argv) == 0
+    # Ray started and stopped by the benchmark (runtime.dataset.ray_session): ray.init's SIGTERM handler
+    # (sys.exit) does not outlive it
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     rep = load(out)
     assert [(r["mode"], r["explained"]) for r in rep["results"]] == [("serial", 3), ("pipeline", 3), ("ray-2", 3)]
     for r in rep["results"]:

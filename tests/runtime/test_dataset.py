@@ -26,9 +26,12 @@ SUFFIXES = (".overlay.png", ".components.png", ".json", ".npz")
 
 @pytest.fixture(scope="module")
 def local_ray():
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
+    for s, h in handlers.items():  # ray.init's SIGTERM handler (sys.exit) would outlive it in this process
+        signal.signal(s, h)
 
 
 @pytest.fixture(scope="module")

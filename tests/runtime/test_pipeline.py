@@ -132,6 +132,80 @@ def test_an_emit_failure_stops_the_run(threaded):
     assert r.log["compute"] == list(range(len(r.log["compute"]))) and len(r.log["compute"]) <= 3 + 2 + 2
 
 
+class _Term(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("at", [3, 9], ids=["middle", "last-group"])
+def test_a_signal_received_by_the_writer_thread_is_raised_after_the_finished_writes(at, monkeypatch):
+    """SIGTERM sent by the writer thread (so delivered there, not to the caller's thread): the caller still
+    runs its handler, once, before run_pipeline returns, and only after every computed group is emitted.
+    With `at` the last group, the caller is waiting for the last writes when the signal comes."""
+    import os
+    import signal
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(threading.current_thread().name)
+        raise _Term()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    r = Recorder()
+    real_emit = r.emit
+
+    def emit(item):
+        if item[1] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_emit(item)
+
+    try:
+        with pytest.raises(_Term):
+            run_pipeline(range(10), r.load, r.compute, emit, depth=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == ["MainThread"]
+    done = r.log["emit"]
+    assert done == list(range(len(done))) and len(done) > at  # the group being written when the signal came
+    # every computed group is emitted (the handler may have cut the compute of one more group)
+    assert r.log["compute"][: len(done)] == done and len(r.log["compute"]) - len(done) <= 1
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-emit"]
+
+
+def test_the_caller_waits_for_the_last_write_even_when_its_wait_is_interrupted():
+    """The signal handler raises while the caller waits for the writer, which is still writing the last
+    group: run_pipeline must not return before that write is done (Thread.join interrupted by a handler
+    can report a running thread as stopped, CPython bpo-45274). The writer holds its last write until the
+    handler has run and then up to 1 s more, or until run_pipeline returned (which it must not have)."""
+    import os
+    import signal
+
+    handled, returned = threading.Event(), threading.Event()
+
+    def handler(signum, frame):
+        handled.set()
+        raise _Term()
+
+    written = []
+
+    def emit(item):
+        if item[1] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert handled.wait(60)
+            returned.wait(1.0)  # times out unless run_pipeline returned early
+        written.append(item[1])
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(_Term):
+            run_pipeline(range(5), lambda g: g, lambda g: ("computed", g), emit, depth=2)
+        done_at_return = list(written)
+    finally:
+        returned.set()
+        signal.signal(signal.SIGTERM, previous)
+    assert done_at_return == [0, 1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The CLI with and without the pipeline
 
