@@ -321,15 +321,18 @@ def ray_session(address: str | None = None):
     saved = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
              if threading.current_thread() is threading.main_thread() else {})
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ core logs to stderr otherwise
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
-             logging_level=logging.WARNING)
     try:
+        # (ray.init installs its handler before it connects: a failed init is cleaned up too)
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+                 logging_level=logging.WARNING)
         yield
     finally:
-        ray.shutdown()
-        for s, h in saved.items():
-            if h is not None:  # None: set outside Python; cannot be put back from here
-                signal.signal(s, h)
+        try:
+            ray.shutdown()
+        finally:
+            for s, h in saved.items():
+                if h is not None:  # None: set outside Python; cannot be put back from here
+                    signal.signal(s, h)
 
 
 def explain_dataset(inputs: list[str] | str, artifacts: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -12,19 +12,22 @@ Guarantees (tested in tests/runtime/test_pipeline.py, with and without threads):
 - errors: an exception raised by load, compute or emit stops the pipeline and is re-raised in the caller's
   thread; the groups computed before it are still emitted (nothing finished is lost), nothing after it is;
 - interrupts: KeyboardInterrupt (or any BaseException) in the caller's thread stops loading, lets the emitter
-  finish the groups already computed, joins it, and re-raises, so no write is cut in the middle; this holds
-  also for an interrupt that arrives while the caller waits for the last writes. The caller's thread never
-  sleeps without a timeout, so a signal received by a worker thread is handled within _POLL_S.
+  finish the groups already computed, joins it, and re-raises, so no write is cut in the middle. SIGINT and
+  SIGTERM (their Python handlers: KeyboardInterrupt, the CLI's) are deferred to points between the
+  pipeline's steps (_DeferredSignals), so that a handler never raises inside queue or lock code; the caller's
+  thread never sleeps without a timeout, so a signal is acted on within _POLL_S, also while the caller waits
+  for the last writes. A second signal abandons the writer at once.
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-_POLL_S = 0.1  # how often a blocked put/get looks at the stop flag (only when a queue is full or empty)
+_POLL_S = 0.1  # how often a blocked put/get looks at the stop flag and at deferred signals
 
 
 class _End:
@@ -34,8 +37,13 @@ class _End:
         self.exc = exc
 
 
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put, unless `stop` is set while the queue is full; True when the item was put."""
+def _nothing() -> None:
+    pass
+
+
+def _put(q: queue.Queue, item, stop: threading.Event, check: Callable[[], None] = _nothing) -> bool:
+    """Put, unless `stop` is set while the queue is full; True when the item was put. `check` runs between
+    tries (the caller's deferred signals)."""
     while True:
         try:
             q.put(item, timeout=_POLL_S)
@@ -43,16 +51,65 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             if stop.is_set():
                 return False
+            check()
 
 
-def _get(q: queue.Queue):
-    """A blocking get that wakes every _POLL_S: the caller's thread then runs the Python signal handlers of a
-    signal that another thread received (SIGTERM sent by a worker thread), instead of sleeping through it."""
+def _get(q: queue.Queue, check: Callable[[], None]):
+    """A blocking get that wakes every _POLL_S to run `check` (the caller's deferred signals)."""
     while True:
         try:
             return q.get(timeout=_POLL_S)
         except queue.Empty:
-            continue
+            check()
+
+
+class _DeferredSignals:
+    """SIGINT and SIGTERM, while the pipeline runs in the main thread, raise only between the pipeline's own
+    steps, never inside a queue, lock or event operation.
+
+    A Python signal handler runs between any two bytecodes of the main thread. One that raises inside
+    threading's code can leave a Condition's lock held (a later put/get then blocks forever), release a lock
+    another thread holds, or (Thread.join, CPython bpo-45274) report a running thread as stopped. So the
+    handlers in place (the CLI's SIGTERM handler, Python's KeyboardInterrupt) are wrapped: the first signal
+    is recorded, and `check()`, called where the caller's thread is in the pipeline's own code, runs the
+    original handler there. A second signal runs the original handler at once (it abandons the writer)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.saved: dict[int, Callable] = {}
+        self.received: list[int] = []
+        self.exc: BaseException | None = None  # what the first signal's handler raised
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                h = signal.getsignal(s)
+                if callable(h):  # SIG_DFL / SIG_IGN / a handler set outside Python are left as they are
+                    self.saved[s] = h
+                    signal.signal(s, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.received.append(signum)
+        if len(self.received) > 1:  # the second signal: the original handler now, wherever the thread is
+            self.saved[signum](signum, frame)
+
+    def check(self) -> None:
+        """Run the original handler of the first signal, once, if it came; it raises, as it would have."""
+        if len(self.received) == 1 and self.exc is None:
+            s = self.received[0]
+            try:
+                self.saved[s](s, None)
+            except BaseException as e:
+                self.exc = e
+                raise
+            self.received.append(-1)  # it returned: not again
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+        return False
 
 
 def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Callable[[Any], Any],
@@ -67,7 +124,13 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
         for g in groups:
             emit(compute(load(g)))
         return
+    with _DeferredSignals() as signals:
+        _run_threaded(groups, load, compute, emit, depth, signals)
+        # a signal recorded after the last check, before the handlers are put back
+        signals.check()
 
+
+def _run_threaded(groups, load, compute, emit, depth: int, signals: _DeferredSignals) -> None:
     stop = threading.Event()         # the caller stopped: loader and emitter quit without more work
     loaded: queue.Queue = queue.Queue(maxsize=depth)
     computed: queue.Queue = queue.Queue(maxsize=depth)
@@ -85,7 +148,7 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
             end = _End(e)
         _put(loaded, end, stop)
 
-    emitted_all = threading.Event()  # the emitter's last act (Thread.join is not used: see below)
+    emitted_all = threading.Event()  # the emitter's last act
 
     def emitter():
         try:
@@ -107,46 +170,45 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
     emit_thread = threading.Thread(target=emitter, name="pipeline-emit", daemon=True)
     load_thread.start()
     emit_thread.start()
+    check = signals.check
     failure: BaseException | None = None
     try:
         while True:
-            item = _get(loaded)
+            item = _get(loaded, check)
+            check()
             if isinstance(item, _End):
                 failure = item.exc
                 break
             if stop.is_set():
                 break  # the emitter failed
             result = compute(item)
-            if not _put(computed, result, stop):
+            check()
+            if not _put(computed, result, stop, check):
                 break  # the emitter failed
+            check()
     except BaseException as e:
         failure = e
     stop.set()
-    # the emitter finishes what was computed (at most depth groups), then ends. An interrupt that arrives
-    # during this wait (a signal sent while the last groups are written) is held until the emitter is done;
-    # a second one abandons the emitter (a cut write leaves only a temporary, removed by the next run).
+    if len(signals.received) > 1 and failure is not None and failure is not signals.exc:
+        raise failure  # a second signal: the writer is abandoned (a cut write leaves only a temporary)
+    # the emitter finishes what was computed (at most depth groups), then ends. The first signal, if it comes
+    # during this wait, is held until the emitter is done; a second one abandons it.
     end_sent = False
-    held: BaseException | None = None
-    # (Thread.join is not interrupt-safe: a signal handler raising inside join(timeout) can mark a running
-    # thread as stopped, CPython bpo-45274; an Event can be waited on again after an interrupt.)
-    while True:
+    while not emitted_all.is_set():
         try:
-            if emitted_all.is_set():
-                break
             if not end_sent:
-                computed.put(_End(), timeout=_POLL_S)
+                _put(computed, _End(), emitted_all, check)  # gives up if the emitter ended (it failed)
                 end_sent = True
             else:
                 emitted_all.wait(timeout=_POLL_S)
-        except queue.Full:
-            continue
-        except BaseException as e:
-            if held is not None or (failure is not None and not isinstance(failure, Exception)):
-                raise  # the second interrupt
-            held = e
+            check()
+        except BaseException:
+            if len(signals.received) > 1:
+                raise  # the second signal
+            # the first signal's exception (signals.exc): wait on, raise it below
     emit_thread.join()  # at once: setting the event was the emitter's last act
-    if failure is None:
-        failure = held
+    if signals.exc is not None:
+        raise signals.exc  # interrupted: that decides how the run ends
     if emit_error:
         raise emit_error[0]
     if failure is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import cv2
@@ -159,3 +160,22 @@ def test_a_killed_worker_loses_and_duplicates_nothing(local_ray, photos, tiny_ar
 def test_actor_must_be_an_explain_actor(tiny_artifacts, tmp_path):
     with pytest.raises(DatasetError, match="subclass of ExplainActor"):
         explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, actor=dict)
+
+
+def test_ray_session_puts_the_signal_handlers_back_when_init_fails(monkeypatch):
+    """ray.init installs a SIGTERM handler (sys.exit) before it connects; when it then fails, ray_session
+    still puts the caller's handlers back, and the error goes through."""
+    from runtime.dataset import ray_session
+
+    def failing_init(**kwargs):
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+        raise ConnectionError("no Ray cluster at ray://nowhere:10001")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(ConnectionError, match="nowhere"):
+        with ray_session("ray://nowhere:10001"):
+            pass
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -206,6 +206,76 @@ def test_the_caller_waits_for_the_last_write_even_when_its_wait_is_interrupted()
     assert done_at_return == [0, 1, 2, 3, 4]
 
 
+def test_deferred_signals_raise_only_at_a_check_and_a_second_one_at_once():
+    """_DeferredSignals (main thread): the first SIGTERM runs the original handler only at check(), once; a
+    second one runs it at once; the original handlers are back afterwards."""
+    import os
+    import signal
+
+    from runtime.pipeline import _DeferredSignals
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise _Term()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with _DeferredSignals() as signals:
+            assert signal.getsignal(signal.SIGTERM) is not handler
+            os.kill(os.getpid(), signal.SIGTERM)  # this thread: its Python handler runs before the next line
+            for _ in range(1000):  # Python code that a raising handler would have cut
+                pass
+            assert calls == [] and signals.received == [signal.SIGTERM]
+            with pytest.raises(_Term):
+                signals.check()
+            signals.check()  # once only
+            assert calls == [signal.SIGTERM]
+            with pytest.raises(_Term):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+            assert calls == [signal.SIGTERM] * 2
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_second_signal_abandons_a_stuck_writer():
+    """First SIGTERM while group 0 is written: held until the writer is done. The writer is stuck; a second
+    SIGTERM ends run_pipeline at once, with the writer still inside its write."""
+    import os
+    import signal
+
+    first, release = threading.Event(), threading.Event()
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        first.set()
+        raise _Term()
+
+    finished = []
+
+    def emit(item):
+        if item[1] == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert first.wait(60)          # the caller ran the handler: the first signal is held
+            os.kill(os.getpid(), signal.SIGTERM)
+            release.wait(60)                # a write that does not end
+        finished.append(item[1])
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(_Term):
+            run_pipeline(range(3), lambda g: g, lambda g: ("computed", g), emit, depth=2)
+        assert finished == [] and len(calls) == 2
+    finally:
+        release.set()
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The CLI with and without the pipeline
 
