@@ -136,35 +136,48 @@ class _Term(BaseException):
     pass
 
 
-@pytest.mark.parametrize("at", [3, 9], ids=["middle", "last-group"])
-def test_a_signal_received_by_the_writer_thread_is_raised_after_the_finished_writes(at, monkeypatch):
-    """SIGTERM sent by the writer thread (so delivered there, not to the caller's thread): the caller still
-    runs its handler, once, before run_pipeline returns, and only after every computed group is emitted.
-    With `at` the last group, the caller is waiting for the last writes when the signal comes."""
+@pytest.fixture
+def term():
+    """SIGTERM raises _Term for the length of a test; `calls` names the threads that ran the handler (Python
+    runs it in the main thread), `handled` is set by the first call; `send()` sends SIGTERM to this process
+    (delivered to the thread that sends it)."""
     import os
     import signal
 
-    calls = []
+    class Term:
+        calls: list[str] = []
+        handled = threading.Event()
 
-    def handler(signum, frame):
-        calls.append(threading.current_thread().name)
-        raise _Term()
+        @staticmethod
+        def handler(signum, frame):
+            Term.calls.append(threading.current_thread().name)
+            Term.handled.set()
+            raise _Term()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+        @staticmethod
+        def send():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, Term.handler)
+    yield Term
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("at", [3, 9], ids=["middle", "last-group"])
+def test_a_signal_received_by_the_writer_thread_is_raised_after_the_finished_writes(at, term):
+    """SIGTERM sent by the writer thread (so delivered there, not to the caller's thread): the caller still
+    runs its handler, once, before run_pipeline returns, and only after every computed group is emitted.
+    With `at` the last group, the caller is waiting for the last writes when the signal comes."""
     r = Recorder()
-    real_emit = r.emit
 
     def emit(item):
         if item[1] == at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        real_emit(item)
+            term.send()
+        r.emit(item)
 
-    try:
-        with pytest.raises(_Term):
-            run_pipeline(range(10), r.load, r.compute, emit, depth=2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert calls == ["MainThread"]
+    with pytest.raises(_Term):
+        run_pipeline(range(10), r.load, r.compute, emit, depth=2)
+    assert term.calls == ["MainThread"]
     done = r.log["emit"]
     assert done == list(range(len(done))) and len(done) > at  # the group being written when the signal came
     # every computed group is emitted (the handler may have cut the compute of one more group)
@@ -172,108 +185,75 @@ def test_a_signal_received_by_the_writer_thread_is_raised_after_the_finished_wri
     assert not [t for t in threading.enumerate() if t.name == "pipeline-emit"]
 
 
-def test_the_caller_waits_for_the_last_write_even_when_its_wait_is_interrupted():
+def test_the_caller_waits_for_the_last_write_even_when_its_wait_is_interrupted(term):
     """The signal handler raises while the caller waits for the writer, which is still writing the last
     group: run_pipeline must not return before that write is done (Thread.join interrupted by a handler
     can report a running thread as stopped, CPython bpo-45274). The writer holds its last write until the
     handler has run and then up to 1 s more, or until run_pipeline returned (which it must not have)."""
-    import os
-    import signal
-
-    handled, returned = threading.Event(), threading.Event()
-
-    def handler(signum, frame):
-        handled.set()
-        raise _Term()
-
+    returned = threading.Event()
     written = []
 
     def emit(item):
         if item[1] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert handled.wait(60)
+            term.send()
+            assert term.handled.wait(60)
             returned.wait(1.0)  # times out unless run_pipeline returned early
         written.append(item[1])
 
-    previous = signal.signal(signal.SIGTERM, handler)
     try:
         with pytest.raises(_Term):
             run_pipeline(range(5), lambda g: g, lambda g: ("computed", g), emit, depth=2)
         done_at_return = list(written)
     finally:
         returned.set()
-        signal.signal(signal.SIGTERM, previous)
     assert done_at_return == [0, 1, 2, 3, 4]
 
 
-def test_deferred_signals_raise_only_at_a_check_and_a_second_one_at_once():
+def test_deferred_signals_raise_only_at_a_check_and_a_second_one_at_once(term):
     """_DeferredSignals (main thread): the first SIGTERM runs the original handler only at check(), once; a
     second one runs it at once; the original handlers are back afterwards."""
-    import os
     import signal
 
     from runtime.pipeline import _DeferredSignals
 
-    calls = []
-
-    def handler(signum, frame):
-        calls.append(signum)
-        raise _Term()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        with _DeferredSignals() as signals:
-            assert signal.getsignal(signal.SIGTERM) is not handler
-            os.kill(os.getpid(), signal.SIGTERM)  # this thread: its Python handler runs before the next line
-            for _ in range(1000):  # Python code that a raising handler would have cut
+    with _DeferredSignals() as signals:
+        assert signal.getsignal(signal.SIGTERM) is not term.handler
+        term.send()  # this thread: its Python handler runs before the next line
+        for _ in range(1000):  # Python code that a raising handler would have cut
+            pass
+        assert term.calls == [] and signals.received == [signal.SIGTERM]
+        with pytest.raises(_Term):
+            signals.check()
+        signals.check()  # once only
+        assert term.calls == ["MainThread"]
+        with pytest.raises(_Term):
+            term.send()
+            for _ in range(1000):
                 pass
-            assert calls == [] and signals.received == [signal.SIGTERM]
-            with pytest.raises(_Term):
-                signals.check()
-            signals.check()  # once only
-            assert calls == [signal.SIGTERM]
-            with pytest.raises(_Term):
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):
-                    pass
-            assert calls == [signal.SIGTERM] * 2
-        assert signal.getsignal(signal.SIGTERM) is handler
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        assert term.calls == ["MainThread"] * 2
+    assert signal.getsignal(signal.SIGTERM) is term.handler
 
 
-def test_a_second_signal_abandons_a_stuck_writer():
+def test_a_second_signal_abandons_a_stuck_writer(term):
     """First SIGTERM while group 0 is written: held until the writer is done. The writer is stuck; a second
     SIGTERM ends run_pipeline at once, with the writer still inside its write."""
-    import os
-    import signal
-
-    first, release = threading.Event(), threading.Event()
-    calls = []
-
-    def handler(signum, frame):
-        calls.append(signum)
-        first.set()
-        raise _Term()
-
+    release = threading.Event()
     finished = []
 
     def emit(item):
         if item[1] == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert first.wait(60)          # the caller ran the handler: the first signal is held
-            os.kill(os.getpid(), signal.SIGTERM)
-            release.wait(60)                # a write that does not end
+            term.send()
+            assert term.handled.wait(60)  # the caller ran the handler: the first signal is held
+            term.send()
+            release.wait(60)              # a write that does not end
         finished.append(item[1])
 
-    previous = signal.signal(signal.SIGTERM, handler)
     try:
         with pytest.raises(_Term):
             run_pipeline(range(3), lambda g: g, lambda g: ("computed", g), emit, depth=2)
-        assert finished == [] and len(calls) == 2
+        assert finished == [] and len(term.calls) == 2
     finally:
         release.set()
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------
