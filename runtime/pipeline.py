@@ -14,9 +14,10 @@ Guarantees (tested in tests/runtime/test_pipeline.py, with and without threads):
 - interrupts: KeyboardInterrupt (or any BaseException) in the caller's thread stops loading, lets the emitter
   finish the groups already computed, joins it, and re-raises, so no write is cut in the middle. SIGINT and
   SIGTERM (their Python handlers: KeyboardInterrupt, the CLI's) are deferred to points between the
-  pipeline's steps (_DeferredSignals), so that a handler never raises inside queue or lock code; the caller's
-  thread never sleeps without a timeout, so a signal is acted on within _POLL_S, also while the caller waits
-  for the last writes. A second signal abandons the writer at once.
+  pipeline's steps (_DeferredSignals), so that a handler never raises inside queue or lock code: a signal
+  that comes while the caller waits is acted on within _POLL_S (the caller's thread never sleeps without a
+  timeout), one that comes during compute when that group is computed and queued (it is written). A second
+  signal abandons the writer at once; the writer thread then ends by itself once the queue is empty.
 """
 
 from __future__ import annotations
@@ -83,11 +84,15 @@ class _DeferredSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                h = signal.getsignal(s)
-                if callable(h):  # SIG_DFL / SIG_IGN / a handler set outside Python are left as they are
-                    self.saved[s] = h
-                    signal.signal(s, self._record)
+            try:
+                for s in self.SIGNALS:
+                    h = signal.getsignal(s)
+                    if callable(h):  # SIG_DFL / SIG_IGN / a handler set outside Python are left as they are
+                        self.saved[s] = h
+                        signal.signal(s, self._record)
+            except BaseException:  # a handler raised between the two: put back what was replaced
+                self._restore()
+                raise
         return self
 
     def _record(self, signum, frame):
@@ -104,11 +109,15 @@ class _DeferredSignals:
             except BaseException as e:
                 self.exc = e
                 raise
-            self.received.append(-1)  # it returned: not again
+            del self.received[0]  # it returned: the next signal is a first one again
 
-    def __exit__(self, *exc):
+    def _restore(self) -> None:
         for s, h in self.saved.items():
             signal.signal(s, h)
+
+    def __exit__(self, *exc):
+        self._restore()
+        self.check()  # a signal recorded after the last check: acted on now (before an error on its way out)
         return False
 
 
@@ -126,8 +135,6 @@ def run_pipeline(groups: Iterable[Any], load: Callable[[Any], Any], compute: Cal
         return
     with _DeferredSignals() as signals:
         _run_threaded(groups, load, compute, emit, depth, signals)
-        # a signal recorded after the last check, before the handlers are put back
-        signals.check()
 
 
 def _run_threaded(groups, load, compute, emit, depth: int, signals: _DeferredSignals) -> None:
@@ -150,10 +157,21 @@ def _run_threaded(groups, load, compute, emit, depth: int, signals: _DeferredSig
 
     emitted_all = threading.Event()  # the emitter's last act
 
+    def next_computed():
+        while True:
+            try:
+                return computed.get(timeout=_POLL_S)
+            except queue.Empty:
+                if stop.is_set():  # the caller stopped: what it computed was queued before; then no more
+                    try:
+                        return computed.get_nowait()
+                    except queue.Empty:
+                        return _End()
+
     def emitter():
         try:
             while True:
-                item = computed.get()
+                item = next_computed()
                 if isinstance(item, _End):
                     return
                 try:
@@ -182,8 +200,8 @@ def _run_threaded(groups, load, compute, emit, depth: int, signals: _DeferredSig
             if stop.is_set():
                 break  # the emitter failed
             result = compute(item)
-            check()
-            if not _put(computed, result, stop, check):
+            # queued before a signal that came during compute is acted on, so that the group is written
+            if not _put(computed, result, stop):
                 break  # the emitter failed
             check()
     except BaseException as e:

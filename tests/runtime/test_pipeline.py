@@ -254,6 +254,48 @@ def test_a_second_signal_abandons_a_stuck_writer(term):
         assert finished == [] and len(term.calls) == 2
     finally:
         release.set()
+    # released, the abandoned writer finishes what was queued and ends by itself
+    for t in threading.enumerate():
+        if t.name == "pipeline-emit":
+            t.join(60)
+    assert not [t for t in threading.enumerate() if t.name == "pipeline-emit"]
+
+
+def test_a_handler_that_returns_does_not_count_as_a_first_signal():
+    """A SIGTERM handler that only notes the signal (returns): the run goes on as if nothing came; a later
+    compute error still lets the writer finish first (it is not taken for a second signal)."""
+    import os
+    import signal
+
+    noted, returned = threading.Event(), threading.Event()
+    written = []
+
+    def emit(item):
+        if item[1] == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert noted.wait(60)
+            returned.wait(1.0)  # times out unless run_pipeline returned early
+        written.append(item[1])
+
+    def load(g):
+        if g == 1:  # the caller, waiting for this group, acts on the signal (runs the handler) meanwhile
+            assert noted.wait(60)
+        return g
+
+    def compute(g):
+        if g == 1:
+            raise RuntimeError("engine died")
+        return ("computed", g)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.set())
+    try:
+        with pytest.raises(RuntimeError, match="engine died"):
+            run_pipeline(range(5), load, compute, emit, depth=2)
+        done_at_return = list(written)
+    finally:
+        returned.set()
+        signal.signal(signal.SIGTERM, previous)
+    assert done_at_return == [0]
 
 
 # ----------------------------------------------------------------------------------------------------
