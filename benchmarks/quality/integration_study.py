@@ -33,6 +33,8 @@ complement remove_i = max(P (1 - H_i), blur(P) H_i); 2p + 1 forwards per photo (
 the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
 The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
 checks that the two compute the same map).
+CONTROLS are baselines changed the way some variants are (bicubic upsampling, the log-softmax's gradient):
+they show how much of a variant's change a baseline gets from the same change.
 """
 
 from __future__ import annotations
@@ -91,6 +93,32 @@ VARIANTS = {
     # its projection onto the top-p spatial components of S*, a+_i = <F_i, g+> / sigma_i^2.
     "lcam-rank-p": "s(Up(relu(sum_{i<=p} a+_i F_i))): the rank-p LayerCAM map, r_i = 1",
     "lcam-relu-gain": "s(Up(relu(sum_i r_i a+_i F_i))), r_i = relu(C_i) / mean_j relu(C_j)",
+    # Third round. How many components: the rank-k share maps.
+    "gcam-rank-1": "s(Up(relu(a_1 F_1))): the top component's share alone",
+    "gcam-rank-3": "s(Up(relu(sum_{i<=3} a_i F_i)))",
+    # Gains corrected for the mask mass, on the shares.
+    "gcam-area-relu": "r_i = relu(C_i / m_i) / mean_j relu(C_j / m_j)",
+    # Positive evidence per component instead of per channel (LayerCAM's rectification, one level up).
+    "posparts": "s(Up(sum_i relu(a_i F_i)))",
+    "posparts-gain": "s(Up(sum_i relu(r_i a_i F_i))), r_i = relu(C_i) / mean_j relu(C_j)",
+    # Both sums of the shares at once.
+    "gcam-lcam-mean": "s(gcam-rank-p + lcam-rank-p): mean of the signed and the positive rank-p maps",
+    # Attributions of the measured gains to pixels (RISE-style), instead of weights on whole maps.
+    "rise-gain": "s(sum_i relu(C_i) H_i / (sum_i H_i + 1e-3)): gains per unit of mask coverage at each pixel",
+    "gain-lsq": "s(relu(sum_i b_i H_i)), b the ridge (1e-3) least-squares solution of mean(H_i sum_j b_j H_j) = C_i",
+    # The share of the log-softmax's class map (competing classes subtracted) instead of the logit's.
+    "contrast-share": "s(Up(relu(sum_{i<=p} a~_i F_i))), a~_i = <F_i, g~> / sigma_i^2, g~ = sum_c dlog p_t/dA_c A_c",
+    # The upsampling kernel: the same maps with bicubic instead of bilinear upsampling (the authors' kernel).
+    "gcam-rank-p-bicubic": "gcam-rank-p, bicubic upsampling",
+    "gcam-relu-gain-bicubic": "gcam-relu-gain (gain-share), bicubic upsampling",
+}
+# Controls for the third round: baselines changed the same way as the variants above (not baselines of the
+# runtime; they show how much of a variant's change a baseline gets from the same change).
+CONTROLS = {
+    "gradcam-bicubic": "Grad-CAM, bicubic upsampling",
+    "layercam-bicubic": "LayerCAM, bicubic upsampling",
+    "gradcam-logprob": "Grad-CAM of log p_t (softmax), W[t] - sum_k p_k W[k] as the channel weights",
+    "layercam-logprob": "LayerCAM of log p_t",
 }
 # The study's name of the integration the runtime offers as DecomCamConfig(integration="gain-share").
 RUNTIME_NAMES = {"gcam-relu-gain": "gain-share"}
@@ -219,8 +247,20 @@ def minmax_np(m: np.ndarray) -> np.ndarray:
     return (m - lo) / max(hi - lo, 1e-7)
 
 
-def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int) -> dict:
-    """One photo: the paper's decomposition, its masks, and the 2p + 1 forwards every variant reuses."""
+def logprob_gradient(model: Lite0, act: np.ndarray, target: int, logits: np.ndarray) -> np.ndarray:
+    """d log softmax(y)_t / dA for one photo: (W[t] - sum_k p_k W[k]) / (h w), broadcast -> [C, h, w]."""
+    c, h, w = act.shape
+    z = np.asarray(logits, np.float64)
+    prob = np.exp(z - z.max())
+    prob /= prob.sum()
+    wc = (model.fc_w[target] - prob @ model.fc_w) / (h * w)
+    return np.broadcast_to(wc[:, None, None], (c, h, w)).astype(np.float32)
+
+
+def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int,
+                       logits: np.ndarray | None = None) -> dict:
+    """One photo: the paper's decomposition, its masks, and the 2p + 1 forwards every variant reuses.
+    `logits` (the photo's [K] logits) adds the share of the log-softmax's class map (`contrast-share`)."""
     import torch
     import torch.nn.functional as F
 
@@ -234,6 +274,10 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     sv2 = sv.numpy() ** 2
     share = np.where(null.numpy(), 0.0, fm.numpy() @ g / np.where(sv2 > 0, sv2, 1.0))  # a_i [p]
     share_pos = np.where(null.numpy(), 0.0, fm.numpy() @ g_pos / np.where(sv2 > 0, sv2, 1.0))  # a+_i [p]
+    share_con = np.zeros_like(share)
+    if logits is not None:
+        g_con = (act.astype(np.float64) * logprob_gradient(model, act, target, logits)).reshape(c, -1).sum(0)
+        share_con = np.where(null.numpy(), 0.0, fm.numpy() @ g_con / np.where(sv2 > 0, sv2, 1.0))  # a~_i [p]
     up = F.interpolate(fm.reshape(1, -1, h, w).float(), size=(SIZE, SIZE), mode="bilinear",
                        align_corners=False)[0]                                       # [p, S, S] signed
     up = torch.where(null[:, None, None], torch.zeros_like(up), up)
@@ -259,7 +303,31 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         "fm": fm.numpy().reshape(-1, h, w),                                          # signed F_i [p, h, w]
         "share": share,                                                              # a_i [p]
         "share_pos": share_pos,                                                      # a+_i [p]
+        "share_con": share_con,                                                      # a~_i [p]
     }
+
+
+def gain_lsq(masks: np.ndarray, gain: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """masks [k, n] (the H_i, flattened), gains [k] -> b [k] such that the map s = b @ masks explains the
+    gains as mask averages, mean(H_i s) = C_i: (G + ridge tr(G) / k I) b = C with G = masks masks^T / n."""
+    gram = masks @ masks.T / masks.shape[1]
+    k = len(gram)
+    return np.linalg.solve(gram + ridge * np.trace(gram) / k * np.eye(k), gain)
+
+
+def finish_map(cam: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+    """[h, w] -> ReLU, upsampling to [S, S] (torch, half-pixel centres), min-max to [0, 1]: the CAM family's
+    finish (export.baselines_reference.finish for bilinear)."""
+    import torch
+    import torch.nn.functional as F
+
+    from export.baselines_reference import finish
+
+    t = torch.from_numpy(np.ascontiguousarray(cam, np.float64))[None]
+    if mode == "bilinear":
+        return finish(t, SIZE)[0].numpy()
+    up = F.interpolate(torch.relu(t).float()[:, None], size=(SIZE, SIZE), mode=mode, align_corners=False)[0, 0]
+    return minmax_np(up.numpy())
 
 
 def variant_saliency(name: str, d: dict) -> np.ndarray:
@@ -282,14 +350,9 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
             up = up / np.where(peak > 0, peak, 1.0)[:, None, None]
         return minmax_np(np.maximum(np.einsum("p,pij->ij", np.where(valid, w, 0.0).astype(np.float32), up), 0))
 
-    def gcam(r, share="share"):
-        import torch
-
-        from export.baselines_reference import finish
-
+    def gcam(r, share="share", mode="bilinear"):
         r = np.where(valid, r, 0.0)
-        cam = np.einsum("p,pij->ij", r * d[share], d["fm"])
-        return finish(torch.from_numpy(cam)[None], SIZE)[0].numpy()
+        return finish_map(np.einsum("p,pij->ij", r * d[share], d["fm"]), mode)
 
     def mean_one(w):
         m = w[valid].mean() if valid.any() else 0.0
@@ -309,6 +372,32 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
         return gcam(np.ones_like(gain), "share_pos")
     if name == "lcam-relu-gain":
         return gcam(mean_one(np.maximum(gain, 0)), "share_pos")
+    if name in ("gcam-rank-1", "gcam-rank-3"):
+        k = int(name[-1])
+        return gcam((np.arange(len(gain)) < k).astype(np.float64))
+    if name == "gcam-area-relu":
+        return gcam(mean_one(np.maximum(gain / mass, 0)))
+    if name in ("posparts", "posparts-gain"):
+        r = np.ones_like(gain) if name == "posparts" else mean_one(np.maximum(gain, 0))
+        r = np.where(valid, r, 0.0)
+        return finish_map(np.maximum((r * d["share"])[:, None, None] * d["fm"], 0).sum(0))
+    if name == "gcam-lcam-mean":
+        return minmax_np(gcam(np.ones_like(gain)) + gcam(np.ones_like(gain), "share_pos"))
+    if name == "rise-gain":
+        hv = np.where(valid[:, None, None], hmap, 0.0).astype(np.float64)
+        r = np.where(valid, np.maximum(gain, 0), 0.0)
+        return minmax_np(np.einsum("p,pij->ij", r, hv) / (hv.sum(0) + 1e-3))
+    if name == "gain-lsq":
+        hv = hmap[valid].reshape(int(valid.sum()), -1).astype(np.float64)
+        if hv.shape[0] == 0:
+            return np.zeros((SIZE, SIZE), np.float64)
+        return minmax_np(np.maximum(gain_lsq(hv, gain[valid]) @ hv, 0).reshape(SIZE, SIZE))
+    if name == "contrast-share":
+        return gcam(np.ones_like(gain), "share_con")
+    if name == "gcam-rank-p-bicubic":
+        return gcam(np.ones_like(gain), mode="bicubic")
+    if name == "gcam-relu-gain-bicubic":
+        return gcam(mean_one(np.maximum(gain, 0)), mode="bicubic")
     if name == "paper":
         return convex(softmax(gain, valid))
     if name == "top1":
@@ -351,12 +440,24 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
 
 
 def baseline_saliency(name: str, act: np.ndarray, grad: np.ndarray, model: Lite0, target: int,
-                      logit: float) -> np.ndarray:
+                      logit: float, logits: np.ndarray | None = None) -> np.ndarray:
+    """A baseline (BASELINES) or a control (CONTROLS; the log-probability ones need the photo's `logits`)."""
     import torch
 
     from export import baselines_reference as br
     from benchmarks.quality.evaluate import center_saliency
 
+    if name in ("gradcam-bicubic", "layercam-bicubic"):
+        g = grad.astype(np.float64)
+        w = g if name == "layercam-bicubic" else g.mean((1, 2), keepdims=True)
+        if name == "layercam-bicubic":
+            w = np.maximum(w, 0)
+        return finish_map((w * act.astype(np.float64)).sum(0), "bicubic")
+    if name in ("gradcam-logprob", "layercam-logprob"):
+        if logits is None:
+            raise ValueError(f"{name} needs the photo's logits")
+        g = logprob_gradient(model, act, target, logits)
+        return baseline_saliency(name.replace("-logprob", ""), act, g, model, target, logit)
     if name == "center":
         return center_saliency(SIZE)
     a = torch.from_numpy(act[None]).double()
@@ -411,12 +512,14 @@ def run(args) -> int:
     data = Path(args.data)
     rows = read_manifest(data)[: args.limit]
     lo, hi = (int(v) for v in args.del_ins.split(":"))
-    di_methods = list(VARIANTS) + list(BASELINES) if args.del_ins_methods == "all" else \
-        [m for m in args.del_ins_methods.split(",") if m]
+    known = [*VARIANTS, *BASELINES, *CONTROLS]
+    di_methods = known if args.del_ins_methods == "all" else [m for m in args.del_ins_methods.split(",") if m]
     for m in di_methods:
-        if m not in VARIANTS and m not in BASELINES:
-            print(f"error: unknown method '{m}'; valid: {', '.join([*VARIANTS, *BASELINES])}", file=sys.stderr)
+        if m not in known:
+            print(f"error: unknown method '{m}'; valid: {', '.join(known)}", file=sys.stderr)
             return 2
+    if "gradcam" not in di_methods:
+        di_methods.append("gradcam")                  # the report's paired differences are against Grad-CAM
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / "records.jsonl"
@@ -437,10 +540,11 @@ def run(args) -> int:
             pred = int(np.argmax(logits[0]))
             if idx == 0:
                 log(f"analytic vs autograd gradient: max rel diff {model.check_gradient(x, t):.2e}")
-            d = decompose_and_mask(model, x, act[0], t, args.top_p)
+            d = decompose_and_mask(model, x, act[0], t, args.top_p, logits[0])
             grad = model.gradient(act[0], t)
             maps = {v: variant_saliency(v, d) for v in VARIANTS}
-            maps.update({b: baseline_saliency(b, act[0], grad, model, t, float(logits[0, t])) for b in BASELINES})
+            maps.update({b: baseline_saliency(b, act[0], grad, model, t, float(logits[0, t]), logits[0])
+                         for b in (*BASELINES, *CONTROLS)})
             pointing = {m: [bool(pointing_hit(s, row["boxes"], 0.0)), bool(pointing_hit(s, row["boxes"], 15.0))]
                         for m, s in maps.items() if m != "center"}
             pointing["center"] = [bool(center_point_hit(SIZE, SIZE, row["boxes"], 0.0)),
@@ -532,7 +636,7 @@ def report(args) -> int:
     rng = np.random.default_rng(0)
     splits = {"choose": [i for i in order if i < args.split], "confirm": [i for i in order if i >= args.split],
               "all": order}
-    methods = [m for m in (*VARIANTS, *BASELINES) if all(m in recs[i]["pointing"] for i in order)]
+    methods = [m for m in (*VARIANTS, *BASELINES, *CONTROLS) if all(m in recs[i]["pointing"] for i in order)]
     result = {"splits": {}, "analysis": analysis([recs[i] for i in order]), "split_at": args.split,
               "resamples": args.resamples}
     lines = []

@@ -108,3 +108,117 @@ def test_lcam_variants_project_layercams_map_onto_the_top_p_components(pieces):
     weighted = finish(torch.from_numpy((vp.T @ (r * coef)).reshape(1, 7, 7)), st.SIZE)[0].numpy()
     got = st.variant_saliency("lcam-relu-gain", d2)
     assert np.abs(got - weighted).max() <= 1e-5 and np.abs(got - expect).max() > 1e-3
+
+
+def test_third_round_variants_against_independent_computations(pieces):
+    """gcam-rank-1 and contrast-share are Grad-CAM's finish of V V^T g (numpy SVD of S*); contrast-share's g
+    is the log-softmax's class map, its gradient taken by torch autograd; the bicubic variants differ from
+    the bilinear ones only by the kernel."""
+    model, x, act, _ = pieces
+    from export.baselines_reference import finish
+
+    logits = np.array([0.3, -1.0, 2.0, 0.5, 1.5])
+    torch.manual_seed(0)
+    d = st.decompose_and_mask(model, x, act, 2, 10, logits)
+    c = act.shape[0]
+    grad = model.gradient(act, 2).astype(np.float64)
+    _, _, vh = np.linalg.svd((grad * act).reshape(c, -1), full_matrices=False)
+    g = (grad * act).reshape(c, -1).sum(0)
+    v1 = vh[:1]
+    expect = finish(torch.from_numpy((v1.T @ (v1 @ g)).reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    assert np.abs(st.variant_saliency("gcam-rank-1", d) - expect).max() <= 1e-5
+    # d log softmax(y)_t / dA by autograd, y = fc_w @ mean(A) + (logits - fc_w @ mean(A)): same logits, same slope
+    a = torch.from_numpy(act.astype(np.float64)).requires_grad_(True)
+    w = torch.from_numpy(model.fc_w)
+    pooled = a.mean((1, 2))
+    y = w @ pooled + (torch.from_numpy(logits) - (w @ pooled).detach())
+    (dg,) = torch.autograd.grad(torch.log_softmax(y, 0)[2], a)
+    np.testing.assert_allclose(st.logprob_gradient(model, act, 2, logits), dg.numpy(), rtol=1e-5, atol=1e-9)
+    g_con = (dg.numpy() * act).reshape(c, -1).sum(0)
+    vp = vh[:10]
+    expect = finish(torch.from_numpy((vp.T @ (vp @ g_con)).reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    got = st.variant_saliency("contrast-share", d)
+    assert np.ptp(got) > 0 and np.abs(got - expect).max() <= 1e-5
+    bil, bic = st.variant_saliency("gcam-rank-p", d), st.variant_saliency("gcam-rank-p-bicubic", d)
+    cam = vp.T @ (vp @ g)
+    ref = torch.nn.functional.interpolate(torch.relu(torch.from_numpy(cam.reshape(1, 1, 7, 7))).float(),
+                                          size=(st.SIZE, st.SIZE), mode="bicubic", align_corners=False)[0, 0].numpy()
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    assert np.abs(bic - ref).max() <= 1e-5 and np.abs(bic - bil).max() > 1e-3
+
+
+def test_gain_lsq_explains_the_gains_as_mask_averages(pieces):
+    """gain-lsq: the map b @ H reproduces each measured gain as its mask average (up to the small ridge)."""
+    _, _, _, d = pieces
+    valid = ~d["null"]
+    hv = d["H"][valid].reshape(int(valid.sum()), -1).astype(np.float64)
+    gain = np.linspace(1.0, 5.0, int(valid.sum()))
+    b = st.gain_lsq(hv, gain, ridge=1e-9)
+    np.testing.assert_allclose((hv * (b @ hv)).mean(1), gain, rtol=1e-4)
+    b_r = st.gain_lsq(hv, gain)                            # the study's ridge: close, not exact
+    assert np.abs((hv * (b_r @ hv)).mean(1) - gain).max() < 0.5 * np.abs(gain).max()
+
+
+def test_controls_are_the_baselines_changed_one_way(pieces):
+    """gradcam-bicubic / layercam-bicubic: the baselines' maps upsampled bicubically; *-logprob: the baselines
+    with the log-softmax gradient."""
+    model, _, act, _ = pieces
+    from export import baselines_reference as br
+
+    grad = model.gradient(act, 2)
+    a = torch.from_numpy(act[None]).double()
+    for name, fn in (("gradcam", br.gradcam), ("layercam", br.layercam)):
+        cam = fn(a, torch.from_numpy(np.ascontiguousarray(grad)[None]).double())[0].numpy()
+        got = st.baseline_saliency(f"{name}-bicubic", act, grad, model, 2, 0.0)
+        assert np.abs(got - st.finish_map(cam, "bicubic")).max() <= 1e-6
+        assert np.abs(got - st.baseline_saliency(name, act, grad, model, 2, 0.0)).max() > 1e-3
+    logits = np.array([0.3, -1.0, 2.0, 0.5, 1.5])
+    lg = st.logprob_gradient(model, act, 2, logits)
+    got = st.baseline_saliency("layercam-logprob", act, grad, model, 2, 2.0, logits)
+    assert np.abs(got - st.baseline_saliency("layercam", act, lg, model, 2, 2.0)).max() <= 1e-7
+    with pytest.raises(ValueError, match="needs the photo's logits"):
+        st.baseline_saliency("gradcam-logprob", act, grad, model, 2, 2.0)
+
+
+def test_kernel_check_switches_only_the_named_upsampling_and_puts_it_back():
+    """benchmarks/quality/kernel_check.bicubic: inside the block the named CAM upsampling is OpenCV's bicubic
+    (compared with cv2 directly), outside it is bilinear again; the other one is untouched."""
+    import cv2
+
+    import runtime.decomcam as dc
+    import runtime.methods.base_cam as bc
+    from benchmarks.quality.kernel_check import bicubic
+
+    be = NumpyBackend()
+    rng = np.random.default_rng(3)
+    maps = rng.random((2, 7, 7)).astype(np.float32)
+
+    def cv(m, flag):
+        return np.stack([cv2.resize(x, (32, 32), interpolation=flag) for x in m])
+
+    with bicubic("baselines"):
+        np.testing.assert_allclose(bc.upsample(be, maps, 32), cv(maps, cv2.INTER_CUBIC), atol=1e-6)
+        assert dc.integrate_share.__module__ == "runtime.decomcam"
+    np.testing.assert_allclose(bc.upsample(be, maps, 32), cv(maps, cv2.INTER_LINEAR), atol=1e-6)
+
+    act = rng.random((1, 16, 7, 7)).astype(np.float32)
+    grad = rng.standard_normal((1, 16, 7, 7)).astype(np.float32)
+    dec = decompose(be, act, grad, DecomCamConfig(top_p=4))
+    y = np.float32([[3.0, 1.0, -1.0, 2.0]])
+    y_blur = np.float32([0.5])
+    plain, wts, _ = integrate_share(be, y, y_blur, dec, 7, 7, 32)
+    with bicubic("gain-share"):
+        cubic, wts2, _ = dc.integrate_share(be, y, y_blur, dec, 7, 7, 32)
+        np.testing.assert_allclose(bc.upsample(be, maps, 32), cv(maps, cv2.INTER_LINEAR), atol=1e-6)
+    np.testing.assert_array_equal(wts2, wts)                                 # the same weights
+    cam = np.einsum("bp,bpn->bn", wts, dec.feature_maps).reshape(1, 7, 7)  # weights sum to 1: same map up to scale
+    assert wts.sum() > 0
+    ref = cv(np.maximum(cam, 0).astype(np.float32), cv2.INTER_CUBIC)
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    np.testing.assert_allclose(cubic, ref, atol=1e-5)
+    assert np.abs(cubic - plain).max() > 1e-3
+    again, _, _ = dc.integrate_share(be, y, y_blur, dec, 7, 7, 32)
+    np.testing.assert_array_equal(again, plain)
+    with pytest.raises(ValueError, match="unknown choice"):
+        with bicubic("nope"):
+            pass
