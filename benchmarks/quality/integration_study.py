@@ -3,6 +3,7 @@
     python -m benchmarks.quality.integration_study run DATA_DIR --out DIR [--limit N]
         [--del-ins FROM:TO] [--del-ins-methods all|name,name,...] [--top-p 10] [--threads 2]
     python -m benchmarks.quality.integration_study report DIR [DIR ...] [--split N] [--resamples 1000] [--markdown FILE]
+        [--pairs A:B,...]
 
 DATA_DIR holds `manifest.csv` and `images/` (the layout of /work/shared/data/imagenet-val-boxes: 227 x 227
 ImageNet validation photos with their label and boxes, see its README). The model is EfficientNet-Lite0 with
@@ -274,7 +275,7 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     sv2 = sv.numpy() ** 2
     share = np.where(null.numpy(), 0.0, fm.numpy() @ g / np.where(sv2 > 0, sv2, 1.0))  # a_i [p]
     share_pos = np.where(null.numpy(), 0.0, fm.numpy() @ g_pos / np.where(sv2 > 0, sv2, 1.0))  # a+_i [p]
-    share_con = np.zeros_like(share)
+    share_con = None
     if logits is not None:
         g_con = (act.astype(np.float64) * logprob_gradient(model, act, target, logits)).reshape(c, -1).sum(0)
         share_con = np.where(null.numpy(), 0.0, fm.numpy() @ g_con / np.where(sv2 > 0, sv2, 1.0))  # a~_i [p]
@@ -393,6 +394,8 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
             return np.zeros((SIZE, SIZE), np.float64)
         return minmax_np(np.maximum(gain_lsq(hv, gain[valid]) @ hv, 0).reshape(SIZE, SIZE))
     if name == "contrast-share":
+        if d.get("share_con") is None:
+            raise ValueError("contrast-share needs the photo's logits (decompose_and_mask(..., logits=))")
         return gcam(np.ones_like(gain), "share_con")
     if name == "gcam-rank-p-bicubic":
         return gcam(np.ones_like(gain), mode="bicubic")
@@ -683,6 +686,25 @@ def report(args) -> int:
             else:
                 row += ["-"] * 5
             lines.append("| " + " | ".join(row) + " |")
+    if args.pairs:
+        result["pairs"] = {}
+        lines.append("\n### paired differences A - B (pointing tol 0 in points of hit rate, overall in points of AUC)\n")
+        lines.append("| pair | split | pointing | overall | n del/ins |")
+        lines.append("|:--|:--|--:|--:|--:|")
+        for pair in args.pairs.split(","):
+            a_, _, b_ = pair.partition(":")
+            if a_ not in methods or b_ not in methods:
+                print(f"error: --pairs '{pair}': both methods must be in every record", file=sys.stderr)
+                return 2
+            for split, ids in splits.items():
+                pv = np.array([recs[i]["pointing"][a_][0] - recs[i]["pointing"][b_][0] for i in ids], float) * 100
+                pt = bootstrap(pv, rng.integers(0, len(ids), size=(args.resamples, len(ids))))
+                di = [i for i in ids if a_ in recs[i]["del_ins"] and b_ in recs[i]["del_ins"]]
+                ov = np.array([(recs[i]["del_ins"][a_][1] - recs[i]["del_ins"][a_][0])
+                               - (recs[i]["del_ins"][b_][1] - recs[i]["del_ins"][b_][0]) for i in di])
+                ot = bootstrap(ov, rng.integers(0, len(di), size=(args.resamples, len(di)))) if di else None
+                result["pairs"][f"{pair}/{split}"] = {"pointing": pt, "overall": ot, "n_del_ins": len(di)}
+                lines.append(f"| {a_} - {b_} | {split} | {fmt(pt)} | {fmt(ot) if ot else '-'} | {len(di)} |")
     a = result["analysis"]
     lines.append("\nAnalysis (all photos): " + json.dumps(a))
     text = "\n".join(lines)
@@ -713,6 +735,8 @@ def main(argv=None) -> int:
     q.add_argument("--split", type=int, default=182, help="photos with index < SPLIT choose, the others confirm")
     q.add_argument("--resamples", type=int, default=1000)
     q.add_argument("--markdown", default=None, help="also write the tables here")
+    q.add_argument("--pairs", default=None,
+                   help="comma-separated A:B method pairs: paired differences A - B on every split")
     args = p.parse_args(argv)
     try:
         return run(args) if args.command == "run" else report(args)

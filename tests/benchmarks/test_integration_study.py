@@ -60,6 +60,8 @@ def test_paper_variant_is_softmax_of_gains(pieces):
     w /= w.sum()
     np.testing.assert_allclose(st.variant_saliency("paper", d), np.einsum("p,pij->ij", w, d["H"]), atol=1e-5)
     for name in st.VARIANTS:
+        if name == "contrast-share":                   # needs the photo's logits: its own test below
+            continue
         s = st.variant_saliency(name, d)
         assert s.shape == (st.SIZE, st.SIZE) and np.all(np.isfinite(s))
 
@@ -173,9 +175,17 @@ def test_controls_are_the_baselines_changed_one_way(pieces):
         assert np.abs(got - st.finish_map(cam, "bicubic")).max() <= 1e-6
         assert np.abs(got - st.baseline_saliency(name, act, grad, model, 2, 0.0)).max() > 1e-3
     logits = np.array([0.3, -1.0, 2.0, 0.5, 1.5])
-    lg = st.logprob_gradient(model, act, 2, logits)
-    got = st.baseline_saliency("layercam-logprob", act, grad, model, 2, 2.0, logits)
-    assert np.abs(got - st.baseline_saliency("layercam", act, lg, model, 2, 2.0)).max() <= 1e-7
+    z = np.exp(logits - logits.max())
+    prob = z / z.sum()
+    wc = (model.fc_w[2] - prob @ model.fc_w) / 49                                  # d log p_t / d A_c
+    assert (wc > 0).any() and (wc < 0).any()
+    a64 = act.astype(np.float64)
+    expect = {"gradcam-logprob": (wc[:, None, None] * a64).sum(0),                  # constant gradient: CAM
+              "layercam-logprob": (np.maximum(wc, 0)[:, None, None] * a64).sum(0)}
+    for name, cam in expect.items():
+        got = st.baseline_saliency(name, act, grad, model, 2, 2.0, logits)
+        ref = br.finish(torch.from_numpy(cam)[None], st.SIZE)[0].numpy()
+        assert np.ptp(got) > 0 and np.abs(got - ref).max() <= 1e-5, name
     with pytest.raises(ValueError, match="needs the photo's logits"):
         st.baseline_saliency("gradcam-logprob", act, grad, model, 2, 2.0)
 
@@ -222,3 +232,81 @@ def test_kernel_check_switches_only_the_named_upsampling_and_puts_it_back():
     with pytest.raises(ValueError, match="unknown choice"):
         with bicubic("nope"):
             pass
+
+
+def test_third_round_reweightings_against_independent_formulas(pieces):
+    """The share re-weightings (numpy SVD: a_i F_i = v_i v_i^T g), the gain attributions (numpy lstsq of the
+    ridge system), and contrast-share's refusal without logits."""
+    model, x, act, d_t2 = pieces
+    from export.baselines_reference import finish
+
+    torch.manual_seed(0)
+    d = st.decompose_and_mask(model, x, act, 0, 10)                      # target 0: every map below is non-zero
+    c = act.shape[0]
+    grad = model.gradient(act, 0).astype(np.float64)
+    s_ = (grad * act).reshape(c, -1)
+    _, _, vh = np.linalg.svd(s_, full_matrices=False)
+    vp = vh[:10]
+    g, gp = s_.sum(0), np.maximum(s_, 0).sum(0)
+    parts = vp * (vp @ g)[:, None]                                       # a_i F_i  [p, n]
+    gain = np.linspace(-1.0, 3.0, 10)[::-1]                              # 3 negative gains, 7 positive
+    d2 = dict(d, y_keep=d["y_blur"] + gain)
+    valid = ~d["null"]
+    assert valid.all()
+
+    def fin(m):
+        return finish(torch.from_numpy(m.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+
+    mass = d["H"].mean((1, 2))
+    r_area = np.maximum(gain / mass, 0)
+    r_area /= r_area.mean()
+    r_gain = np.maximum(gain, 0) / np.maximum(gain, 0).mean()
+    cases = {
+        "gcam-rank-3": fin(parts[:3].sum(0)),
+        "gcam-area-relu": fin((r_area[:, None] * parts).sum(0)),
+        "posparts": fin(np.maximum(parts, 0).sum(0)),
+        "posparts-gain": fin(np.maximum(r_gain[:, None] * parts, 0).sum(0)),
+        "gcam-lcam-mean": st.minmax_np(fin(parts.sum(0)) + fin(vp.T @ (vp @ gp))),
+    }
+    for name, ref in cases.items():
+        got = st.variant_saliency(name, d2)
+        assert np.ptp(got) > 0 and np.abs(got - ref).max() <= 1e-5, name
+    h = d["H"].astype(np.float64)
+    rise = (np.maximum(gain, 0)[:, None, None] * h).sum(0) / (h.sum(0) + 1e-3)
+    np.testing.assert_allclose(st.variant_saliency("rise-gain", d2), st.minmax_np(rise), atol=1e-6)
+    hf = h.reshape(10, -1)
+    gram = hf @ hf.T / hf.shape[1]
+    lam = 1e-3 * np.trace(gram) / 10
+    # the ridge system (G + lam I) b = C, G = H H^T / n, solved by numpy's least squares instead of solve
+    b = np.linalg.lstsq(gram + lam * np.eye(10), gain, rcond=None)[0]
+    ref = st.minmax_np(np.maximum(b @ hf, 0).reshape(st.SIZE, st.SIZE))
+    np.testing.assert_allclose(st.variant_saliency("gain-lsq", d2), ref, atol=1e-6)
+    assert np.abs((hf * (b @ hf)).mean(1) - gain).max() < 0.2 * np.abs(gain).max()
+    with pytest.raises(ValueError, match="needs the photo's logits"):
+        st.variant_saliency("contrast-share", d_t2)
+
+
+def test_report_pairs_are_paired_differences(tmp_path, capsys):
+    """report --pairs: A - B per photo, averaged (pointing over all photos, overall = ins - del over the photos
+    with both methods' curves); an unknown method is a one-line error."""
+    import json
+
+    stats = {"gain": [1.0, 2.0, 3.0], "mass": [0.3, 0.5, 0.4], "keep_remove": [0.5, 1.0, 0.2], "null": [False] * 3,
+             "paper_weights": [0.2, 0.3, 0.5], "component_hits": [True, False, True]}
+    hits_a = [True, False, True, True]
+    hits_b = [False, False, True, False]
+    recs = []
+    for i in range(4):
+        di = {"gradcam": [20.0, 60.0], "layercam": [10.0 + i, 70.0]} if i < 3 else {}
+        recs.append({"index": i, "pointing": {"gradcam": [hits_b[i]] * 2, "layercam": [hits_a[i]] * 2},
+                     "del_ins": di, "stats": stats})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert st.main(["report", str(tmp_path), "--split", "2", "--resamples", "50", "--pairs", "layercam:gradcam"]) == 0
+    res = json.loads((tmp_path / "report.json").read_text())["pairs"]
+    assert res["layercam:gradcam/all"]["pointing"][0] == pytest.approx(50.0)          # (1 + 0 + 0 + 1) / 4
+    assert res["layercam:gradcam/all"]["overall"][0] == pytest.approx(np.mean([20.0, 19.0, 18.0]))
+    assert res["layercam:gradcam/all"]["n_del_ins"] == 3
+    assert res["layercam:gradcam/confirm"]["overall"][0] == pytest.approx(18.0)
+    capsys.readouterr()
+    assert st.main(["report", str(tmp_path), "--pairs", "layercam:nope"]) == 2
+    assert "both methods must be in every record" in capsys.readouterr().err
