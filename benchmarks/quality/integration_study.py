@@ -30,8 +30,9 @@ for this head: dy_t/dA[c, i, j] = W[t, c] / (h w) (checked against torch autogra
 
 Decom-CAM (the paper, runtime/config.py's choices): S* = dy/dA * A, F = Sigma_p V_p^T (export.reference's
 full SVD), H_i = s(Up_bilinear(F_i)), keep_i = max(P H_i, blur(P)(1 - H_i)), and for the study also the
-complement remove_i = max(P (1 - H_i), blur(P) H_i); 2p + 1 forwards per photo (p masks kept, p removed,
-the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
+complement remove_i = max(P (1 - H_i), blur(P) H_i) and the equal-mass mask kept, keep_eq_i = max(P Q_i,
+blur(P)(1 - Q_i)) with Q_i = rank(H_i) / (n - 1) (`equal_mass`); 3p + 1 forwards per photo (p masks kept,
+p removed, p equal-mass masks kept, the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
 The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
 checks that the two compute the same map).
 CONTROLS are baselines changed the way some variants are (bicubic upsampling, the log-softmax's gradient):
@@ -112,6 +113,13 @@ VARIANTS = {
     # The upsampling kernel: the same maps with bicubic instead of bilinear upsampling (the authors' kernel).
     "gcam-rank-p-bicubic": "gcam-rank-p, bicubic upsampling",
     "gcam-relu-gain-bicubic": "gcam-relu-gain (gain-share), bicubic upsampling",
+    # Fourth round: the area confound removed by construction. Gains E_i = y(keep_eq_i) - y(blur) measured
+    # with equal-mass masks Q_i = rank(H_i) / (n - 1) (every Q_i has the same histogram, uniform on [0, 1],
+    # so the same sharp area; only where it keeps the photo sharp differs), p more forwards.
+    "eqmass-softmax": "softmax(E) over the H_i: eqs. 11-12 with the gains of equal-mass masks",
+    "eqmass-relu": "relu(E), normalised, over the H_i",
+    "gcam-eqmass-gain": "gain-share with r_i = relu(E_i) / mean_j relu(E_j)",
+    "lcam-eqmass-gain": "s(Up(relu(sum_i r_i a+_i F_i))), r_i = relu(E_i) / mean_j relu(E_j)",
 }
 # Controls for the third round: baselines changed the same way as the variants above (not baselines of the
 # runtime; they show how much of a variant's change a baseline gets from the same change).
@@ -258,10 +266,20 @@ def logprob_gradient(model: Lite0, act: np.ndarray, target: int, logits: np.ndar
     return np.broadcast_to(wc[:, None, None], (c, h, w)).astype(np.float32)
 
 
+def equal_mass(hmap: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """H [p, S, S] -> Q [p, S, S] float32: each map's pixels replaced by their rank / (n - 1) (ties in raster
+    order), so every Q_i is uniform on [0, 1] and keeps the same area sharp; null components are 0."""
+    flat = hmap.reshape(hmap.shape[0], -1)
+    rank = np.argsort(np.argsort(flat, axis=1, kind="stable"), axis=1, kind="stable")
+    q = (rank / max(flat.shape[1] - 1, 1)).reshape(hmap.shape).astype(np.float32)
+    return np.where(np.asarray(null)[:, None, None], np.float32(0), q)
+
+
 def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int,
                        logits: np.ndarray | None = None) -> dict:
-    """One photo: the paper's decomposition, its masks, and the 2p + 1 forwards every variant reuses.
-    `logits` (the photo's [K] logits) adds the share of the log-softmax's class map (`contrast-share`)."""
+    """One photo: the paper's decomposition, its masks, and the 3p + 1 forwards every variant reuses (p masks
+    kept, p complements removed, p equal-mass masks kept, the blurred photo). `logits` (the photo's [K]
+    logits) adds the share of the log-softmax's class map (`contrast-share`)."""
     import torch
     import torch.nn.functional as F
 
@@ -290,7 +308,9 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     hm = hmap[:, None]
     keep = torch.maximum(pix * hm, pix_b * (1 - hm))
     remove = torch.maximum(pix * (1 - hm), pix_b * hm)
-    batch = (torch.cat([keep, remove, pix_b[None]]) - m) / s                       # [2p + 1, 3, S, S]
+    qm = torch.from_numpy(equal_mass(hmap.numpy(), null.numpy()))[:, None]
+    keep_eq = torch.maximum(pix * qm, pix_b * (1 - qm))
+    batch = (torch.cat([keep, remove, keep_eq, pix_b[None]]) - m) / s             # [3p + 1, 3, S, S]
     logits, _ = model.forward(batch.numpy())
     z = logits.astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
@@ -298,8 +318,9 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     n = fm.shape[0]
     return {
         "up": up.numpy(), "H": hmap.numpy(), "null": null.numpy(), "evr": evr.numpy(), "sigma": sv.numpy(),
-        "y_keep": z[:n, target], "y_remove": z[n:2 * n, target], "y_blur": float(z[2 * n, target]),
-        "p_keep": prob[:n, target], "p_remove": prob[n:2 * n, target], "p_blur": float(prob[2 * n, target]),
+        "y_keep": z[:n, target], "y_remove": z[n:2 * n, target], "y_blur": float(z[3 * n, target]),
+        "p_keep": prob[:n, target], "p_remove": prob[n:2 * n, target], "p_blur": float(prob[3 * n, target]),
+        "y_eq": z[2 * n:3 * n, target],                                              # equal-mass masks kept
         "mass": hmap.numpy().mean((1, 2)),
         "fm": fm.numpy().reshape(-1, h, w),                                          # signed F_i [p, h, w]
         "share": share,                                                              # a_i [p]
@@ -316,9 +337,9 @@ def gain_lsq(masks: np.ndarray, gain: np.ndarray, ridge: float = 1e-3) -> np.nda
     return np.linalg.solve(gram + ridge * np.trace(gram) / k * np.eye(k), gain)
 
 
-def finish_map(cam: np.ndarray, mode: str = "bilinear") -> np.ndarray:
-    """[h, w] -> ReLU, upsampling to [S, S] (torch, half-pixel centres), min-max to [0, 1]: the CAM family's
-    finish (export.baselines_reference.finish for bilinear)."""
+def finish_map(cam: np.ndarray, mode: str = "bilinear", size: int = SIZE) -> np.ndarray:
+    """[h, w] -> ReLU, upsampling to [size, size] (torch, half-pixel centres), min-max to [0, 1]: the CAM
+    family's finish (export.baselines_reference.finish for bilinear)."""
     import torch
     import torch.nn.functional as F
 
@@ -326,8 +347,8 @@ def finish_map(cam: np.ndarray, mode: str = "bilinear") -> np.ndarray:
 
     t = torch.from_numpy(np.ascontiguousarray(cam, np.float64))[None]
     if mode == "bilinear":
-        return finish(t, SIZE)[0].numpy()
-    up = F.interpolate(torch.relu(t).float()[:, None], size=(SIZE, SIZE), mode=mode, align_corners=False)[0, 0]
+        return finish(t, size)[0].numpy()
+    up = F.interpolate(torch.relu(t).float()[:, None], size=(size, size), mode=mode, align_corners=False)[0, 0]
     return minmax_np(up.numpy())
 
 
@@ -335,6 +356,7 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
     """One integration variant from the shared pieces `d` (decompose_and_mask) -> saliency [S, S]."""
     valid = ~d["null"]
     hmap = d["H"]
+    size = hmap.shape[-1]
     gain = d["y_keep"] - d["y_blur"]                       # C_i
     kr = d["y_keep"] - d["y_remove"]                       # D_i
     pgain = d["p_keep"] - d["p_blur"]
@@ -353,7 +375,7 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
 
     def gcam(r, share="share", mode="bilinear"):
         r = np.where(valid, r, 0.0)
-        return finish_map(np.einsum("p,pij->ij", r * d[share], d["fm"]), mode)
+        return finish_map(np.einsum("p,pij->ij", r * d[share], d["fm"]), mode, size)
 
     def mean_one(w):
         m = w[valid].mean() if valid.any() else 0.0
@@ -381,7 +403,7 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
     if name in ("posparts", "posparts-gain"):
         r = np.ones_like(gain) if name == "posparts" else mean_one(np.maximum(gain, 0))
         r = np.where(valid, r, 0.0)
-        return finish_map(np.maximum((r * d["share"])[:, None, None] * d["fm"], 0).sum(0))
+        return finish_map(np.maximum((r * d["share"])[:, None, None] * d["fm"], 0).sum(0), size=size)
     if name == "gcam-lcam-mean":
         return minmax_np(gcam(np.ones_like(gain)) + gcam(np.ones_like(gain), "share_pos"))
     if name == "rise-gain":
@@ -391,8 +413,8 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
     if name == "gain-lsq":
         hv = hmap[valid].reshape(int(valid.sum()), -1).astype(np.float64)
         if hv.shape[0] == 0:
-            return np.zeros((SIZE, SIZE), np.float64)
-        return minmax_np(np.maximum(gain_lsq(hv, gain[valid]) @ hv, 0).reshape(SIZE, SIZE))
+            return np.zeros((size, size), np.float64)
+        return minmax_np(np.maximum(gain_lsq(hv, gain[valid]) @ hv, 0).reshape(size, size))
     if name == "contrast-share":
         if d.get("share_con") is None:
             raise ValueError("contrast-share needs the photo's logits (decompose_and_mask(..., logits=))")
@@ -401,6 +423,14 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
         return gcam(np.ones_like(gain), mode="bicubic")
     if name == "gcam-relu-gain-bicubic":
         return gcam(mean_one(np.maximum(gain, 0)), mode="bicubic")
+    if name in ("eqmass-softmax", "eqmass-relu", "gcam-eqmass-gain", "lcam-eqmass-gain"):
+        eq = d["y_eq"] - d["y_blur"]                       # E_i
+        if name == "eqmass-softmax":
+            return convex(softmax(eq, valid))
+        if name == "eqmass-relu":
+            return convex(relu_norm(eq, valid) if (np.maximum(eq, 0) * valid).sum() > 0
+                          else valid / max(valid.sum(), 1))
+        return gcam(mean_one(np.maximum(eq, 0)), "share" if name.startswith("gcam") else "share_pos")
     if name == "paper":
         return convex(softmax(gain, valid))
     if name == "top1":
@@ -561,7 +591,8 @@ def run(args) -> int:
             rec = {"index": idx, "file": row["file"], "label": t, "pred": pred, "correct": pred == t,
                    "pointing": pointing, "del_ins": di,
                    "stats": {"gain": d["y_keep"] - d["y_blur"], "keep_remove": d["y_keep"] - d["y_remove"],
-                             "p_gain": d["p_keep"] - d["p_blur"], "mass": d["mass"], "evr": d["evr"],
+                             "p_gain": d["p_keep"] - d["p_blur"], "eq_gain": d["y_eq"] - d["y_blur"],
+                             "mass": d["mass"], "evr": d["evr"],
                              "null": d["null"], "paper_weights": softmax(d["y_keep"] - d["y_blur"], ~d["null"]),
                              "component_hits": comp_hits}}
             fout.write(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else o) + "\n")
@@ -601,6 +632,7 @@ def fmt(mean_lo_hi, scale: float = 1.0, digits: int = 1) -> str:
 def analysis(recs: list[dict]) -> dict:
     """Why the paper's integration loses: how gains relate to mask mass, how peaked its softmax is."""
     corr_mass, corr_kr_mass, top_w, eff_n, winner, comp_hits = [], [], [], [], [], []
+    picks: dict[str, list[bool]] = {"C": [], "C/m": [], "E": []}   # does the largest gain's component hit?
     gains = np.array([r["stats"]["gain"] for r in recs])            # [N, p]
     masses = np.array([r["stats"]["mass"] for r in recs])           # [N, p]
     for r in recs:
@@ -615,6 +647,14 @@ def analysis(recs: list[dict]) -> dict:
         eff_n.append(1.0 / np.sum(w ** 2))
         winner.append(int(np.argmax(w)))
         comp_hits.append(s["component_hits"])
+        hits = np.asarray(s["component_hits"], bool)
+        g_all = np.asarray(s["gain"], np.float64)
+        m_all = np.maximum(np.asarray(s["mass"], np.float64), 1e-6)
+        valid_all = ~np.asarray(s["null"], bool)
+        for name, g in (("C", g_all), ("C/m", g_all / m_all),
+                        ("E", np.asarray(s["eq_gain"], np.float64) if "eq_gain" in s else None)):
+            if g is not None and valid_all.any():
+                picks[name].append(bool(hits[int(np.argmax(np.where(valid_all, g, -np.inf)))]))
     p = len(comp_hits[0])
     return {
         "n": len(recs),
@@ -625,6 +665,9 @@ def analysis(recs: list[dict]) -> dict:
         "paper_effective_components_median": float(np.median(eff_n)),
         "paper_winner_histogram": np.bincount(winner, minlength=p).tolist(),
         "component_pointing_tol0": np.asarray(comp_hits, float).mean(0).tolist(),
+        "any_component_pointing_tol0": float(np.asarray(comp_hits, bool).any(1).mean()),
+        "largest_gain_component_pointing_tol0": {k: (float(np.mean(v)) if v else None) for k, v in picks.items()},
+        "largest_gain_n": {k: len(v) for k, v in picks.items()},
         "mean_gain_by_component": gains.mean(0).tolist(),
         "mean_mass_by_component": masses.mean(0).tolist(),
         "mean_gain_per_mass_by_component": (gains / np.maximum(masses, 1e-6)).mean(0).tolist(),

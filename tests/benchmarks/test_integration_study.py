@@ -310,3 +310,71 @@ def test_report_pairs_are_paired_differences(tmp_path, capsys):
     capsys.readouterr()
     assert st.main(["report", str(tmp_path), "--pairs", "layercam:nope"]) == 2
     assert "both methods must be in every record" in capsys.readouterr().err
+
+
+def test_equal_mass_masks_share_one_histogram_and_keep_each_maps_order():
+    rng = np.random.default_rng(3)
+    hmap = rng.random((4, 9, 9)).astype(np.float32)
+    hmap[1, :3] = 0.25                                     # ties: broken in raster order
+    null = np.array([False, False, False, True])
+    q = st.equal_mass(hmap, null)
+    n = 81
+    for i in range(3):
+        np.testing.assert_allclose(np.sort(q[i].ravel()), np.arange(n) / (n - 1), atol=1e-7)
+        h, v = hmap[i].ravel(), q[i].ravel()
+        less = h[:, None] < h[None, :]
+        assert np.all(np.broadcast_to(v[:, None], less.shape)[less] < np.broadcast_to(v[None, :], less.shape)[less])
+        tied = np.flatnonzero(h == 0.25)
+        if tied.size:
+            assert np.all(np.diff(v[tied]) > 0)            # raster order among equal values
+    assert not q[3].any()
+    assert q[:3].mean((1, 2)) == pytest.approx([0.5] * 3, abs=1e-6)
+
+
+def test_fourth_round_variants_use_the_gains_of_equal_mass_masks(pieces):
+    """y_eq is the model on max(P Q_i, blur(P)(1 - Q_i)), the blur from OpenCV here; the four variants are
+    the paper's softmax, relu weights, gain-share and the LayerCAM share with E_i in place of C_i."""
+    import cv2
+
+    from export.baselines_reference import finish
+
+    model, x, act, d = pieces
+    m = np.float32(0.5)
+    pix = x * m + m
+    pix_b = np.stack([cv2.GaussianBlur(ch, (81, 81), 10.0, borderType=cv2.BORDER_REFLECT_101) for ch in pix])
+    q = st.equal_mass(d["H"], d["null"])
+    keep_eq = np.maximum(pix[None] * q[:, None], pix_b[None] * (1 - q[:, None]))
+    y_eq = model.forward(((keep_eq - m) / m).astype(np.float32))[0][:, 2]
+    np.testing.assert_allclose(d["y_eq"], y_eq, rtol=1e-4, atol=1e-4)
+    e = d["y_eq"] - d["y_blur"]
+    valid = ~d["null"]
+    w = np.where(valid, np.exp(e - e[valid].max()), 0.0)
+    w /= w.sum()
+    got = st.variant_saliency("eqmass-softmax", d)
+    assert np.abs(got - np.einsum("p,pij->ij", w, d["H"])).max() <= 1e-5
+    r = np.where(valid, np.maximum(e, 0), 0.0)
+    if r.sum() > 0:
+        assert np.abs(st.variant_saliency("eqmass-relu", d) - np.einsum("p,pij->ij", r / r.sum(), d["H"])).max() <= 1e-5
+        rr = r / r[valid].mean()
+    else:
+        rr = valid.astype(np.float64)
+    for name, share in (("gcam-eqmass-gain", "share"), ("lcam-eqmass-gain", "share_pos")):
+        cam = np.einsum("p,pij->ij", rr * d[share], d["fm"])
+        expect = finish(torch.from_numpy(cam[None]), st.SIZE)[0].numpy()
+        assert np.abs(st.variant_saliency(name, d) - expect).max() <= 1e-5
+    assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3     # other masks, other gains
+
+
+def test_analysis_counts_how_often_the_largest_gains_component_points_right():
+    """C picks component 3 (hit), C/m picks component 1 (hit) in the first record; in the second every pick
+    misses; E is counted only over the records that have it."""
+    base = {"keep_remove": [0.1, 0.5, 0.2], "null": [False] * 3, "paper_weights": [0.2, 0.3, 0.5]}
+    recs = [{"stats": {**base, "gain": [1.0, 2.0, 3.0], "mass": [0.1, 0.5, 0.9], "eq_gain": [0.0, 5.0, 1.0],
+                       "component_hits": [True, False, True]}},
+            {"stats": {**base, "gain": [3.0, 2.0, 1.0], "mass": [0.9, 0.1, 0.5],
+                       "component_hits": [False, False, True]}}]
+    a = st.analysis(recs)
+    assert a["largest_gain_component_pointing_tol0"] == {"C": 0.5, "C/m": 0.5, "E": 0.0}
+    assert a["largest_gain_n"] == {"C": 2, "C/m": 2, "E": 1}
+    assert a["any_component_pointing_tol0"] == 1.0
+    np.testing.assert_allclose(a["component_pointing_tol0"], [0.5, 0.0, 1.0])

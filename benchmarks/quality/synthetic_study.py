@@ -1,0 +1,251 @@
+"""The integration study's variants on the synthetic benchmark (the CLIP-architecture model).
+
+    python -m benchmarks.quality.synthetic_study [--variants all|name,...] [--baselines name,...]
+        [--out DIR] [--json FILE] [--quick]
+
+benchmarks/quality/integration_study.py measures every integration of Decom-CAM's components on a real
+ImageNet CNN (a global-average-pool head, so the gradient is constant over positions). Part of the question
+is whether a variant holds on the synthetic benchmark too, where the model is a CLIP ModifiedResNet with an
+attention pool and the gradient varies over positions. This runs the same variants there:
+
+- each variant is registered, for this process only, as a runtime method `study-<name>`, which computes the
+  shared pieces from the runtime's own decomposition (runtime.decomcam.decompose, the paper's choices in
+  runtime/config.py), the p masks kept and the p complements removed (runtime.decomcam.build_masks with H and
+  1 - H), the p equal-mass masks kept (integration_study.equal_mass), and the blurred image, in 3p + 1
+  forwards through the exported classify graph; the map is
+  integration_study.variant_saliency of those pieces, the very function the real-data study uses;
+- the pieces are computed once per image and target and shared by every variant;
+- the protocol, the trained model and the data are the synthetic benchmark's (benchmarks/quality/synthetic.py,
+  with the cached checkpoint when there is one): the pointing game at tolerance 0 and deletion / insertion
+  under the accuracy-binned protocol.
+
+`contrast-share` is not run here: it needs the gradient of every class's logit, which the exported graphs
+give one target at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .integration_study import VARIANTS, equal_mass, variant_saliency
+
+PREFIX = "study-"
+SKIP = ("contrast-share",)
+DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationcam", "decomcam",
+                     "decomcam-gain-share")
+
+
+def pieces(ctx) -> list[dict]:
+    """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
+    decomposition and masks and 2p + 1 forwards of the exported classify graph."""
+    import runtime.decomcam as dc
+
+    be, xp = ctx.backend, ctx.backend.xp
+    cfg = ctx.config.with_(variant="paper", integration="paper")
+    act, grad = ctx.activations, ctx.gradients
+    b, c, h, w = act.shape
+    size = ctx.x.shape[-1]
+    dec = dc.decompose(be, act, grad, cfg)
+    up = dc.upsample(be, dec, h, w, size, cfg)                              # [B, p, S, S] signed, bilinear
+    hmap = dc.normalise_components(be, up, dec.null)                       # H
+    keep, blurred = dc.build_masks(be, ctx.x, hmap, ctx.mean, ctx.std, cfg)
+    remove, _ = dc.build_masks(be, ctx.x, 1 - hmap, ctx.mean, ctx.std, cfg)
+    null_h = be.to_host(dec.null)
+    eq = xp.asarray(np.stack([equal_mass(m, n) for m, n in zip(be.to_host(hmap), null_h)]))
+    keep_eq, _ = dc.build_masks(be, ctx.x, eq, ctx.mean, ctx.std, cfg)
+    p = hmap.shape[1]
+    batch = xp.concatenate([keep.reshape(b * p, 3, size, size), remove.reshape(b * p, 3, size, size),
+                            keep_eq.reshape(b * p, 3, size, size), blurred])
+    z = be.to_host(ctx.classify(batch)).astype(np.float64)
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    host = be.to_host
+    fm, sigma, evr, null = host(dec.feature_maps), host(dec.singular_values), host(dec.explained_variance), \
+        host(dec.null)
+    a64, g64 = host(act).astype(np.float64).reshape(b, c, -1), host(grad).astype(np.float64).reshape(b, c, -1)
+    up_h, hmap_h = host(up), host(hmap)
+    out = []
+    for k in range(b):
+        t = int(ctx.target[k])
+        rows_keep = np.arange(k * p, (k + 1) * p)
+        rows_remove = b * p + rows_keep
+        rows_eq = 2 * b * p + rows_keep
+        row_blur = 3 * b * p + k
+        g = (a64[k] * g64[k]).sum(0)
+        g_pos = (a64[k] * np.maximum(g64[k], 0)).sum(0)
+        sv2 = sigma[k] ** 2
+        div = np.where(sv2 > 0, sv2, 1.0)
+        out.append({
+            "up": up_h[k], "H": hmap_h[k], "null": null[k], "evr": evr[k], "sigma": sigma[k],
+            "y_keep": z[rows_keep, t], "y_remove": z[rows_remove, t], "y_blur": float(z[row_blur, t]),
+            "p_keep": prob[rows_keep, t], "p_remove": prob[rows_remove, t], "p_blur": float(prob[row_blur, t]),
+            "y_eq": z[rows_eq, t],
+            "mass": hmap_h[k].mean((1, 2)),
+            "fm": fm[k].reshape(-1, h, w),
+            "share": np.where(null[k], 0.0, fm[k] @ g / div),
+            "share_pos": np.where(null[k], 0.0, fm[k] @ g_pos / div),
+            "share_con": None,
+        })
+    return out
+
+
+_CACHE: dict = {}
+
+
+def _key(x: np.ndarray, target: int) -> tuple:
+    return hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest(), int(target)
+
+
+def study_method(variant: str):
+    """A runtime Method class computing integration_study.variant_saliency(variant, ...) (not registered)."""
+    from runtime.methods.base import Method, MethodOutput
+
+    class StudyVariant(Method):
+        name = PREFIX + variant
+        doc = VARIANTS[variant]
+
+        def __call__(self, ctx) -> MethodOutput:
+            xs = ctx.backend.to_host(ctx.x)
+            keys = [_key(xs[k], ctx.target[k]) for k in range(xs.shape[0])]
+            if any(k not in _CACHE for k in keys):
+                for k, d in zip(keys, pieces(ctx)):
+                    _CACHE[k] = d
+            sal = np.stack([variant_saliency(variant, _CACHE[k]) for k in keys]).astype(np.float32)
+            return MethodOutput(sal, forwards=3 * _CACHE[keys[0]]["H"].shape[0] + 1)
+
+    StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
+    return StudyVariant
+
+
+def registered(variants):
+    """Context: the variants registered as runtime methods `study-<name>` within the block."""
+    import contextlib
+
+    from runtime.methods.base import METHODS
+
+    @contextlib.contextmanager
+    def ctx():
+        added = []
+        try:
+            for v in variants:
+                cls = study_method(v)
+                if cls.name in METHODS:
+                    raise ValueError(f"method '{cls.name}' is already registered")
+                METHODS[cls.name] = cls
+                added.append(cls.name)
+            yield [PREFIX + v for v in variants]
+        finally:
+            for n in added:
+                METHODS.pop(n, None)
+            _CACHE.clear()
+
+    return ctx()
+
+
+def component_diagnostics(explainer, items) -> dict:
+    """Pointing-game trials of the synthetic VOC items (one per image and class present), component by
+    component: how often each H_i alone points into the box, how often any does (the best any selection of
+    one component could reach), and how often the component with the largest gain does, for the paper's
+    gains C_i, the gains per unit of mask mass C_i / m_i and the equal-mass gains E_i."""
+    from runtime.images import load_image
+
+    from .evaluate import class_indices
+    from .protocol import pointing_hit
+
+    present = sorted({c for it in items for c in it.objects})
+    idx = class_indices(explainer.classes.labels, present, explainer.classes.name, "VOC")
+    hits, picks = [], {"C": [], "C/m": [], "E": []}
+    with registered(["top1"]):
+        for it in items:
+            rgb = load_image(it.image_path)
+            for c in sorted(it.objects):
+                e = explainer.explain_arrays([rgb], target=[idx[c]], method=PREFIX + "top1")[0]
+                x, _ = explainer.preprocess([rgb])
+                d = _CACHE[_key(x[0], idx[c])]
+                valid = ~d["null"]
+                h = np.array([v and pointing_hit(e.geometry.to_original(m), it.objects[c], 0.0)
+                              for m, v in zip(d["H"], valid)])
+                hits.append(h)
+                for name, g in (("C", d["y_keep"] - d["y_blur"]),
+                                ("C/m", (d["y_keep"] - d["y_blur"]) / np.maximum(d["mass"], 1e-6)),
+                                ("E", d["y_eq"] - d["y_blur"])):
+                    picks[name].append(bool(h[int(np.argmax(np.where(valid, g, -np.inf)))]))
+    hits = np.array(hits)
+    return {"n_trials": int(hits.shape[0]), "per_component": hits.mean(0).tolist(),
+            "any_component": float(hits.any(1).mean()),
+            "largest_gain": {k: float(np.mean(v)) for k, v in picks.items()}}
+
+
+def parse_variants(spec: str) -> list[str]:
+    if spec == "all":
+        return [v for v in VARIANTS if v not in SKIP]
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS or v in SKIP]
+    if bad:
+        raise ValueError(f"unknown or unsupported variant(s) {', '.join(bad)}; valid: "
+                         f"{', '.join(v for v in VARIANTS if v not in SKIP)}")
+    return names
+
+
+def table(res: dict) -> str:
+    rows = ["| method | pointing tol 0 (%) | insertion / deletion / ins - del (%), mean | Table-2 overall |",
+            "|:--|--:|--:|--:|"]
+    di = res["deletion_insertion"]["methods"]
+    for m, v in res["pointing_game"]["methods"].items():
+        mean = di[m]["mean"]
+        rows.append(f"| {m} | {100 * v['mean_accuracy']:.1f} | {100 * mean['insertion']:.1f} / "
+                    f"{100 * mean['deletion']:.1f} / {100 * mean['overall']:.1f} | "
+                    f"{100 * di[m]['binned']['auc']['overall']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    from .synthetic import FULL, QUICK, run_synthetic
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.synthetic_study",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="all", help="integration_study variants, comma-separated, or all")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help="runtime methods run beside them (default: %(default)s)")
+    p.add_argument("--out", default="outputs/synthetic-study", help="work folder (default outputs/synthetic-study)")
+    p.add_argument("--json", default=None, help="write the synthetic benchmark's JSON here")
+    p.add_argument("--quick", action="store_true", help="the tiny synthetic run (measures nothing)")
+    p.add_argument("--components", action="store_true",
+                   help="also report the pointing game of each component alone and of the largest-gain one")
+    args = p.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    with registered(variants) as names:
+        res = run_synthetic(QUICK if args.quick else FULL, Path(args.out), [*names, *baselines], plot=False)
+    print(table(res))
+    if args.components:
+        from runtime.engines import EngineOptions
+        from runtime.explainer import Explainer
+
+        from .voc import read_voc
+
+        ex = Explainer.from_artifacts(res["model"]["artifacts"], resize_mode="stretch",
+                                      engine_options=EngineOptions(intra_op_threads=1, allow_spinning=False))
+        diag = component_diagnostics(ex, read_voc(Path(args.out) / "voc", "val"))
+        res["components"] = diag
+        print(f"\nComponents alone, pointing tol 0 over {diag['n_trials']} trials (%): "
+              + ", ".join(f"H_{i + 1} {100 * v:.1f}" for i, v in enumerate(diag["per_component"])))
+        print(f"any component: {100 * diag['any_component']:.1f}; the largest gain's component: "
+              + ", ".join(f"{k} {100 * v:.1f}" for k, v in diag["largest_gain"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""benchmarks/quality/synthetic_study.py on the tiny random CLIP export: the study's variants, registered as
+runtime methods, reproduce the runtime's Decom-CAM and gain-share, their forwards are the model on the masks
+built independently here, and the registration is undone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.quality import integration_study as st
+from benchmarks.quality import synthetic_study as ss
+from export.reference import gaussian_blur
+from runtime.explainer import Explainer
+from runtime.methods.base import METHODS
+from tests.conftest import make_images
+
+
+@pytest.fixture(scope="module")
+def explainer(tiny_artifacts):
+    return Explainer.from_artifacts(tiny_artifacts.out_dir)
+
+
+def test_study_variants_are_the_runtime_methods(explainer):
+    imgs = make_images(3, seed=5)
+    with ss.registered(["paper", "gcam-relu-gain", "top1"]) as names:
+        assert names == ["study-paper", "study-gcam-relu-gain", "study-top1"]
+        got = {n: explainer.explain_arrays(imgs, method=n, top_p=4) for n in names}
+    ref = explainer.explain_arrays(imgs, method="decomcam", top_p=4)
+    share = explainer.explain_arrays(imgs, method="decomcam-gain-share", top_p=4)
+    for i in range(3):
+        assert np.ptp(ref[i].saliency) > 0
+        assert np.abs(got["study-paper"][i].saliency - ref[i].saliency).max() <= 1e-5
+        assert np.abs(got["study-gcam-relu-gain"][i].saliency - share[i].saliency).max() <= 1e-4
+        assert np.abs(got["study-top1"][i].saliency - ref[i].components[0]).max() <= 1e-5
+    assert not [n for n in METHODS if n.startswith(ss.PREFIX)]
+
+
+def test_forwards_are_the_model_on_each_images_masks(explainer):
+    """Three images in one batch: each image's kept, removed and equal-mass masks and its blurred image,
+    built here with torch's blur, give the logits the pieces hold for that image."""
+    imgs = make_images(3, seed=8)
+    cfg = explainer.config.with_(top_p=4)
+    x, _ = explainer.preprocess(imgs)
+    size = x.shape[-1]
+    targets = [1, 0, 2]
+    with ss.registered(["paper"]):
+        explainer.explain_arrays(imgs, method="study-paper", target=targets, top_p=4)
+        pieces = [ss._CACHE[ss._key(x[k], targets[k])] for k in range(3)]
+    mean = torch.tensor(explainer.artifacts.mean).view(3, 1, 1)
+    std = torch.tensor(explainer.artifacts.std).view(3, 1, 1)
+    for k, d in enumerate(pieces):
+        pix = torch.from_numpy(x[k]).double() * std + mean
+        blur = gaussian_blur(pix[None], cfg.sigma(size), cfg.radius(size))[0]
+        hm = torch.from_numpy(d["H"]).double()[:, None]
+        qm = torch.from_numpy(st.equal_mass(d["H"], d["null"])).double()[:, None]
+        batch = torch.cat([torch.maximum(pix * hm, blur * (1 - hm)), torch.maximum(pix * (1 - hm), blur * hm),
+                           torch.maximum(pix * qm, blur * (1 - qm)), blur[None]])
+        z = np.asarray(explainer.classify(((batch - mean) / std).float().numpy()))[:, targets[k]]
+        p = d["H"].shape[0]
+        np.testing.assert_allclose(d["y_keep"], z[:p], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(d["y_remove"], z[p:2 * p], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(d["y_eq"], z[2 * p:3 * p], rtol=1e-3, atol=1e-3)
+        assert d["y_blur"] == pytest.approx(float(z[-1]), rel=1e-3, abs=1e-3)
+        assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3
+
+
+def test_registration_errors_and_cli(capsys):
+    with pytest.raises(ValueError, match="already registered"):
+        with ss.registered(["top1", "top1"]):
+            pass
+    assert "study-top1" not in METHODS
+    with pytest.raises(ValueError, match="contrast-share"):
+        ss.parse_variants("top1,contrast-share")
+    assert "contrast-share" not in ss.parse_variants("all") and "eqmass-softmax" in ss.parse_variants("all")
+    assert ss.main(["--variants", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_component_diagnostics_against_the_runtimes_components(explainer, tmp_path):
+    """Per-component hits and the largest paper gain's hit, recomputed from `decomcam`'s own components and
+    gains on a few generated images with made-up boxes."""
+    import cv2
+
+    from benchmarks.quality.protocol import pointing_hit
+    from benchmarks.quality.voc import VocItem
+
+    items = []
+    rng = np.random.default_rng(2)
+    for i, rgb in enumerate(make_images(3, seed=4)):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), rgb[:, :, ::-1])
+        h, w = rgb.shape[:2]
+        objs = {}
+        for c in ("cat", "dog"):
+            x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+            objs[c] = np.array([[x0, y0, x0 + w // 2, y0 + h // 2]], np.float64)
+        items.append(VocItem(path, w, h, objs, str(i)))
+    diag = ss.component_diagnostics(explainer, items)
+    labels = list(explainer.classes.labels)
+    hits, pick = [], []
+    for it in items:
+        rgb = cv2.imread(str(it.image_path))[:, :, ::-1].copy()
+        for c in sorted(it.objects):
+            e = explainer.explain_arrays([rgb], target=[labels.index(c)], method="decomcam")[0]
+            h = np.array([np.ptp(m) > 0 and pointing_hit(e.geometry.to_original(m), it.objects[c], 0.0)
+                          for m in e.components])
+            hits.append(h)
+            pick.append(bool(h[int(np.argmax(e.scores))]))
+    assert diag["n_trials"] == 6
+    np.testing.assert_allclose(diag["per_component"], np.mean(hits, 0))
+    assert diag["any_component"] == pytest.approx(np.mean(np.any(hits, 1)))
+    assert diag["largest_gain"]["C"] == pytest.approx(np.mean(pick))
