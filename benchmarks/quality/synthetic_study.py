@@ -26,6 +26,7 @@ give one target at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -43,7 +44,7 @@ DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationca
 
 def pieces(ctx) -> list[dict]:
     """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
-    decomposition and masks and 2p + 1 forwards of the exported classify graph."""
+    decomposition and masks and 3p + 1 forwards of the exported classify graph."""
     import runtime.decomcam as dc
 
     be, xp = ctx.backend, ctx.backend.xp
@@ -95,15 +96,28 @@ def pieces(ctx) -> list[dict]:
     return out
 
 
-_CACHE: dict = {}
+class Registration(list):
+    """The names registered by `registered` (a list), and the pieces they share (`cache`)."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.cache: dict = {}
 
 
-def _key(x: np.ndarray, target: int) -> tuple:
-    return hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest(), int(target)
+def piece_key(x: np.ndarray, logits: np.ndarray, target: int, config) -> tuple:
+    """What the pieces of one image depend on: the model input, the model (through the image's logits), the
+    target and the Decom-CAM configuration."""
+    h = hashlib.sha1()
+    for a in (x, logits):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest(), int(target), repr(config)
 
 
-def study_method(variant: str):
-    """A runtime Method class computing integration_study.variant_saliency(variant, ...) (not registered)."""
+def study_method(variant: str, cache: dict):
+    """A runtime Method class computing integration_study.variant_saliency(variant, ...), its pieces kept in
+    `cache` (not registered)."""
     from runtime.methods.base import Method, MethodOutput
 
     class StudyVariant(Method):
@@ -111,39 +125,41 @@ def study_method(variant: str):
         doc = VARIANTS[variant]
 
         def __call__(self, ctx) -> MethodOutput:
-            xs = ctx.backend.to_host(ctx.x)
-            keys = [_key(xs[k], ctx.target[k]) for k in range(xs.shape[0])]
-            if any(k not in _CACHE for k in keys):
+            xs, lg = ctx.backend.to_host(ctx.x), ctx.backend.to_host(ctx.logits)
+            keys = [piece_key(xs[k], lg[k], ctx.target[k], ctx.config) for k in range(xs.shape[0])]
+            if any(k not in cache for k in keys):
                 for k, d in zip(keys, pieces(ctx)):
-                    _CACHE[k] = d
-            sal = np.stack([variant_saliency(variant, _CACHE[k]) for k in keys]).astype(np.float32)
-            return MethodOutput(sal, forwards=3 * _CACHE[keys[0]]["H"].shape[0] + 1)
+                    cache[k] = d
+            sal = np.stack([variant_saliency(variant, cache[k]) for k in keys]).astype(np.float32)
+            return MethodOutput(sal, forwards=3 * cache[keys[0]]["H"].shape[0] + 1)
 
     StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
     return StudyVariant
 
 
 def registered(variants):
-    """Context: the variants registered as runtime methods `study-<name>` within the block."""
+    """Context: the variants registered as runtime methods `study-<name>` within the block; it yields a
+    `Registration` (the names, and the pieces computed in the block, which are dropped at its end)."""
     import contextlib
 
     from runtime.methods.base import METHODS
 
     @contextlib.contextmanager
     def ctx():
+        reg = Registration(PREFIX + v for v in variants)
         added = []
         try:
             for v in variants:
-                cls = study_method(v)
+                cls = study_method(v, reg.cache)
                 if cls.name in METHODS:
                     raise ValueError(f"method '{cls.name}' is already registered")
                 METHODS[cls.name] = cls
                 added.append(cls.name)
-            yield [PREFIX + v for v in variants]
+            yield reg
         finally:
             for n in added:
                 METHODS.pop(n, None)
-            _CACHE.clear()
+            reg.cache.clear()
 
     return ctx()
 
@@ -161,25 +177,38 @@ def component_diagnostics(explainer, items) -> dict:
     present = sorted({c for it in items for c in it.objects})
     idx = class_indices(explainer.classes.labels, present, explainer.classes.name, "VOC")
     hits, picks = [], {"C": [], "C/m": [], "E": []}
-    with registered(["top1"]):
+    name = PREFIX + "diagnostics-top1"
+    with contextlib.ExitStack() as stack:
+        from runtime.methods.base import METHODS
+
+        cache: dict = {}
+        if name in METHODS:
+            raise ValueError(f"method '{name}' is already registered")
+        cls = study_method("top1", cache)
+        cls.name = name
+        METHODS[name] = cls
+        stack.callback(METHODS.pop, name, None)
         for it in items:
             rgb = load_image(it.image_path)
             for c in sorted(it.objects):
-                e = explainer.explain_arrays([rgb], target=[idx[c]], method=PREFIX + "top1")[0]
-                x, _ = explainer.preprocess([rgb])
-                d = _CACHE[_key(x[0], idx[c])]
+                e = explainer.explain_arrays([rgb], target=[idx[c]], method=name)[0]
+                (d,) = [v for k, v in cache.items() if k[1] == idx[c]]
+                cache.clear()
                 valid = ~d["null"]
                 h = np.array([v and pointing_hit(e.geometry.to_original(m), it.objects[c], 0.0)
                               for m, v in zip(d["H"], valid)])
                 hits.append(h)
-                for name, g in (("C", d["y_keep"] - d["y_blur"]),
-                                ("C/m", (d["y_keep"] - d["y_blur"]) / np.maximum(d["mass"], 1e-6)),
-                                ("E", d["y_eq"] - d["y_blur"])):
-                    picks[name].append(bool(h[int(np.argmax(np.where(valid, g, -np.inf)))]))
+                if not valid.any():
+                    continue                                 # no component: no pick (as report's analysis)
+                for key, g in (("C", d["y_keep"] - d["y_blur"]),
+                               ("C/m", (d["y_keep"] - d["y_blur"]) / np.maximum(d["mass"], 1e-6)),
+                               ("E", d["y_eq"] - d["y_blur"])):
+                    picks[key].append(bool(h[int(np.argmax(np.where(valid, g, -np.inf)))]))
     hits = np.array(hits)
     return {"n_trials": int(hits.shape[0]), "per_component": hits.mean(0).tolist(),
             "any_component": float(hits.any(1).mean()),
-            "largest_gain": {k: float(np.mean(v)) for k, v in picks.items()}}
+            "largest_gain": {k: (float(np.mean(v)) if v else None) for k, v in picks.items()},
+            "largest_gain_n": {k: len(v) for k, v in picks.items()}}
 
 
 def parse_variants(spec: str) -> list[str]:

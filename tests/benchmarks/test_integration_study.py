@@ -372,9 +372,13 @@ def test_analysis_counts_how_often_the_largest_gains_component_points_right():
     recs = [{"stats": {**base, "gain": [1.0, 2.0, 3.0], "mass": [0.1, 0.5, 0.9], "eq_gain": [0.0, 5.0, 1.0],
                        "component_hits": [True, False, True]}},
             {"stats": {**base, "gain": [3.0, 2.0, 1.0], "mass": [0.9, 0.1, 0.5],
-                       "component_hits": [False, False, True]}}]
+                       "component_hits": [False, False, True]}},
+            {"stats": {**base, "gain": [1.0, 9.0, 2.0], "mass": [0.5, 0.5, 0.5], "eq_gain": [1.0, 9.0, 0.0],
+                       "null": [False, True, False], "component_hits": [True, False, False]}}]
     a = st.analysis(recs)
-    assert a["largest_gain_component_pointing_tol0"] == {"C": 0.5, "C/m": 0.5, "E": 0.0}
-    assert a["largest_gain_n"] == {"C": 2, "C/m": 2, "E": 1}
+    # the third record's largest gains (component 2) are null: its picks are component 3 (C, C/m), 1 (E)
+    assert a["largest_gain_component_pointing_tol0"] == {"C": pytest.approx(1 / 3), "C/m": pytest.approx(1 / 3),
+                                                         "E": 0.5}
+    assert a["largest_gain_n"] == {"C": 3, "C/m": 3, "E": 2}
     assert a["any_component_pointing_tol0"] == 1.0
-    np.testing.assert_allclose(a["component_pointing_tol0"], [0.5, 0.0, 1.0])
+    np.testing.assert_allclose(a["component_pointing_tol0"], [2 / 3, 0.0, 2 / 3])

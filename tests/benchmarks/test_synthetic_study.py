@@ -44,9 +44,10 @@ def test_forwards_are_the_model_on_each_images_masks(explainer):
     x, _ = explainer.preprocess(imgs)
     size = x.shape[-1]
     targets = [1, 0, 2]
-    with ss.registered(["paper"]):
+    with ss.registered(["paper"]) as reg:
         explainer.explain_arrays(imgs, method="study-paper", target=targets, top_p=4)
-        pieces = [ss._CACHE[ss._key(x[k], targets[k])] for k in range(3)]
+        by_target = {key[1]: d for key, d in reg.cache.items()}
+        pieces = [by_target[t] for t in targets]
     mean = torch.tensor(explainer.artifacts.mean).view(3, 1, 1)
     std = torch.tensor(explainer.artifacts.std).view(3, 1, 1)
     for k, d in enumerate(pieces):
@@ -63,6 +64,20 @@ def test_forwards_are_the_model_on_each_images_masks(explainer):
         np.testing.assert_allclose(d["y_eq"], z[2 * p:3 * p], rtol=1e-3, atol=1e-3)
         assert d["y_blur"] == pytest.approx(float(z[-1]), rel=1e-3, abs=1e-3)
         assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3
+
+
+def test_pieces_are_recomputed_for_another_configuration(explainer):
+    imgs = make_images(1, seed=9)
+    with ss.registered(["top1"]) as reg:
+        a = explainer.explain_arrays(imgs, method="study-top1", top_p=4)[0]
+        b = explainer.explain_arrays(imgs, method="study-top1", top_p=2)[0]
+        c = explainer.explain_arrays(imgs, method="study-top1", top_p=2)[0]
+        assert len(reg.cache) == 2
+        assert sorted(d["H"].shape[0] for d in reg.cache.values()) == [2, 4]
+    assert not reg.cache
+    ref = explainer.explain_arrays(imgs, method="decomcam", top_p=2)[0]
+    assert np.abs(b.saliency - ref.components[0]).max() <= 1e-5
+    assert np.array_equal(b.saliency, c.saliency) and a.saliency.shape == b.saliency.shape
 
 
 def test_registration_errors_and_cli(capsys):
@@ -98,7 +113,7 @@ def test_component_diagnostics_against_the_runtimes_components(explainer, tmp_pa
         items.append(VocItem(path, w, h, objs, str(i)))
     diag = ss.component_diagnostics(explainer, items)
     labels = list(explainer.classes.labels)
-    hits, pick = [], []
+    hits, pick, pick_m = [], [], []
     for it in items:
         rgb = cv2.imread(str(it.image_path))[:, :, ::-1].copy()
         for c in sorted(it.objects):
@@ -107,7 +122,12 @@ def test_component_diagnostics_against_the_runtimes_components(explainer, tmp_pa
                           for m in e.components])
             hits.append(h)
             pick.append(bool(h[int(np.argmax(e.scores))]))
+            mass = np.array([m.mean() for m in e.components])
+            pick_m.append(bool(h[int(np.argmax(e.scores / np.maximum(mass, 1e-6)))]))
     assert diag["n_trials"] == 6
     np.testing.assert_allclose(diag["per_component"], np.mean(hits, 0))
     assert diag["any_component"] == pytest.approx(np.mean(np.any(hits, 1)))
     assert diag["largest_gain"]["C"] == pytest.approx(np.mean(pick))
+    assert diag["largest_gain"]["C/m"] == pytest.approx(np.mean(pick_m))
+    assert diag["largest_gain_n"] == {"C": 6, "C/m": 6, "E": 6}
+    assert not [n for n in METHODS if n.startswith(ss.PREFIX)]
