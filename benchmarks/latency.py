@@ -23,6 +23,8 @@ Engines:
     torch-fp16   the same under torch.autocast(float16) on the GPU.
     cpu, cuda    ONNX Runtime through runtime.explainer.Explainer (the library path), fp32 graphs.
     cuda-fp16    the cuda engine on the export's fp16 graphs (python -m export --precision fp16).
+    cuda-fp16m   the cuda engine at precision fp16-masks: fp16 classify graph (the masked forwards), fp32
+                 explain graph (activations and gradients).
     cpu-int8     the cpu engine on the export's int8 graphs (python -m export quantize).
     trt          ONNX Runtime's TensorRT provider, fp32; trt-fp16 with trt_fp16_enable.
 A GPU engine runs only when runtime.engines.probe_engine proves its provider loads, and its sessions are
@@ -55,7 +57,7 @@ import numpy as np
 from . import common
 
 TORCH_ENGINES = ("torch", "torch-fp16")
-ORT_ENGINES = ("cpu", "cpu-int8", "cuda", "cuda-fp16", "trt", "trt-fp16")
+ORT_ENGINES = ("cpu", "cpu-int8", "cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16")
 ENGINES = TORCH_ENGINES + ORT_ENGINES
 TORCH_METHODS_DECOMCAM = {"decomcam": "paper", "decomcam-authors": "authors"}
 # stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
@@ -104,7 +106,8 @@ class OrtEngine(Engine):
             raise Skip(reason)
         opts = EngineOptions(device_id=args.device_id, fp16=fp16 and engine == "trt", intra_op_threads=args.threads,
                              allow_spinning=not shares_with_torch)
-        kw = {"precision": "fp16"} if fp16 and engine == "cuda" else {"precision": "int8"} if int8 else {}
+        kw = ({"precision": "fp16"} if fp16 and engine == "cuda" else {"precision": "int8"} if int8 else
+              {"precision": "fp16-masks"} if name == "cuda-fp16m" else {})
         try:
             self.ex = Explainer.from_artifacts(artifacts, engine=engine, engine_options=opts,
                                                batch_size=args.classify_batch, class_set=args.classes, **kw)
@@ -113,7 +116,8 @@ class OrtEngine(Engine):
         except (EngineError, ValueError, RuntimeError, TypeError) as e:
             raise Skip(str(e).splitlines()[0]) from e
         providers = self.ex.runner("classify").session.get_providers()
-        precision = "int8" if int8 else "fp16-graphs" if kw else "fp16-trt" if fp16 else "fp32"
+        precision = ("int8" if int8 else "fp16-masks" if name == "cuda-fp16m" else "fp16-graphs" if kw else
+                     "fp16-trt" if fp16 else "fp32")
         super().__init__(name, precision, "cpu" if engine == "cpu" else "cuda", providers[0])
         self.providers = providers
         self.top_p = args.top_p
@@ -125,7 +129,9 @@ class OrtEngine(Engine):
             raise Skip(f"unknown method '{method}'; valid: {', '.join(list_methods())}")
 
     def run(self, rgbs, method):
-        res = self.ex.explain_arrays(rgbs, target=None, top_p=self.top_p, method=method)
+        # the saliency maps and the numbers come to the host, as from the eager reference; the component
+        # maps stay where they were computed (the CLI, which draws them, brings them down)
+        res = self.ex.explain_arrays(rgbs, target=None, top_p=self.top_p, method=method, components=False)
         self.ex.backend.synchronize()
         self.transfers = res[0].transfers if res else []
         timings: dict[str, float] = {}
@@ -179,7 +185,7 @@ class TorchEngine(Engine):
         torch = self.torch
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        x = np.stack([self.artifacts.preprocess_image(im)[0] for im in rgbs])
+        x = self.artifacts.preprocess_images(rgbs)[0]   # the runtime's own preprocessing, as the ORT engines
         xt = torch.from_numpy(x).to(self.device)
         self._sync()
         timings["preprocess"] = time.perf_counter() - t
@@ -252,7 +258,7 @@ def build_engines(names: list[str], args, artifacts) -> tuple[list[Engine], list
                 raise SystemExit(f"error: {e}") from None
         device = args.torch_device
         if device == "auto":
-            gpu_asked = any(n in ("cuda", "cuda-fp16", "trt", "trt-fp16", "torch-fp16") for n in names)
+            gpu_asked = any(n in ("cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16", "torch-fp16") for n in names)
             device = "cuda" if gpu_asked and torch.cuda.is_available() else "cpu"
     for n in names:
         try:
@@ -423,6 +429,8 @@ def _cli_engine_args(eng: str) -> list[str]:
         base.append("--fp16")
     elif eng == "cuda-fp16":
         base += ["--precision", "fp16"]
+    elif eng == "cuda-fp16m":
+        base += ["--precision", "fp16-masks"]
     elif eng == "cpu-int8":
         base += ["--precision", "int8"]
     return base
@@ -453,7 +461,7 @@ def _run_ray_mode(args, eng: str, workers: int, paths, out_dir: str) -> tuple[in
     shared between them; batches of the CLI's group size."""
     from runtime.dataset import explain_dataset
 
-    precision = {"cpu-int8": "int8", "cuda-fp16": "fp16"}.get(eng, "fp32")
+    precision = {"cpu-int8": "int8", "cuda-fp16": "fp16", "cuda-fp16m": "fp16-masks"}.get(eng, "fp32")
     engine = eng.split("-")[0]
     group = max(1, args.classify_batch // (args.top_p + 1))
     s = explain_dataset([str(p) for p in paths], args.artifacts, out_dir, workers=workers,

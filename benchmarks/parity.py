@@ -16,8 +16,9 @@ Metrics, each worst case over the images:
                                      (both are sign-fixed, runtime/config.py); two all-zero (null) maps
                                      count as 1
     saliency                         max abs diff, Pearson correlation, IoU of the top 10% pixels
-fp16 runs only on a GPU engine: cuda on the export's fp16 graphs (python -m export --precision fp16), trt
-with trt_fp16_enable on the fp32 graphs; other pairs are skipped with the reason. A GPU engine runs only
+fp16: cpu and cuda run the export's fp16 graphs (python -m export --precision fp16), trt its fp32 graphs
+with trt_fp16_enable; fp16-masks (cpu, cuda): the fp16 classify graph for the masked forwards, the fp32
+explain graph for the activations and gradients; other pairs are skipped with the reason. A GPU engine runs only
 when runtime.engines.probe_engine proves its provider loads (the sessions are checked again when created),
 so a CUDA run is never reported as trt. The CUDA provider runs with TF32 off (use_tf32 = 0): parity
 measures the graphs' fp32 arithmetic, not TF32's 10-bit mantissa.
@@ -42,7 +43,7 @@ import numpy as np
 from . import common
 
 ENGINES = ("cpu", "cuda", "trt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "fp16-masks")
 REL_FLOOR = 1e-3
 TOP_FRACTION = 0.10
 
@@ -118,6 +119,27 @@ def from_reference(ref) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Run
 
+def photos(folder: str, n: int) -> tuple[list[np.ndarray], str]:
+    """The first n decodable images of a folder (recursive, path order), and how the report names them."""
+    from runtime.explain import expand_inputs
+    from runtime.images import ImageError, load_image
+
+    paths, problems = expand_inputs([folder])
+    if problems:
+        raise SystemExit(f"error: --images {folder}: {problems[0][1]}")
+    rgbs = []
+    for p in sorted(paths):
+        if len(rgbs) == n:
+            break
+        try:
+            rgbs.append(load_image(str(p)))
+        except ImageError as e:
+            log(f"skipped {p}: {e}")
+    if not rgbs:
+        raise SystemExit(f"error: --images {folder}: no decodable image")
+    return rgbs, f"the first {len(rgbs)} photos of {folder} (path order)"
+
+
 def parse_list(text: str) -> list[str]:
     return [v.strip() for v in str(text).split(",") if v.strip()]
 
@@ -129,10 +151,11 @@ def skip_reason(engine: str, precision: str, has_fp16: bool = False, device_id: 
         return f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}"
     if precision not in PRECISIONS:
         return f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}"
-    if precision == "fp16" and engine == "cpu":
-        return "fp16 is measured on a GPU engine only (the cpu engine runs the fp32 graphs)"
-    if precision == "fp16" and engine == "cuda" and not has_fp16:
-        return "the cuda engine runs fp16 only on fp16 graphs, and this export has none (export --precision fp16)"
+    if precision == "fp16-masks" and engine == "trt":
+        return "fp16-masks runs the export's fp16 graphs: cpu and cuda only (trt has --fp16 on the fp32 graphs)"
+    if precision in ("fp16", "fp16-masks") and engine in ("cpu", "cuda") and not has_fp16:
+        return (f"the {engine} engine runs fp16 only on fp16 graphs, and this export has none "
+                f"(export --precision fp16)")
     return probe_engine(engine, device_id) if engine != "cpu" else None
 
 
@@ -158,7 +181,11 @@ def run_parity(args) -> dict:
         raise SystemExit(f"error: {e}") from None
     cs = artifacts.load_class_set(args.classes)
     text = None if cs.embeddings is None else torch.from_numpy(cs.embeddings)  # None: fixed classes
-    rgbs = common.photo_like_batch(args.n_images, seed=args.seed)
+    if args.images:
+        rgbs, image_desc = photos(args.images, args.n_images)
+    else:
+        rgbs = common.photo_like_batch(args.n_images, seed=args.seed)
+        image_desc = f"benchmarks.common.photo_like 320x240, seed {args.seed}"
     x = np.stack([artifacts.preprocess_image(im)[0] for im in rgbs])
     xt = torch.from_numpy(x)
     variant = "authors" if args.method == "decomcam-authors" else "paper"
@@ -197,20 +224,30 @@ def run_parity(args) -> dict:
             log(f"{engine} {precision} ...")
             opts = EngineOptions(device_id=args.device_id, fp16=precision == "fp16" and engine == "trt",
                                  intra_op_threads=args.threads, allow_spinning=False, tf32=False)
-            kw = {"precision": "fp16"} if precision == "fp16" and engine == "cuda" else {}
-            ex = Explainer.from_artifacts(args.artifacts, engine=engine, engine_options=opts, class_set=args.classes,
-                                          batch_size=args.classify_batch, **kw)
-            be = ex.backend
-            out = ex.runner("explain").run({**ex.feed(image=be.asarray(x)),
-                                            "target": be.asarray(target.numpy().astype(np.int64))})
-            out = {k: be.to_host(v) for k, v in out.items()}
-            exps = from_explanations(ex.explain_arrays(rgbs, target=[int(t) for t in target], top_p=args.top_p,
-                                                       method=args.method))
+            kw = {"precision": precision} if precision != "fp32" and engine in ("cpu", "cuda") else {}
+            try:   # a provider without kernels for these graphs (fp16 on some CPUs) is a skip, not a crash
+                ex = Explainer.from_artifacts(args.artifacts, engine=engine, engine_options=opts,
+                                              class_set=args.classes, batch_size=args.classify_batch, **kw)
+                be = ex.backend
+                out = ex.runner("explain").run({**ex.feed(image=be.asarray(x)),
+                                                "target": be.asarray(target.numpy().astype(np.int64))})
+                out = {k: be.to_host(v) for k, v in out.items()}
+                # the classify graph too: under fp16-masks it is the only fp16 graph
+                classify_logits = be.to_host(ex.classify(be.asarray(x)))
+                exps = from_explanations(ex.explain_arrays(rgbs, target=[int(t) for t in target],
+                                                           top_p=args.top_p, method=args.method))
+            except Exception as e:  # noqa: BLE001 (ORT raises its own types; the reason is the result)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                skipped.append({"engine": engine, "precision": precision, "reason": reason})
+                log(f"skipped {engine} {precision}: {reason}")
+                continue
             row = {"engine": engine, "precision": precision,
                    "provider": ex.runner("classify").session.get_providers()[0],
                    "providers": ex.runner("classify").session.get_providers(),
                    "tf32": False,
-                   "graphs": {k: tensor_diff(out[k], ref_graph[k]) for k in ref_graph},
+                   "graphs": {**{k: tensor_diff(out[k], ref_graph[k]) for k in ref_graph},
+                              "classify logits": tensor_diff(classify_logits, ref_graph["logits"])},
+                   "graph_precisions": dict(ex.graph_precisions),
                    "method": method_parity(exps, ref)}
             # the eager method fed this engine's activations and gradients: isolates the method's implementation
             # (decomposition, masks, blur, integration) from the graphs' floating-point differences
@@ -230,10 +267,10 @@ def run_parity(args) -> dict:
     report["settings"] = {
         "artifacts": str(args.artifacts), "model": artifacts.model,
         "pretrained_id": artifacts.manifest.get("pretrained_id"), "input_size": artifacts.input_size,
-        "class_set": cs.name, "n_images": args.n_images, "top_p": args.top_p, "method": args.method,
+        "class_set": cs.name, "n_images": len(rgbs), "top_p": args.top_p, "method": args.method,
         "threads": args.threads, "targets": [int(t) for t in target], "oracle_fp64": bool(args.oracle_fp64),
         "reference": "fp32 eager PyTorch on the CPU (autograd_reference, decomcam_reference)",
-        "images": f"benchmarks.common.photo_like 320x240, seed {args.seed}",
+        "images": image_desc, "n_images_explained": len(rgbs),
         "max_rel": f"max |a - r| / max(|r|, {REL_FLOOR:g} * max|r|)",
         "iou": f"top {TOP_FRACTION:.0%} pixels",
     }
@@ -252,6 +289,7 @@ def parity_tables(report: dict) -> str:
         m_rows.append([name, prec, against, "yes" if m["targets_equal"] else "NO",
                        f"{m['components_abs_cos_min']:.6f}", f"{m['weights_max_abs']:.2e}",
                        f"{m['saliency_max_abs']:.2e}", f"{m['saliency_pearson_min']:.7f}",
+                       f"{float(np.median(m['saliency_pearson_per_image'])):.7f}",
                        f"{m['saliency_top10_iou_min']:.4f}"])
 
     for r in report["results"]:
@@ -272,7 +310,8 @@ def parity_tables(report: dict) -> str:
                                "1 - cosine (worst)"], g_rows, "llllrrrr"),
         f"{s['method']} p={s['top_p']} vs export.reference.decomcam_reference (worst image)\n"
         + common.format_table(["engine", "prec", "against", "same target", "comp |cos| min", "weights max abs",
-                               "saliency max abs", "Pearson min", "top-10% IoU min"], m_rows, "llllrrrrr"),
+                               "saliency max abs", "Pearson min", "Pearson median", "top-10% IoU min"], m_rows,
+                               "llllrrrrrr"),
     ]
     for sk in report["skipped"]:
         out.append(f"skipped {sk['engine']} {sk['precision']}: {sk['reason']}")
@@ -288,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     p.add_argument("--engines", default="cpu", help=f"comma list of {', '.join(ENGINES)} (default cpu)")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32, fp16 (default fp32)")
-    p.add_argument("--n-images", type=int, default=4, help="generated images, explained as one batch (default 4)")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32, fp16, fp16-masks (default fp32)")
+    p.add_argument("--n-images", type=int, default=4, help="images, explained as one batch (default 4)")
+    p.add_argument("--images", default=None,
+                   help="a folder of photos (recursive; the first N in path order): real images instead of generated")
     p.add_argument("--top-p", type=int, default=10, help="Decom-CAM components p (default 10)")
     p.add_argument("--method", default="decomcam", choices=("decomcam", "decomcam-authors"))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ORT threads (default all cores)")

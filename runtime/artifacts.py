@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import numpy as np
 
 from .manifest import ManifestError, validate_manifest
 from .spec import MANIFEST_NAME, Family, GraphSpec, family
+
+# precisions that run some graphs of another precision: name -> (that precision, the graphs run at it)
+MIXED = {"fp16-masks": ("fp16", ("classify", "head"))}
 
 
 class ArtifactsError(ValueError):
@@ -42,7 +46,10 @@ class Artifacts:
 
     def graph_entries(self, precision: str = "fp32") -> dict:
         """The manifest's graph entries of a precision: "fp32" (`graphs`), "fp16" (`precisions.fp16.graphs`,
-        written by export/precision.py) or "int8" (`precisions.int8.graphs`, export/quantize.py)."""
+        written by export/precision.py) or "int8" (`precisions.int8.graphs`, export/quantize.py);
+        "fp16-masks" runs some of the fp16 graphs (see precision_for)."""
+        if precision in MIXED:
+            precision = MIXED[precision][0]
         if precision == "fp32":
             return self.manifest["graphs"]
         entry = (self.manifest.get("precisions") or {}).get(precision)
@@ -54,7 +61,13 @@ class Artifacts:
 
     def precision_for(self, name: str, precision: str) -> str:
         """The precision graph `name` runs at when `precision` is asked for: that one where the export has
-        the graph in it (fp16 has every graph; int8 those quantized), else fp32."""
+        the graph in it (fp16 has every graph; int8 those quantized), else fp32. "fp16-masks": the fp16
+        classify and head graphs (the perturbation forwards: Decom-CAM's masked images, Score-CAM's,
+        Ablation-CAM's), the fp32 explain and features graphs (the activations and gradients that the
+        decomposition and the CAMs read)."""
+        if precision in MIXED:
+            base, graphs = MIXED[precision]
+            return base if name in graphs and name in self.graph_entries(base) else "fp32"
         if precision == "fp32" or name not in self.graph_entries(precision):
             return "fp32"
         return precision
@@ -110,6 +123,19 @@ class Artifacts:
         pre = self.preprocess
         return preprocess(rgb, self.input_size, self.mean, self.std, mode or pre["resize"],
                           resize_size=int(pre["resize_size"]), interpolation=pre["interpolation"])
+
+    def preprocess_images(self, rgbs, mode: str | None = None, workers: int | None = None) -> tuple[np.ndarray, list]:
+        """Several images -> (x [B, 3, S, S] float32, geometries), as preprocess_image. More than one image
+        run in a shared thread pool (Pillow's resize and numpy release the GIL) of `workers` threads
+        (None: one per CPU, at most 8; 1: in the calling thread)."""
+        pool = None if len(rgbs) <= 1 else image_pool(workers)
+        if pool is None:
+            pre = [self.preprocess_image(im, mode) for im in rgbs]
+        else:
+            pre = list(pool.map(lambda im: self.preprocess_image(im, mode), rgbs))
+        if not pre:
+            return np.zeros((0, 3, self.input_size, self.input_size), np.float32), []
+        return np.stack([p[0] for p in pre]), [p[1] for p in pre]
 
     @property
     def model(self) -> str:
@@ -240,3 +266,26 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, graphs=("explai
     for name in graphs:
         art.check_graph(name)
     return art
+
+
+_POOL_PREFIX = "decomcam-images"
+_pools: dict = {}
+_pools_lock = threading.Lock()
+
+
+def image_pool(workers: int | None = None):
+    """A shared thread pool for per-image host work, or None where the work should stay in the calling
+    thread: workers == 1, or a call from one of the pool's own threads (which would otherwise wait on
+    itself). One pool per (process, size): a forked child gets its own, not its parent's threads, which do
+    not exist there."""
+    n = min(8, os.cpu_count() or 1) if workers is None else int(workers)
+    if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (os.getpid(), n)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_POOL_PREFIX)
+    return pool

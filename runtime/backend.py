@@ -15,10 +15,13 @@ name, and any `xp.asarray(host array)` a method makes through `backend.xp` under
 `xp` is then a `CountingModule` around CuPy (`backend.module` is CuPy itself).
 
 The small batched eigendecomposition (`eigh`, [B, n, n] with n = h*w = 49 for RN50 at 224 px, 81..196 for
-larger inputs) runs on the host even on the GPU path: CuPy sends stacks of matrices to cuSOLVER's
-syevjBatched, which is fast only up to n of about 32 and was wrong in the past (cupy#4847); the copy is
-B*n*n float64 each way (19 KB per image at n = 49). `MatrixBackend.eigh_on_device = True` keeps it on the
-device, for measuring that path (benchmarks/gpu/).
+larger inputs) runs on the device (CuPy -> cuSOLVER syevjBatched). Measured on an H200 (benchmarks/gpu/
+numerics.py, batch 8, float64): 0.17 / 0.89 / 1.8 / 9.1 / 14 ms at n = 16 / 49 / 81 / 144 / 196 against
+0.46 / 2.0 / 4.5 / 11.7 / 21.6 ms for the host path with its copies, reconstruction errors 6e-15..6e-13
+(cupy#4847, wrong results in old CuPy versions, does not reproduce with CuPy 14). The component signs are
+fixed after the eigh (decomcam.py), so the two paths give the same components.
+`MatrixBackend.eigh_on_device = False` sends it through the host instead (B*n*n float64 each way, 19 KB
+per image at n = 49), for comparison.
 """
 
 from __future__ import annotations
@@ -181,13 +184,24 @@ class NumpyBackend(Backend):
         return out
 
 
+DEVICE_EIGH_MIN_CUPY = 14   # the CuPy major version whose batched eigh was measured right (benchmarks/gpu/)
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
 class MatrixBackend(Backend):
     """Resize and blur as batched matrix products over any numpy-compatible array module."""
 
-    eigh_on_device = False   # the small batched eigh runs on the host (see the module docstring)
-
     def __init__(self, xp=np, name: str | None = None, device_id: int = 0):
         self.on_device = xp is not np
+        # the small batched eigh on the device (see the module docstring), with the CuPy measured there
+        # (14) or later; an older CuPy sends it through the host
+        self.eigh_on_device = _major(getattr(xp, "__version__", "0")) >= DEVICE_EIGH_MIN_CUPY
         self.device_id = int(device_id)
         self.xp = CountingModule(xp, self.transfers) if self.on_device else xp
         self.name = name or f"matrix-{xp.__name__}"

@@ -1,6 +1,6 @@
 """`python -m runtime.explain`: explain images with the exported graphs.
 
-    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--precision fp32|fp16|int8]
+    python -m runtime.explain INPUTS... --artifacts DIR [--engine cpu|cuda|trt] [--precision fp32|fp16|fp16-masks|int8]
         [--method decomcam] [--classes SET] [--target NAME] [--top-p N] [--batch-size N] [--out DIR] [--overwrite]
         [--report]
 
@@ -80,8 +80,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
     g.add_argument("--engine", default="cpu", help="cpu (default), cuda or trt")
     g.add_argument("--fp16", action="store_true", help="TensorRT fp16 (trt_fp16_enable); refused by cpu and cuda")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
-                   help="graphs: fp32 (default), the export's fp16 graphs (export --precision fp16) or its int8 "
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "fp16-masks", "int8"),
+                   help="graphs: fp32 (default), the export's fp16 graphs (export --precision fp16), fp16-masks "
+                        "(fp16 for the masked forwards, fp32 for the activations and gradients) or its int8 "
                         "graphs (python -m export quantize; graphs without an int8 version run in fp32)")
     g.add_argument("--device-id", type=int_range(0, 1023), default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int_range(1, 1024), default=None,

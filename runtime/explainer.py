@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import Artifacts, ArtifactsError, load_artifacts
+from .artifacts import Artifacts, ArtifactsError, image_pool, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
 from .engines import EngineOptions, providers_for
@@ -26,7 +26,7 @@ from .methods import Method, MethodContext, get_method
 from .runner import GraphRunner, make_runner
 
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "fp16-masks", "int8")
 
 
 class TargetError(ValueError):
@@ -98,7 +98,8 @@ class Explainer:
         self.artifacts = artifacts
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
-        # "fp16": the export's fp16 graphs; "int8": its int8 graphs where it has them, fp32 for the others
+        # "fp16": the export's fp16 graphs; "fp16-masks": its fp16 classify and head graphs, fp32 explain and
+        # features (Artifacts.precision_for); "int8": its int8 graphs where it has them, fp32 for the others
         self.precision = precision
         artifacts.graph_entries(precision)  # an export without them fails here, in one line
         self.graph_precisions: dict[str, str] = {}   # graph -> the precision it runs at
@@ -161,12 +162,28 @@ class Explainer:
         for name in self.graphs_for(method):
             self.artifacts.check_graph(name, self.artifacts.precision_for(name, self.precision))
 
+    @property
+    def fixed_chunks(self) -> bool:
+        """Pad the last chunk of a multi-chunk graph call to the batch size (EngineOptions.fixed_chunks)."""
+        flag = self.options.fixed_chunks
+        return self.engine in ("cuda", "trt") if flag is None else bool(flag)
+
     def _chunked(self, graph: str, name: str, arrays) -> object:
-        """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
+        """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L].
+
+        With fixed_chunks, a call over more than batch_size images runs chunks of exactly batch_size (the
+        last padded with zeros, its padded rows dropped), so the graph sees one shape whatever N is."""
         r = self.runner(graph)
-        outs = [r.run(self.feed(**{name: arrays[i:i + self.batch_size]}))["logits"]
-                for i in range(0, arrays.shape[0], self.batch_size)]
-        return outs[0] if len(outs) == 1 else self.backend.xp.concatenate(outs)
+        n, bs, xp = arrays.shape[0], self.batch_size, self.backend.xp
+        outs = []
+        for i in range(0, n, bs):
+            part = arrays[i:i + bs]
+            k = part.shape[0]
+            if self.fixed_chunks and n > bs and k < bs:
+                part = self.backend.asarray(part)   # a host array is uploaded here (the runner would have)
+                part = xp.concatenate([part, xp.zeros((bs - k,) + tuple(part.shape[1:]), part.dtype)])
+            outs.append(r.run(self.feed(**{name: part}))["logits"][:k])
+        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
 
     def classify(self, images) -> object:
         """images [N, 3, S, S] -> logits [N, L], through classify.onnx in chunks of batch_size."""
@@ -223,16 +240,19 @@ class Explainer:
     def preprocess(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Decoded uint8 RGB images [H, W, 3] -> (x [B, 3, S, S] float32 on the host, geometries), as the
         export was made; `explain_arrays(prepared=...)` takes it (the CLI's loader thread runs this)."""
-        pre = [self.artifacts.preprocess_image(im, self.resize_mode) for im in rgbs]
-        return np.stack([p[0] for p in pre]), [p[1] for p in pre]
+        return self.artifacts.preprocess_images(rgbs, self.resize_mode, self.options.intra_op_threads)
 
     def explain_arrays(self, rgbs: list[np.ndarray], sources: list[str | None] | None = None, target=None,
                        top_p: int | None = None, method: "str | Method" = "decomcam",
                        config: DecomCamConfig | None = None,
-                       prepared: tuple[np.ndarray, list] | None = None) -> list[Explanation]:
+                       prepared: tuple[np.ndarray, list] | None = None,
+                       components: bool = True) -> list[Explanation]:
         """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches.
 
-        prepared: `self.preprocess(rgbs)`, when already computed (its time is then not in the timings)."""
+        prepared: `self.preprocess(rgbs)`, when already computed (its time is then not in the timings).
+        components: bring the method's component maps to the host (Decom-CAM: p maps of S x S per image,
+        10x the bytes of the saliency map at p = 10); False leaves Explanation.components None, so that
+        on a GPU back end only the saliency maps and the numbers come down."""
         if not rgbs:
             return []
         cfg = config or self.config
@@ -282,7 +302,7 @@ class Explainer:
             backend=be, x=x, text=self.text, target=tgt, logits=logits, activations=acts, gradients=grads,
             classify=self.classify, head=self.head if meth.needs_head else None,
             mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, fixed_chunks=self.fixed_chunks,
         )
         mo = meth(ctx)
         timings.update(ctx.timings)
@@ -293,23 +313,31 @@ class Explainer:
             return None if a is None else be.to_host(a)
 
         sal = host(mo.saliency)
-        comps, wts, scores = host(mo.components), host(mo.weights), host(mo.scores)
+        comps = host(mo.components) if components else None
+        wts, scores = host(mo.weights), host(mo.scores)
         evr, sv = host(mo.explained_variance), host(mo.singular_values)
         probs = _softmax(logits_host.astype(np.float64))
-        pix = (unnormalize(x_host, self.artifacts.mean, self.artifacts.std) * 255).round().astype(np.uint8)
+        mean, std = self.artifacts.mean, self.artifacts.std
+
+        def finish(i):  # per image, on the host: the input as pixels, the saliency in original coordinates
+            pix = (unnormalize(x_host[i], mean, std) * 255).round().astype(np.uint8)
+            return np.ascontiguousarray(pix.transpose(1, 2, 0)), geoms[i].to_original(sal[i])
+
+        pool = image_pool(self.options.intra_op_threads) if n > 1 else None
+        finished = list(pool.map(finish, range(n))) if pool is not None else [finish(i) for i in range(n)]
         results = []
         for i in range(n):
             top = np.argsort(-probs[i], kind="stable")[:5]
             results.append(Explanation(
                 source=sources[i], method=meth.name, target=int(tgt[i]), target_name=self.classes.labels[tgt[i]],
-                saliency=sal[i], saliency_original=geoms[i].to_original(sal[i]),
+                saliency=sal[i], saliency_original=finished[i][1],
                 components=None if comps is None else comps[i],
                 weights=None if wts is None else wts[i].astype(np.float32),
                 scores=None if scores is None else scores[i].astype(np.float32),
                 explained_variance=None if evr is None else evr[i].astype(np.float32),
                 singular_values=None if sv is None else sv[i].astype(np.float32),
                 logits=logits_host[i], top5=[(self.classes.labels[j], float(probs[i, j])) for j in top],
-                geometry=geoms[i], input_rgb=np.ascontiguousarray(pix[i].transpose(1, 2, 0)), random_weights=self.artifacts.random_weights,
+                geometry=geoms[i], input_rgb=finished[i][0], random_weights=self.artifacts.random_weights,
             ))
         timings["postprocess"] = time.perf_counter() - t
         transfers = be.transfers.take()

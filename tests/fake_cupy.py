@@ -86,8 +86,9 @@ class FakeCupy(types.ModuleType):
 
     _UPLOADS = ("asarray", "array", "ascontiguousarray")
 
-    def __init__(self):
+    def __init__(self, version: str = "14.2.0"):
         super().__init__("fakecupy")
+        self.__version__ = version       # the CuPy it stands in for
         self.ndarray = DeviceArray
         self.entered: list[int] = []
         self.current = 0

@@ -5,6 +5,9 @@
 #   KIT_DRY_RUN  1 = on a machine without a GPU: nothing is (un)installed, the numerics use the numpy
 #                stand-in for CuPy, and the results prove the kit, not the GPU
 #   PYTHON       the interpreter (default python3: the one that holds torch there)
+#   KIT_BUDGET   seconds this call may take in all (default: no cap); each step's limit is cut to what is
+#                left of it, and a step with under 15 s left is skipped and logged, so that the call ends
+#                inside the device tool's timeout_s and every log and JSON written so far comes back
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -26,6 +29,13 @@ log() { echo "[kit $(date -u +%H:%M:%S)] $*" | tee -a "$LOG" >&2; }
 step() {
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS rc
+  if [ -n "${KIT_BUDGET:-}" ]; then
+    local left=$((KIT_BUDGET - SECONDS - 5))
+    if [ "$left" -lt 15 ]; then
+      log "$name: skipped, $left s left of KIT_BUDGET=$KIT_BUDGET"; return 125
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   log "$name: $*"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
@@ -66,4 +76,45 @@ try:
 except Exception as e:
     print(f"    runtime: {type(e).__name__}: {e}")
 PY
+}
+
+# The device tool brings back at most 8 files from $OUT: the step logs go into one archive at the end of a
+# call (kit.log and the JSON reports stay as they are).
+pack_logs() {
+  local logs
+  logs=$(cd "$OUT" && ls *.log 2>/dev/null | grep -v '^kit\.log$')
+  [ -n "$logs" ] || return 0
+  (cd "$OUT" && tar czf steps.tar.gz $logs && rm -f $logs)
+}
+
+# The export runs in its own process session (setsid): it outlives the call that starts it, while the
+# machine stays warm. Its log and exit status stay under $KIT_TMP; wait_export copies the log into $OUT.
+start_export() {
+  if [ -f "$ART/manifest.json" ]; then
+    log "export: $ART exists, kept"; echo 0 > "$KIT_TMP/export.rc"; : > "$KIT_TMP/export.started"; return 0
+  fi
+  rm -f "$KIT_TMP/export.rc"; : > "$KIT_TMP/export.started"
+  log "export (background): $PY -m export --model $KIT_MODEL --pretrained none --precision fp16 --out $ART"
+  setsid bash -c '"$0" -m export --model "$1" --pretrained none --precision fp16 --out "$2" --json "$3/export.json" \
+    >"$3/export.log" 2>&1; echo $? >"$3/export.rc"' "$PY" "$KIT_MODEL" "$ART" "$KIT_TMP" </dev/null >/dev/null 2>&1 &
+}
+
+# wait_export SECONDS: until the background export has ended (within KIT_BUDGET); 0 when it succeeded
+wait_export() {
+  local limit=$1 t0=$SECONDS
+  if [ ! -f "$KIT_TMP/export.started" ]; then
+    [ -f "$ART/manifest.json" ] && { log "export: $ART exists"; return 0; }
+    log "export: never started on this machine (call1.sh starts it)"; return 1
+  fi
+  while [ ! -f "$KIT_TMP/export.rc" ]; do
+    if [ $((SECONDS - t0)) -ge "$limit" ] || { [ -n "${KIT_BUDGET:-}" ] && [ $((KIT_BUDGET - SECONDS)) -lt 30 ]; }; then
+      log "export: still running after $((SECONDS - t0)) s of waiting; giving up"; return 1
+    fi
+    sleep 2
+  done
+  cp "$KIT_TMP/export.log" "$OUT/export.log" 2>/dev/null; cp "$KIT_TMP/export.json" "$OUT/export.json" 2>/dev/null
+  local rc; rc=$(cat "$KIT_TMP/export.rc")
+  log "export: exit $rc (waited $((SECONDS - t0)) s)"
+  tail -n 8 "$KIT_TMP/export.log" 2>/dev/null | sed 's/^/    /' >&2
+  [ -f "$ART/manifest.json" ]
 }

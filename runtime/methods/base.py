@@ -29,6 +29,8 @@ class MethodContext:
     timings: dict = field(default_factory=dict)  # stage -> seconds, filled by the method
     batch_size: int = 32          # images per graph call: methods that generate many inputs (Score-CAM,
                                   # Ablation-CAM) build them in chunks of this size, so memory stays bounded
+    fixed_chunks: bool = False    # pad a short last chunk to batch_size (one input shape per graph; the
+                                  # Explainer sets it for cuda and trt, EngineOptions.fixed_chunks)
 
 
 @dataclass

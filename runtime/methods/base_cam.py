@@ -137,8 +137,11 @@ class BaseCam(Method):
                 inputs = make(i, chunk)
                 be.synchronize()
                 t_make += time.perf_counter() - t
+                k = len(chunk)
+                if ctx.fixed_chunks and idx.size > bs and k < bs:      # one shape per graph (fixed_chunks)
+                    inputs = xp.concatenate([inputs, xp.zeros((bs - k,) + tuple(inputs.shape[1:]), inputs.dtype)])
                 t = time.perf_counter()
-                logits = run(inputs)                                     # [k, L]
+                logits = run(inputs)[:k]                                 # [k, L]
                 out[i, xp.asarray(chunk)] = logits[:, int(ctx.target[i])].astype(xp.float64)
                 be.synchronize()
                 t_run += time.perf_counter() - t

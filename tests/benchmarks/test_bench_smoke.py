@@ -116,6 +116,45 @@ def test_parity_one_iteration(tiny_artifacts, tmp_path):
     assert [(s["engine"], s["precision"]) for s in rep["skipped"]] == [("cpu", "fp16")]
 
 
+def test_parity_fp16_on_the_cpu_with_real_files(tiny, tiny_artifacts, tmp_path):
+    """--images: photos from a folder (the first N in path order, an undecodable one skipped); the cpu
+    engine runs the export's fp16 graphs when it has them, compared with the fp32 eager reference."""
+    import shutil
+
+    import cv2
+
+    import export.precision as prec
+    from tests.conftest import make_images
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifacts.out_dir, art)
+    prec.add_fp16_graphs(tiny, art)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a_broken.png").write_bytes(b"not an image")
+    for i, im in enumerate(make_images(4, seed=21)):
+        cv2.imwrite(str(folder / f"b{i}.png"), im[:, :, ::-1])
+    out = tmp_path / "parity.json"
+    argv = ["--artifacts", str(art), "--engines", "cpu", "--precision", "fp32,fp16", "--images", str(folder),
+            "--n-images", "3", "--top-p", "3", "--json", str(out)]
+    assert parity.main(argv) == 0
+    rep = load(out)
+    assert [(r["engine"], r["precision"]) for r in rep["results"]] == [("cpu", "fp32"), ("cpu", "fp16")]
+    assert rep["skipped"] == [] and rep["settings"]["n_images"] == 3
+    assert "the first 3 photos of" in rep["settings"]["images"]
+    fp32, fp16 = rep["results"]
+    # fp16 graphs differ from the fp32 ones (a real fp16 run), and still agree with the reference
+    assert fp16["graphs"]["logits"]["max_abs"] > 10 * fp32["graphs"]["logits"]["max_abs"]
+    assert fp16["graphs"]["logits"]["cosine_min"] > 0.999
+    assert len(fp16["method"]["saliency_pearson_per_image"]) == 3
+    assert "Pearson median" in rep["table"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="no decodable image"):
+        parity.main([*argv[:6], "--images", str(broken), "--n-images", "1"])
+
+
 def test_metrics():
     rng = np.random.default_rng(0)
     a = rng.random((32, 32))

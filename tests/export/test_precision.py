@@ -41,7 +41,7 @@ def test_fp16_graphs_keep_the_contract_and_are_recorded(fp16_dir):
         assert io_types == want                                       # fp32 (and int64) at the edges
         weights = [i for i in m.graph.initializer if np.prod(i.dims) > 1000]
         assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)   # fp16 inside
-        assert g["tolerances"]["logits"] == {"atol": 2e-2, "rtol": 2e-2}
+        assert g["tolerances"]["logits"] == {"atol": 2e-2, "rtol": 2e-2, "min_cosine": 0.9995}
 
 
 def test_fp16_validation_ran_on_the_cpu_within_tolerances(fp16_dir):
@@ -62,6 +62,16 @@ def test_fp16_validation_that_fails_writes_nothing(tiny, tiny_artifacts, tmp_pat
     with pytest.raises(ExportError, match=r"fp16 graphs fail their tolerances on CPUExecutionProvider: .*logits"):
         prec.add_fp16_graphs(tiny, out)
     assert (out / "manifest.json").read_text() == before
+    assert not [p.name for p in out.iterdir() if "fp16" in p.name]
+
+
+def test_fp16_cosine_floor_fails_on_its_own(tiny, tiny_artifacts, tmp_path, monkeypatch):
+    """The element-wise bound passing is not enough: a cosine under the floor fails the validation."""
+    out = tmp_path / "c"
+    shutil.copytree(tiny_artifacts.out_dir, out)
+    monkeypatch.setitem(prec.FP16_MIN_COSINE, "gradients", 1.0 + 1e-9)    # no real cosine reaches it
+    with pytest.raises(ExportError, match=r"explain\.gradients .*cosine \d\.\d{5}"):
+        prec.add_fp16_graphs(tiny, out)
     assert not [p.name for p in out.iterdir() if "fp16" in p.name]
 
 
@@ -90,6 +100,31 @@ def test_runtime_picks_the_fp16_graphs(fp16_dir, tiny_artifacts):
         assert 0 < np.abs(x.saliency - y.saliency).max() <= 0.25
     with pytest.raises(ArtifactsError, match=r"manifest.json: no fp16 graphs; export with --precision fp16"):
         Explainer.from_artifacts(tiny_artifacts.out_dir, precision="fp16")
+
+
+def test_fp16_masks_runs_fp16_classify_and_fp32_explain(fp16_dir, tiny_artifacts):
+    """precision "fp16-masks": the classify graph (the masked forwards) in fp16, the explain graph (A and
+    dy/dA) in fp32. Checked against an fp32 and an fp16 Explainer on the same inputs: the decomposition
+    equals fp32's exactly, the masked logits equal fp16's."""
+    out, _ = fp16_dir
+    rgbs = make_images(2, seed=9)
+    e32 = Explainer.from_artifacts(out)
+    e16 = Explainer.from_artifacts(out, precision="fp16")
+    mix = Explainer.from_artifacts(out, precision="fp16-masks")
+    a = e32.explain(rgbs)
+    tgt = [e.target for e in a]
+    b = mix.explain(rgbs, target=tgt)
+    assert mix.graph_precisions == {"explain": "fp32", "classify": "fp16"}
+    assert mix.artifacts.precision_for("head", "fp16-masks") == "fp16"
+    assert mix.artifacts.precision_for("features", "fp16-masks") == "fp32"
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.explained_variance, y.explained_variance)   # same A: same spectrum
+        np.testing.assert_array_equal(x.components, y.components)
+        assert not np.array_equal(x.weights, y.weights)                         # fp16 masked forwards
+    x = e32.preprocess(rgbs)[0]
+    np.testing.assert_array_equal(mix.classify(x), e16.classify(x))
+    with pytest.raises(ArtifactsError, match=r"no fp16 graphs"):
+        Explainer.from_artifacts(tiny_artifacts.out_dir, precision="fp16-masks")
 
 
 def test_cli_precision(fp16_dir, tiny_artifacts, tmp_path, capsys):

@@ -191,9 +191,10 @@ def test_cupy_backend_matches_numpy(tiny_artifacts, parity_images):
     b = ex.explain(parity_images[:2], target=[e.target for e in a])
     for x, y in zip(a, b):
         assert pearson(x.saliency, y.saliency) >= 0.9999
-    # what crossed: the images up, logits and the small eigh operands; never the activations
+    # what crossed: the images up, the logits, maps and numbers down; never the activations nor the eigh's
+    # operands (it runs on the device)
     names = {(t["name"], t["direction"]) for t in b[0].transfers}
-    assert ("eigh.gram", "d2h") in names and not any(n.startswith("explain.activations") for n, _ in names)
+    assert not any(n.startswith(("explain.activations", "eigh.")) for n, _ in names)
     # the graph outputs are bound to device buffers: what a runner returns is a CuPy array
     out = ex.runner("classify").run({"image": cupy.zeros((1, 3, ex.size, ex.size), cupy.float32), "text": ex.text})
     assert isinstance(out["logits"], cupy.ndarray)
@@ -202,7 +203,7 @@ def test_cupy_backend_matches_numpy(tiny_artifacts, parity_images):
 @pytest.mark.cupy
 def test_cupy_numerics_through_any_onnxruntime(tiny_artifacts, parity_images):
     """The CuPy back end on a CPU session (the runner round-trips through the host) or a GPU one: the same
-    maps as the numpy back end, for the same targets; the eigh on the host."""
+    maps as the numpy back end, for the same targets; the eigh on the device, and through the host."""
     import cupy
 
     a = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[:3])
@@ -212,7 +213,13 @@ def test_cupy_numerics_through_any_onnxruntime(tiny_artifacts, parity_images):
     for x, y in zip(a, b):
         assert pearson(x.saliency, y.saliency) >= 0.9999 and np.abs(x.saliency - y.saliency).max() <= 1e-3
         np.testing.assert_allclose(x.weights, y.weights, atol=1e-4)
-    assert ("eigh.gram", "d2h") in {(t["name"], t["direction"]) for t in b[0].transfers}
+    assert not any(t["name"].startswith("eigh.") for t in b[0].transfers)
+    ex.backend.eigh_on_device = False
+    c = ex.explain(parity_images[:3], target=[e.target for e in a])
+    assert ("eigh.gram", "d2h") in {(t["name"], t["direction"]) for t in c[0].transfers}
+    for x, y in zip(b, c):
+        assert pearson(x.saliency, y.saliency) >= 0.9999
+    ex.backend.eigh_on_device = True
     for name in ("eigencam", "gradcam"):
         x, y = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[0], method=name), \
             ex.explain(parity_images[0], method=name, target=a[0].target)

@@ -207,9 +207,7 @@ def test_device_backend_through_a_cpu_session_round_trips_and_counts(tiny_artifa
     assert by[("explain.image", "d2h")] == n * 3 * size * size * 4
     assert by[("explain.activations", "h2d")] == n * d["C"] * d["h"] * d["w"] * 4
     assert by[("explain.gradients", "h2d")] == n * d["C"] * d["h"] * d["w"] * 4
-    hw = d["h"] * d["w"]
-    assert by[("eigh.gram", "d2h")] == n * hw * hw * 8            # item 4: the eigh on the host
-    assert by[("eigh.eigenvectors", "h2d")] == n * hw * hw * 8
+    assert not any(r["name"].startswith("eigh.") for r in tr)    # the eigh stays on the device
     assert ("classify.logits", "h2d") in by and ("classify.image", "d2h") in by
     assert not any(r["name"].startswith("classify.text") and r["direction"] == "h2d" for r in tr)
     tot = TransferLog.totals(tr)
@@ -236,21 +234,28 @@ def test_counting_module_names_uploads_by_caller():
         be.xp.matmul(d, np.ones((3, 2), np.float32))
 
 
+@pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("n", [16, 49, 196])
-def test_device_eigh_runs_on_the_host_and_matches(n):
+def test_device_eigh_paths_match(n, on_device):
+    """The eigh on the device (the default) copies nothing; eigh_on_device = False goes through the host
+    with its two copies. Both match numpy's."""
     rng = np.random.default_rng(n)
     a = rng.standard_normal((3, n, 2 * n))
     gram = a @ a.transpose(0, 2, 1)                          # [3, n, n] symmetric PSD
     be = MatrixBackend(FakeCupy())
+    assert be.eigh_on_device                                  # CuPy 14: on the device by default
+    assert not MatrixBackend(FakeCupy(version="13.6.0")).eigh_on_device   # older: through the host
+    be.eigh_on_device = on_device
     w, v = be.eigh(be.asarray(gram))
     assert isinstance(w, DeviceArray) and isinstance(v, DeviceArray)
     names = [r["name"] for r in be.transfers.take()]
-    assert names == ["test_gpu_preflight.test_device_eigh_runs_on_the_host_and_matches", "eigh.gram", "eigh.eigenvalues",
-                     "eigh.eigenvectors"]
+    upload = "test_gpu_preflight.test_device_eigh_paths_match"
+    assert names == ([upload] if on_device else [upload, "eigh.gram", "eigh.eigenvalues", "eigh.eigenvectors"])
     w, v = w.get(), v.get()
     np.testing.assert_allclose(np.linalg.eigvalsh(gram), w, rtol=1e-10, atol=1e-8)
     recon = v @ (w[:, :, None] * v.transpose(0, 2, 1))
     np.testing.assert_allclose(recon, gram, atol=1e-8 * np.abs(gram).max())
+    np.testing.assert_allclose(v.transpose(0, 2, 1) @ v, np.broadcast_to(np.eye(n), (3, n, n)), atol=1e-10)
 
 
 class PointerBinding:
@@ -363,3 +368,131 @@ def test_require_gpu_turns_gpu_skips_into_failures(tmp_path):
     strict = subprocess.run(cmd, capture_output=True, text=True, env={**env, "DECOMCAM_REQUIRE_GPU": "1"}, cwd=tmp_path)
     assert strict.returncode == 1 and "1 passed, 1 error" in strict.stdout, strict.stdout + strict.stderr
     assert "DECOMCAM_REQUIRE_GPU=1" in strict.stdout
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_fixed_chunks_give_one_shape_and_the_same_logits(tiny_artifacts, fixed):
+    """fixed_chunks: a classify call over N > batch_size images runs chunks of exactly batch_size (the last
+    padded, its rows dropped); without it the last chunk is short. Logits are the same either way, against
+    one classify call per image (no chunking at all)."""
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=4,
+                                  engine_options=EngineOptions(fixed_chunks=fixed))
+    assert ex.fixed_chunks is fixed
+    images = np.random.default_rng(0).normal(size=(10, 3, ex.size, ex.size)).astype(np.float32)
+    runner = ex.runner("classify")
+    seen, run = [], runner.run
+    runner.run = lambda feed: (seen.append(feed["image"].shape[0]), run(feed))[1]
+    logits = ex.classify(images)
+    assert seen == ([4, 4, 4] if fixed else [4, 4, 2])
+    seen.clear()
+    one_by_one = np.concatenate([ex.classify(images[i:i + 1]) for i in range(10)])
+    assert seen == [1] * 10          # a call within the batch size is never padded
+    assert logits.shape == one_by_one.shape == (10, len(ex.classes.labels))
+    np.testing.assert_allclose(logits, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_chunks_default_follows_the_engine(gpu_listed):
+    assert EngineOptions().fixed_chunks is None
+    for engine, want in (("cpu", False), ("cuda", True), ("trt", True)):
+        ex = Explainer.__new__(Explainer)
+        ex.engine, ex.options = engine, EngineOptions()
+        assert ex.fixed_chunks is want
+
+
+def test_components_false_keeps_the_component_maps_on_the_device(tiny_artifacts, rgbs):
+    """explain_arrays(components=False): the p component maps per image do not come down (the saliency
+    maps and the numbers do), and nothing else changes."""
+    be = MatrixBackend(FakeCupy(), name="fake-cupy", device_id=0)
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, backend=be)
+    p = 3
+
+    def down(res):
+        return sum(r["bytes"] for r in res[0].transfers if r["name"] == "explainer.host" and r["direction"] == "d2h")
+
+    full = ex.explain_arrays(list(rgbs), top_p=p)
+    lean = ex.explain_arrays(list(rgbs), top_p=p, components=False)
+    assert all(e.components is None for e in lean)
+    assert all(e.components is not None and e.components.shape == (p, ex.size, ex.size) for e in full)
+    assert down(full) - down(lean) == len(rgbs) * p * ex.size * ex.size * 4
+    for a, b in zip(full, lean):
+        np.testing.assert_array_equal(a.saliency, b.saliency)
+        np.testing.assert_array_equal(a.weights, b.weights)
+
+
+def test_image_pool_is_shared_and_never_nested():
+    import threading
+
+    from runtime.artifacts import image_pool
+
+    assert image_pool(1) is None                               # one worker: the calling thread does it
+    p = image_pool(2)
+    assert p is not None and image_pool(2) is p                # one pool per (process, size)
+    inner = p.submit(lambda: (threading.current_thread().name, image_pool(2))).result()
+    assert inner[0].startswith("decomcam-images") and inner[1] is None   # no pool from inside the pool
+
+
+def test_preprocess_images_in_the_pool_equal_one_by_one(tiny_artifacts):
+    from runtime.artifacts import load_artifacts
+
+    art = load_artifacts(tiny_artifacts.out_dir)
+    ims = make_images(5, seed=11)
+    x, geoms = art.preprocess_images(ims, "stretch")
+    for i, im in enumerate(ims):
+        xi, gi = art.preprocess_image(im, "stretch")
+        np.testing.assert_array_equal(x[i], xi)
+        assert geoms[i] == gi
+    x0, g0 = art.preprocess_images([])
+    assert x0.shape == (0, 3, art.input_size, art.input_size) and g0 == []
+
+
+def test_fixed_chunks_upload_a_host_input_on_a_device_backend(tiny_artifacts):
+    """classify() given a host array on a device back end: the padded chunk is uploaded before padding
+    (the runner uploads the others), and the logits equal the numpy back end's."""
+    be = MatrixBackend(FakeCupy(), name="fake-cupy", device_id=0)
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, backend=be, batch_size=4,
+                                  engine_options=EngineOptions(fixed_chunks=True))
+    ref = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=4)
+    images = np.random.default_rng(3).normal(size=(6, 3, ex.size, ex.size)).astype(np.float32)
+    got = ex.classify(images)
+    assert isinstance(got, DeviceArray)
+    np.testing.assert_allclose(got.get(), ref.classify(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_fixed_chunks_in_the_per_channel_methods(tiny_artifacts, rgbs, method):
+    """Score-CAM and Ablation-CAM run their channels in chunks of the batch size: with fixed_chunks every
+    graph call has exactly that many inputs, and the maps equal the unpadded run's."""
+    maps, shapes = {}, {}
+    for fixed in (False, True):
+        ex = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=5,
+                                      engine_options=EngineOptions(fixed_chunks=fixed))
+        graph = "head" if method == "ablationcam" else "classify"
+        runner = ex.runner(graph)
+        seen, run = [], runner.run
+        name = "activations" if graph == "head" else "image"
+        runner.run = lambda feed, seen=seen, run=run, name=name: (seen.append(feed[name].shape[0]), run(feed))[1]
+        maps[fixed] = ex.explain(rgbs[0], method=method).saliency
+        shapes[fixed] = seen
+    assert set(shapes[True]) == {5} and len(shapes[True]) == len(shapes[False])
+    assert set(shapes[False]) != {5}                  # the unpadded run does have a short chunk
+    np.testing.assert_allclose(maps[True], maps[False], atol=1e-5)
+
+
+def test_postprocess_in_the_pool_equals_the_serial_path(tiny_artifacts):
+    """The per-image host work after the graphs (input pixels, saliency in original coordinates) runs in the
+    image pool; the results equal one thread's and an independent computation of the pixels."""
+    from runtime.images import unnormalize
+
+    ims = make_images(4, seed=13)
+    pooled = Explainer.from_artifacts(tiny_artifacts.out_dir).explain_arrays(ims, top_p=2)
+    serial = Explainer.from_artifacts(tiny_artifacts.out_dir, engine_options=EngineOptions(intra_op_threads=1)
+                                      ).explain_arrays(ims, top_p=2, target=[e.target for e in pooled])
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    x, geoms = ex.preprocess(ims)
+    for i, (a, b) in enumerate(zip(pooled, serial)):
+        np.testing.assert_array_equal(a.input_rgb, b.input_rgb)
+        np.testing.assert_array_equal(a.saliency_original, b.saliency_original)
+        want = np.clip(x[i].transpose(1, 2, 0) * np.float32(ex.artifacts.std) + np.float32(ex.artifacts.mean), 0, 1)
+        assert np.abs(a.input_rgb.astype(int) - np.round(want * 255).astype(int)).max() <= 1
+        assert a.input_rgb.flags.c_contiguous and a.input_rgb.shape == (ex.size, ex.size, 3)
+        assert a.saliency_original.shape == (geoms[i].orig_h, geoms[i].orig_w)
