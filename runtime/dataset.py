@@ -210,7 +210,7 @@ class ExplainActor:
 
     def __call__(self, batch: dict) -> dict:
         from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-        from .render import write_outputs
+        from .render import render_many, write_payloads
 
         job = self.job
         rows: list[dict | None] = []
@@ -239,11 +239,16 @@ class ExplainActor:
                 for i, source, stem, _ in todo:
                     rows[i] = _row(source, stem, "failed", f"{source}: {msg}")
                 exps = []
-            for (i, source, stem, rgb), e in zip(todo, exps):
-                extra = {"engine": job.engine, "artifacts": str(job.artifacts),
-                         "precision": dict(self.ex.graph_precisions)}
+            extra = {"engine": job.engine, "artifacts": str(job.artifacts),
+                     "precision": dict(self.ex.graph_precisions)}
+            done = list(zip(todo, exps))
+            # the pictures are encoded in the image pool, then written in order
+            rendered = render_many([(t[3], e) for t, e in done], extra, job.threads)
+            for ((i, source, stem, rgb), e), payloads in zip(done, rendered):
                 try:
-                    write_outputs(self.out_dir, stem, rgb, e, extra=extra)
+                    if isinstance(payloads, OSError):
+                        raise payloads
+                    write_payloads(self.out_dir, stem, payloads)
                     j = {**e.summary(), **extra}
                     rows[i] = _row(source, stem, "ok", "", j, e.saliency)
                 except OSError as err:

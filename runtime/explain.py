@@ -86,7 +86,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "graphs (python -m export quantize; graphs without an int8 version run in fp32)")
     g.add_argument("--device-id", type=int_range(0, 1023), default=0, help="GPU ordinal for cuda/trt")
     g.add_argument("--threads", type=int_range(1, 1024), default=None,
-                   help="ORT intra-op threads, 1..1024 (default: ORT's choice)")
+                   help="ORT intra-op threads, and the threads that preprocess and encode images, 1..1024 "
+                        "(default: ORT's choice; one per CPU up to 8 for the images)")
     g.add_argument("--batch-size", type=int_range(1, 4096), default=32,
                    help="images per classify call, 1..4096 (default 32)")
 
@@ -341,7 +342,7 @@ def run(args) -> int:
     from .images import ImageError, load_image
     from .methods import list_methods
     from .pipeline import run_pipeline
-    from .render import OUTPUT_SUFFIXES, write_outputs
+    from .render import OUTPUT_SUFFIXES, render_many, write_payloads
 
     if args.list_methods:
         print("\n".join(list_methods()))
@@ -452,11 +453,18 @@ def run(args) -> int:
                 fail(it, f"explanation failed ({type(exc).__name__}: {first})")
                 bar.update(1)
             return
-        for (it, rgb), e, load_s in zip(loaded, exps or (), decode_s):
+        jobs = list(zip(loaded, exps or (), decode_s))
+        for _, e, load_s in jobs:
             e.timings.update(load=load_s, preprocess=preprocess_s)  # the loader's share of this image
+        # the group's pictures are encoded in the image pool, then written and reported in input order
+        extra = {"engine": args.engine, "artifacts": str(args.artifacts),
+                 "precision": dict(ex.graph_precisions)}  # graph_precisions: the graphs run so far
+        rendered = render_many([(rgb, e) for (_, rgb), e, _ in jobs], extra, args.threads)
+        for ((it, _), _, _), payloads in zip(jobs, rendered):
             try:
-                write_outputs(out_dir, it.stem, rgb, e, extra={  # graph_precisions: the graphs run so far
-                    "engine": args.engine, "artifacts": str(args.artifacts), "precision": dict(ex.graph_precisions)})
+                if isinstance(payloads, OSError):
+                    raise payloads
+                write_payloads(out_dir, it.stem, payloads)
                 done["ok"] += 1
             except OSError as err:
                 fail(it, f"could not write outputs ({err})")

@@ -102,15 +102,42 @@ def npz_bytes(exp) -> bytes:
 OUTPUT_SUFFIXES = (".overlay.png", ".components.png", ".json", ".npz")
 
 
-def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, exp, extra: dict | None = None):
-    """Write NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz (each atomically)."""
-    files = [out_dir / f"{stem}{s}" for s in OUTPUT_SUFFIXES]
-    payloads = [
+def render_outputs(rgb: np.ndarray, exp, extra: dict | None = None) -> list[bytes]:
+    """The bytes of NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz (OUTPUT_SUFFIXES order).
+    Pure computation (PNG encoding releases the GIL): callers render several images in a thread pool."""
+    return [
         overlay_png(rgb, exp),
         components_png(exp),
         json.dumps({**exp.summary(), **(extra or {})}, indent=2).encode(),
         npz_bytes(exp),
     ]
+
+
+def write_payloads(out_dir: Path, stem: str, payloads: list[bytes]) -> list[Path]:
+    """Write render_outputs' bytes to NAME.overlay.png, ... (each atomically)."""
+    files = [out_dir / f"{stem}{s}" for s in OUTPUT_SUFFIXES]
     for f, data in zip(files, payloads):
         atomic_write_bytes(f, data)
     return files
+
+
+def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, exp, extra: dict | None = None):
+    """Write NAME.overlay.png, NAME.components.png, NAME.json and NAME.npz (each atomically)."""
+    return write_payloads(out_dir, stem, render_outputs(rgb, exp, extra))
+
+
+def render_many(jobs: list, extra: dict | None = None, workers: int | None = None):
+    """[(rgb, exp), ...] -> an iterator, in order, of render_outputs' bytes or the OSError that rendering
+    raised (reported like a failed write); rendered in the shared image pool (runtime.artifacts.image_pool)
+    when there is more than one. Any other exception is raised when its item is reached."""
+    from .artifacts import image_pool
+
+    pool = image_pool(workers) if len(jobs) > 1 else None
+
+    def one(job):
+        try:
+            return render_outputs(job[0], job[1], extra)
+        except OSError as e:
+            return e
+
+    return pool.map(one, jobs) if pool is not None else map(one, jobs)

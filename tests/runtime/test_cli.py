@@ -282,3 +282,39 @@ def test_lazily_loaded_graphs_are_verified_too(tiny_artifacts, tmp_path):
         ex.explain(img)
         with pytest.raises(ArtifactsError, match=rf"{graph}: sha256 .* does not match"):
             ex.explain(img, method=method)
+
+
+def test_render_many_in_the_pool_equals_one_by_one(tiny_artifacts, monkeypatch):
+    """The CLI's writer encodes a group's pictures in the image pool: the same bytes as render_outputs one
+    image at a time, in order; an OSError while rendering comes back in its place, anything else is raised."""
+    import runtime.render as render
+    from runtime.explainer import Explainer
+    from tests.conftest import make_images
+
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    rgbs = make_images(3, seed=17)
+    exps = ex.explain_arrays(rgbs, top_p=2)
+    jobs = list(zip(rgbs, exps))
+    want = [render.render_outputs(r, e, {"k": 1}) for r, e in jobs]
+    assert list(render.render_many(jobs, {"k": 1}, workers=2)) == want
+    assert list(render.render_many(jobs, {"k": 1}, workers=1)) == want
+    real = render.npz_bytes
+
+    def second_fails(exp):
+        if exp is exps[1]:
+            raise OSError("No space left on device")
+        return real(exp)
+
+    monkeypatch.setattr(render, "npz_bytes", second_fails)
+    got = list(render.render_many(jobs, {"k": 1}, workers=2))
+    assert got[0] == want[0] and got[2] == want[2] and isinstance(got[1], OSError)
+    def third_breaks(exp):
+        if exp is exps[2]:
+            raise ValueError("a bug, not a full disk")
+        return real(exp)
+
+    monkeypatch.setattr(render, "npz_bytes", third_breaks)
+    it = render.render_many(jobs, {"k": 1}, workers=2)
+    assert next(it) == want[0] and next(it) == want[1]
+    with pytest.raises(ValueError, match="a bug"):
+        next(it)

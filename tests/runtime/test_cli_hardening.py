@@ -146,7 +146,7 @@ def test_real_sigint_in_a_subprocess(tiny_artifacts, tmp_path):
     """A real Ctrl-C (SIGINT) while the CLI runs: exit 130, one line, no traceback."""
     imgs = write_good(tmp_path / "in", 2)
     code = ("import os, signal, sys\nimport runtime.render as r\n"
-            "r.write_outputs = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
+            "r.write_payloads = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
             "from runtime.explain import main\nsys.exit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", code, *map(str, imgs), *art(tiny_artifacts), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
