@@ -281,11 +281,47 @@ def image_pool(workers: int | None = None):
     n = min(8, os.cpu_count() or 1) if workers is None else int(workers)
     if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
         return None
-    from concurrent.futures import ThreadPoolExecutor
-
     key = (os.getpid(), n)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_POOL_PREFIX)
+            pool = _pools[key] = ImagePool(n)
     return pool
+
+
+class ImagePool:
+    """A minimal thread pool of daemon threads (submit -> concurrent.futures.Future, ordered map).
+
+    Its work is pure computation (resizing, PNG encoding), never a write, so the process need not wait for
+    it at exit: with ThreadPoolExecutor, whose threads Python joins at exit, a second Ctrl-C would wait for
+    every queued job. An exception (BaseException too) raised by a job is re-raised by its result()."""
+
+    def __init__(self, size: int):
+        import queue
+
+        self.size = int(size)
+        self._jobs = queue.SimpleQueue()
+        for i in range(self.size):
+            threading.Thread(target=self._work, name=f"{_POOL_PREFIX}_{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():   # cancelled while queued
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 (handed to the caller through the future)
+                future.set_exception(e)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def map(self, fn, items) -> list:
+        """[fn(x) for x in items], run in the pool, in order (every job submitted at once)."""
+        futures = [self.submit(fn, x) for x in items]
+        return [f.result() for f in futures]

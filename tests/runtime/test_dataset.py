@@ -179,3 +179,30 @@ def test_ray_session_puts_the_signal_handlers_back_when_init_fails(monkeypatch):
         with ray_session("ray://nowhere:10001"):
             pass
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_actor_reports_a_rendering_oserror_as_that_images_row(photos, tiny_artifacts, tmp_path, monkeypatch):
+    """The actor encodes a batch's pictures in the image pool; an OSError while encoding one image fails
+    that image's row only (no files for it), the others are written. Called directly, without Ray."""
+    import runtime.render as render
+    from runtime.dataset import ExplainActor, Job
+
+    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), top_p=2,
+                             threads=2))
+    names = ["p01", "p02", "p03"]
+    real = render.npz_bytes
+    calls = []
+
+    def second_fails(exp):
+        calls.append(exp.source)
+        if exp.source.endswith("p02.png"):
+            raise OSError("No space left on device")
+        return real(exp)
+
+    monkeypatch.setattr(render, "npz_bytes", second_fails)
+    out = actor({"source": [str(photos / f"{n}.png") for n in names], "stem": names})
+    status, error = [str(v) for v in out["status"]], [str(v) for v in out["error"]]
+    assert status == ["ok", "failed", "ok"] and len(calls) == 3
+    assert "p02.png: could not write outputs (No space left on device)" in error[1]
+    assert not list((tmp_path / "o").glob("p02.*"))
+    assert all((tmp_path / "o" / f"{n}{s}").is_file() for n in ("p01", "p03") for s in SUFFIXES)

@@ -496,3 +496,39 @@ def test_postprocess_in_the_pool_equals_the_serial_path(tiny_artifacts):
         assert np.abs(a.input_rgb.astype(int) - np.round(want * 255).astype(int)).max() <= 1
         assert a.input_rgb.flags.c_contiguous and a.input_rgb.shape == (ex.size, ex.size, 3)
         assert a.saliency_original.shape == (geoms[i].orig_h, geoms[i].orig_w)
+
+
+def test_image_pool_threads_are_daemons_and_render_many_stays_a_window_ahead(monkeypatch):
+    """A run that stops (a second Ctrl-C) does not wait for queued picture encodings at exit: the pool's
+    threads are daemons; and the writer's generator keeps at most one job per pool thread ahead of it,
+    submitting nothing more once it is closed."""
+    import threading
+    import time
+
+    import runtime.render as render
+    from runtime.artifacts import image_pool
+
+    pool = image_pool(2)
+    assert pool.size == 2 and pool.submit(lambda: threading.current_thread().daemon).result() is True
+    release, started, out = threading.Event(), [], []
+
+    def slow(rgb, exp, extra):
+        started.append(rgb)
+        release.wait(60)
+        return [rgb]
+
+    monkeypatch.setattr(render, "render_outputs", slow)
+    gen = render.render_many([(i, None) for i in range(10)], {}, workers=2)
+    consumer = threading.Thread(target=lambda: out.append(next(gen)))
+    consumer.start()                          # blocks on the first result
+    for _ in range(6000):                     # wait (synchronisation only) until both threads hold a job
+        if len(started) == 2:
+            break
+        time.sleep(0.01)
+    assert sorted(started) == [0, 1]          # two submitted, not ten
+    release.set()
+    consumer.join(60)
+    assert out == [[0]]
+    gen.close()                               # the writer stops: nothing more is submitted
+    time.sleep(0.05)
+    assert sorted(started) == [0, 1]
