@@ -481,8 +481,6 @@ def test_fixed_chunks_in_the_per_channel_methods(tiny_artifacts, rgbs, method):
 def test_postprocess_in_the_pool_equals_the_serial_path(tiny_artifacts):
     """The per-image host work after the graphs (input pixels, saliency in original coordinates) runs in the
     image pool; the results equal one thread's and an independent computation of the pixels."""
-    from runtime.images import unnormalize
-
     ims = make_images(4, seed=13)
     pooled = Explainer.from_artifacts(tiny_artifacts.out_dir).explain_arrays(ims, top_p=2)
     serial = Explainer.from_artifacts(tiny_artifacts.out_dir, engine_options=EngineOptions(intra_op_threads=1)
@@ -501,34 +499,32 @@ def test_postprocess_in_the_pool_equals_the_serial_path(tiny_artifacts):
 def test_image_pool_threads_are_daemons_and_render_many_stays_a_window_ahead(monkeypatch):
     """A run that stops (a second Ctrl-C) does not wait for queued picture encodings at exit: the pool's
     threads are daemons; and the writer's generator keeps at most one job per pool thread ahead of it,
-    submitting nothing more once it is closed."""
+    submitting nothing more once it is closed. Synchronised with events only (no sleeps): a fast or a slow
+    machine goes through the same steps."""
     import threading
-    import time
 
     import runtime.render as render
     from runtime.artifacts import image_pool
 
     pool = image_pool(2)
     assert pool.size == 2 and pool.submit(lambda: threading.current_thread().daemon).result() is True
-    release, started, out = threading.Event(), [], []
+    submitted, real_submit = [], pool.submit
+    monkeypatch.setattr(pool, "submit", lambda fn, *args: (submitted.append(args), real_submit(fn, *args))[1])
+    release, holding, out = threading.Event(), threading.Semaphore(0), []
 
     def slow(rgb, exp, extra):
-        started.append(rgb)
-        release.wait(60)
+        holding.release()                 # this pool thread now holds a job
+        release.wait(600)                 # a cap against a hang, not a timing condition
         return [rgb]
 
     monkeypatch.setattr(render, "render_outputs", slow)
     gen = render.render_many([(i, None) for i in range(10)], {}, workers=2)
     consumer = threading.Thread(target=lambda: out.append(next(gen)))
-    consumer.start()                          # blocks on the first result
-    for _ in range(6000):                     # wait (synchronisation only) until both threads hold a job
-        if len(started) == 2:
-            break
-        time.sleep(0.01)
-    assert sorted(started) == [0, 1]          # two submitted, not ten
+    consumer.start()                      # the generator submits its window, then waits on the first result
+    assert holding.acquire(timeout=600) and holding.acquire(timeout=600)   # both threads hold a job
+    assert len(submitted) == 2            # the generator is blocked on job 0: two submitted, not ten
     release.set()
-    consumer.join(60)
+    consumer.join(600)
     assert out == [[0]]
-    gen.close()                               # the writer stops: nothing more is submitted
-    time.sleep(0.05)
-    assert sorted(started) == [0, 1]
+    gen.close()                           # the writer stops: the job still pending is cancelled
+    assert len(submitted) == 2            # and nothing more is submitted
