@@ -31,8 +31,11 @@ for this head: dy_t/dA[c, i, j] = W[t, c] / (h w) (checked against torch autogra
 Decom-CAM (the paper, runtime/config.py's choices): S* = dy/dA * A, F = Sigma_p V_p^T (export.reference's
 full SVD), H_i = s(Up_bilinear(F_i)), keep_i = max(P H_i, blur(P)(1 - H_i)), and for the study also the
 complement remove_i = max(P (1 - H_i), blur(P) H_i) and the equal-mass mask kept, keep_eq_i = max(P Q_i,
-blur(P)(1 - Q_i)) with Q_i = rank(H_i) / (n - 1) (`equal_mass`); 3p + 1 forwards per photo (p masks kept,
-p removed, p equal-mass masks kept, the blurred photo). Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
+blur(P)(1 - Q_i)) with Q_i = rank(H_i) / (n - 1) (`equal_mass`), the components of the rectified map
+S+* = relu(dy/dA) * A and their masks (`rect-*`), and the non-negative parts of S+* and their masks
+(`nmf_parts`, `parts<k>-*`); 4p + 1 + sum(PARTS_K) forwards per photo (p masks kept, p removed, p equal-mass
+masks kept, the blurred photo, p masks of S+*'s components kept, k part masks kept for each k of PARTS_K).
+Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
 The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
 checks that the two compute the same map).
 CONTROLS are baselines changed the way some variants are (bicubic upsampling, the log-softmax's gradient):
@@ -120,7 +123,40 @@ VARIANTS = {
     "eqmass-relu": "relu(E), normalised, over the H_i",
     "gcam-eqmass-gain": "gain-share with r_i = relu(E_i) / mean_j relu(E_j)",
     "lcam-eqmass-gain": "s(Up(relu(sum_i r_i a+_i F_i))), r_i = relu(E_i) / mean_j relu(E_j)",
+    # Fifth round: the decomposition of the rectified map S+* = relu(dy/dA) * A (LayerCAM's element-wise map,
+    # = relu(dy/dA * A) for A >= 0) instead of S*, components F+_i, masks H+_i = s(Up(F+_i)); p more forwards
+    # (the H+_i kept) for the two variants with gains C+_i = y(keep+_i) - y(blur).
+    "rect-top1": "H+_1 alone: the top component of S+*",
+    "rect-evr": "the H+_i weighted by the explained variance of S+*",
+    "rect-rank-p": "s(Up(relu(sum_{i<=p} b_i F+_i))), b_i = <F+_i, g+> / sigma+_i^2: the rank-p LayerCAM map",
+    "rect-rank-3": "the same with the top 3 components of S+*",
+    "rect-paper": "softmax(C+) over the H+_i: eqs. 11-12 on the components of S+*",
+    "rect-relu-gain": "s(Up(relu(sum_i r_i b_i F+_i))), r_i = relu(C+_i) / mean_j relu(C+_j): gain-share on S+*",
 }
+# The fifth round's names and the first-round variant each one is, computed on the components of S+*.
+RECT = {"rect-top1": "top1", "rect-evr": "evr", "rect-rank-p": "gcam-rank-p", "rect-rank-3": "gcam-rank-3",
+        "rect-paper": "paper", "rect-relu-gain": "gcam-relu-gain"}
+# Sixth round: parts-based components. The SVD's components 2..p are orthogonal to the first, so they change
+# sign and their min-max masks keep about half the image sharp. A non-negative factorisation of the same
+# rectified map, S+* ~ W P (W [C, k], P [k, n] >= 0; NNDSVDa start from the SVD, PARTS_ITERS Lee-Seung
+# updates), gives k non-negative parts P_j, each scaled to peak 1 and ordered by its share of
+# g+ = sum_c S+*[c] ~ sum_j w_j P_j (w_j = sum_c W[c, j]); masks s(Up(P_j)) and k forwards per k.
+PARTS_K = (2, 3, 5, 10)
+PARTS_ITERS = 200
+PARTS_BASES = {"paper": "paper", "relu-gain": "relu-gain", "top1": "top1", "gain-share": "gcam-relu-gain",
+               "rank-p": "gcam-rank-p", "evr": "evr"}
+PARTS_DOC = {
+    "paper": "softmax(C^P) over the part masks: eqs. 11-12 on parts",
+    "relu-gain": "relu(C^P), normalised, over the part masks",
+    "top1": "the mask of the part with the largest share of g+",
+    "gain-share": "s(Up(relu(sum_j r_j w_j P_j))), r_j = relu(C^P_j) / mean relu(C^P): gain-share on parts",
+    "rank-p": "s(Up(sum_j w_j P_j)): the factorisation's LayerCAM map",
+    "evr": "the part masks weighted by their shares of g+",
+}
+for _k in PARTS_K:
+    for _b in (("paper", "relu-gain", "top1", "gain-share", "rank-p", "evr") if _k == 10 else
+               ("paper", "relu-gain", "top1", "gain-share")):
+        VARIANTS[f"parts{_k}-{_b}"] = f"k = {_k}: {PARTS_DOC[_b]}"
 # Controls for the third round: baselines changed the same way as the variants above (not baselines of the
 # runtime; they show how much of a variant's change a baseline gets from the same change).
 CONTROLS = {
@@ -277,9 +313,12 @@ def equal_mass(hmap: np.ndarray, null: np.ndarray) -> np.ndarray:
 
 def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int,
                        logits: np.ndarray | None = None) -> dict:
-    """One photo: the paper's decomposition, its masks, and the 3p + 1 forwards every variant reuses (p masks
-    kept, p complements removed, p equal-mass masks kept, the blurred photo). `logits` (the photo's [K]
-    logits) adds the share of the log-softmax's class map (`contrast-share`)."""
+    """One photo: the paper's decomposition, its masks, and the 4p + 1 + sum(PARTS_K) forwards every variant
+    reuses (p masks kept, p complements removed, p equal-mass masks kept, the blurred photo, the p masks of the
+    rectified decomposition kept, under "rect", and the k part masks kept for each k of PARTS_K, under
+    "parts"). `logits` (the photo's [K] logits) adds the share of the log-softmax's class map
+    (`contrast-share`). The activations are taken as non-negative (post-ReLU target layers), so that
+    relu(dy/dA) * A = relu(dy/dA * A)."""
     import torch
     import torch.nn.functional as F
 
@@ -301,6 +340,14 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
                        align_corners=False)[0]                                       # [p, S, S] signed
     up = torch.where(null[:, None, None], torch.zeros_like(up), up)
     hmap = torch.where(null[:, None, None], torch.zeros_like(up), minmax(up))       # H [p, S, S]
+    grad_pos = np.maximum(grad, 0)                                                  # the rectified map's
+    fm_r, sv_r, evr_r, null_r = decompose_paper(torch.from_numpy(act), torch.from_numpy(grad_pos), p)
+    sv2_r = sv_r.numpy() ** 2
+    share_r = np.where(null_r.numpy(), 0.0, fm_r.numpy() @ g_pos / np.where(sv2_r > 0, sv2_r, 1.0))  # b_i [p]
+    up_r = F.interpolate(fm_r.reshape(1, -1, h, w).float(), size=(SIZE, SIZE), mode="bilinear",
+                         align_corners=False)[0]
+    up_r = torch.where(null_r[:, None, None], torch.zeros_like(up_r), up_r)
+    hmap_r = torch.where(null_r[:, None, None], torch.zeros_like(up_r), minmax(up_r))  # H+ [p, S, S]
     m = torch.tensor(MEAN).view(3, 1, 1)
     s = torch.tensor(STD).view(3, 1, 1)
     pix = torch.from_numpy(x) * s + m
@@ -310,12 +357,27 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     remove = torch.maximum(pix * (1 - hm), pix_b * hm)
     qm = torch.from_numpy(equal_mass(hmap.numpy(), null.numpy()))[:, None]
     keep_eq = torch.maximum(pix * qm, pix_b * (1 - qm))
-    batch = (torch.cat([keep, remove, keep_eq, pix_b[None]]) - m) / s             # [3p + 1, 3, S, S]
+    keep_r = torch.maximum(pix * hmap_r[:, None], pix_b * (1 - hmap_r[:, None]))
+    s_pos = np.maximum(act.astype(np.float64) * grad, 0).reshape(c, -1)             # S+* (parts)
+    facts, keep_p = {}, []
+    for k in PARTS_K:
+        pm, pw, pfrac, pnull = nmf_parts(s_pos, k)
+        pup = F.interpolate(torch.from_numpy(pm).reshape(1, -1, h, w).float(), size=(SIZE, SIZE),
+                            mode="bilinear", align_corners=False)[0]
+        phm = torch.where(torch.from_numpy(pnull)[:, None, None], torch.zeros_like(pup), minmax(pup))
+        facts[k] = (pm, pw, pfrac, pnull, phm.numpy())
+        keep_p.append(torch.maximum(pix * phm[:, None], pix_b * (1 - phm[:, None])))
+    batch = (torch.cat([keep, remove, keep_eq, pix_b[None], keep_r, *keep_p]) - m) / s   # [4p+1+sum K, 3, S, S]
     logits, _ = model.forward(batch.numpy())
     z = logits.astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     n = fm.shape[0]
+    parts, row = {}, 4 * n + 1
+    for k in PARTS_K:
+        pm, pw, pfrac, pnull, phm = facts[k]
+        parts[k] = parts_sub(pm, pw, pfrac, pnull, phm, z[row:row + k, target], h, w)
+        row += k
     return {
         "up": up.numpy(), "H": hmap.numpy(), "null": null.numpy(), "evr": evr.numpy(), "sigma": sv.numpy(),
         "y_keep": z[:n, target], "y_remove": z[n:2 * n, target], "y_blur": float(z[3 * n, target]),
@@ -326,7 +388,87 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         "share": share,                                                              # a_i [p]
         "share_pos": share_pos,                                                      # a+_i [p]
         "share_con": share_con,                                                      # a~_i [p]
+        "rect": {"up": up_r.numpy(), "H": hmap_r.numpy(), "null": null_r.numpy(), "evr": evr_r.numpy(),
+                 "sigma": sv_r.numpy(), "fm": fm_r.numpy().reshape(-1, h, w), "share": share_r,
+                 "y_keep": z[3 * n + 1:4 * n + 1, target], "mass": hmap_r.numpy().mean((1, 2))},
+        "parts": parts,                                                              # k -> pieces of k parts
     }
+
+
+def nmf_parts(s: np.ndarray, k: int, iters: int = PARTS_ITERS) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
+    """Non-negative parts of s [C, n] >= 0: (P [k, n], each row peak 1; w [k] = column sums of W; the fraction
+    of sum(W P) each part carries [k]; null [k]), ordered by w_j sum(P_j) descending, zero rows for parts the
+    rank of s cannot give. NNDSVDa start (Boutsidis & Gallopoulos 2008: the SVD's positive or negative parts,
+    zeros filled with mean(s)), then `iters` multiplicative updates of |s - W P|_F (Lee & Seung; W, then P).
+    s is divided by its mean first (W multiplied back), so the parts of c * s are those of s for every c > 0:
+    scikit-learn's fill (mean(s)) and its truncation of start entries below an absolute 1e-6 depend on the
+    scale of s. On s / mean(s) this is scikit-learn's NMF(init="nndsvda", solver="mu", tol=0) with an exact
+    SVD in place of its randomized one (the truncation aside, which only fills exact zeros here)."""
+    s = np.asarray(s, np.float64)
+    c, n = s.shape
+    scale = float(s.mean()) if s.size else 0.0
+    if scale > 0:
+        s = s / scale                                   # mean 1: the start (and so the parts) scale-free
+    u, sv, vh = np.linalg.svd(s, full_matrices=False)
+    r = int(min(k, int((sv > 1e-12 * max(sv[0], 1e-300)).sum()) if sv.size else 0))
+    wm, pm = np.zeros((c, r)), np.zeros((r, n))
+    for j in range(r):
+        x, y = u[:, j], vh[j]
+        if j == 0:
+            xs, ys, m = np.abs(x), np.abs(y), 1.0
+        else:
+            xp_, xn_, yp_, yn_ = np.maximum(x, 0), np.maximum(-x, 0), np.maximum(y, 0), np.maximum(-y, 0)
+            mp = np.linalg.norm(xp_) * np.linalg.norm(yp_)
+            mn = np.linalg.norm(xn_) * np.linalg.norm(yn_)
+            xs, ys, m = (xp_, yp_, mp) if mp > mn else (xn_, yn_, mn)
+            xs = xs / max(np.linalg.norm(xs), 1e-300)
+            ys = ys / max(np.linalg.norm(ys), 1e-300)
+        wm[:, j] = np.sqrt(sv[j] * m) * xs
+        pm[j] = np.sqrt(sv[j] * m) * ys
+    fill = s.mean()
+    wm[wm == 0] = fill
+    pm[pm == 0] = fill
+    tiny = np.finfo(np.float32).eps
+    for _ in range(iters if r else 0):
+        den = wm @ (pm @ pm.T)
+        wm *= (s @ pm.T) / np.where(den > 0, den, tiny)
+        den = wm.T @ wm @ pm
+        pm *= (wm.T @ s) / np.where(den > 0, den, tiny)
+    peak = pm.max(1) if r else np.zeros(0)
+    peak = np.where(peak > 0, peak, 1.0)
+    pm, wm = pm / peak[:, None], wm * peak[None]
+    w = wm.sum(0) * (scale if scale > 0 else 1.0)
+    contrib = w * pm.sum(1)
+    order = np.argsort(-contrib, kind="stable")
+    pm, w, contrib = pm[order], w[order], contrib[order]
+    null = contrib <= 1e-6 * max(float(contrib.max()) if r else 0.0, 1e-300)
+    total = contrib.sum()
+    frac = contrib / total if total > 0 else np.zeros(r)
+    pad = k - r
+    return (np.concatenate([np.where(null[:, None], 0.0, pm), np.zeros((pad, n))]),
+            np.concatenate([np.where(null, 0.0, w), np.zeros(pad)]),
+            np.concatenate([np.where(null, 0.0, frac), np.zeros(pad)]),
+            np.concatenate([null, np.ones(pad, bool)]))
+
+
+def parts_sub(parts: np.ndarray, w: np.ndarray, frac: np.ndarray, null: np.ndarray, hmap: np.ndarray,
+              y_keep: np.ndarray, h: int, w_: int) -> dict:
+    """The pieces of one factorisation in the shape variant_saliency reads (y_blur comes from the photo's)."""
+    k = len(w)
+    nan = np.full(k, np.nan)                       # no such forwards for parts: a variant reading them is NaN
+    return {"H": hmap, "null": null, "evr": frac, "sigma": frac, "fm": parts.reshape(k, h, w_), "share": w,
+            "share_pos": w, "y_keep": y_keep, "y_remove": nan, "y_eq": nan, "p_keep": nan, "p_remove": nan,
+            "p_blur": np.nan, "mass": hmap.mean((1, 2)), "up": hmap, "share_con": None}
+
+
+def rect_pieces(d: dict) -> dict:
+    """The pieces of the rectified decomposition (d["rect"]) in the shape variant_saliency reads: the first
+    round's variants then run on the components of S+* = relu(dy/dA) * A."""
+    r = d["rect"]
+    nan = np.full(len(r["share"]), np.nan)         # the forwards S*'s masks had and S+*'s have not
+    return dict(d, **r, share_pos=r["share"], rect=None, parts=None, y_remove=nan, y_eq=nan, p_keep=nan,
+                p_remove=nan, p_blur=np.nan, share_con=None)
 
 
 def gain_lsq(masks: np.ndarray, gain: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
@@ -354,6 +496,11 @@ def finish_map(cam: np.ndarray, mode: str = "bilinear", size: int = SIZE) -> np.
 
 def variant_saliency(name: str, d: dict) -> np.ndarray:
     """One integration variant from the shared pieces `d` (decompose_and_mask) -> saliency [S, S]."""
+    if name in RECT:
+        return variant_saliency(RECT[name], rect_pieces(d))
+    if name.startswith("parts") and name in VARIANTS:
+        k, base = name[len("parts"):].split("-", 1)
+        return variant_saliency(PARTS_BASES[base], dict(d["parts"][int(k)], y_blur=d["y_blur"]))
     valid = ~d["null"]
     hmap = d["H"]
     size = hmap.shape[-1]
@@ -592,6 +739,7 @@ def run(args) -> int:
                    "pointing": pointing, "del_ins": di,
                    "stats": {"gain": d["y_keep"] - d["y_blur"], "keep_remove": d["y_keep"] - d["y_remove"],
                              "p_gain": d["p_keep"] - d["p_blur"], "eq_gain": d["y_eq"] - d["y_blur"],
+                             "rect_gain": d["rect"]["y_keep"] - d["y_blur"],
                              "mass": d["mass"], "evr": d["evr"],
                              "null": d["null"], "paper_weights": softmax(d["y_keep"] - d["y_blur"], ~d["null"]),
                              "component_hits": comp_hits}}

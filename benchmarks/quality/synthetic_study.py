@@ -11,8 +11,10 @@ attention pool and the gradient varies over positions. This runs the same varian
 - each variant is registered, for this process only, as a runtime method `study-<name>`, which computes the
   shared pieces from the runtime's own decomposition (runtime.decomcam.decompose, the paper's choices in
   runtime/config.py), the p masks kept and the p complements removed (runtime.decomcam.build_masks with H and
-  1 - H), the p equal-mass masks kept (integration_study.equal_mass), and the blurred image, in 3p + 1
-  forwards through the exported classify graph; the map is
+  1 - H), the p equal-mass masks kept (integration_study.equal_mass), the blurred image, and the p masks of
+  the rectified map's decomposition kept (the `rect-*` variants) and the k masks of its non-negative parts
+  for each k of PARTS_K (the `parts*` variants), in 4p + 1 + sum(PARTS_K) forwards through the exported
+  classify graph; the map is
   integration_study.variant_saliency of those pieces, the very function the real-data study uses;
 - the pieces are computed once per image and target and shared by every variant;
 - the protocol, the trained model and the data are the synthetic benchmark's (benchmarks/quality/synthetic.py,
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .integration_study import VARIANTS, equal_mass, variant_saliency
+from .integration_study import PARTS_K, VARIANTS, equal_mass, nmf_parts, parts_sub, variant_saliency
 
 PREFIX = "study-"
 SKIP = ("contrast-share",)
@@ -44,7 +46,7 @@ DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationca
 
 def pieces(ctx) -> list[dict]:
     """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
-    decomposition and masks and 3p + 1 forwards of the exported classify graph."""
+    decomposition and masks and 4p + 1 + sum(PARTS_K) forwards of the exported classify graph."""
     import runtime.decomcam as dc
 
     be, xp = ctx.backend, ctx.backend.xp
@@ -60,9 +62,26 @@ def pieces(ctx) -> list[dict]:
     null_h = be.to_host(dec.null)
     eq = xp.asarray(np.stack([equal_mass(m, n) for m, n in zip(be.to_host(hmap), null_h)]))
     keep_eq, _ = dc.build_masks(be, ctx.x, eq, ctx.mean, ctx.std, cfg)
+    dec_r = dc.decompose(be, act, xp.maximum(grad, 0), cfg)                 # the rectified map S+* (rect-*)
+    up_r = dc.upsample(be, dec_r, h, w, size, cfg)
+    hmap_r = dc.normalise_components(be, up_r, dec_r.null)
+    keep_r, _ = dc.build_masks(be, ctx.x, hmap_r, ctx.mean, ctx.std, cfg)
     p = hmap.shape[1]
+    s_pos = np.maximum(be.to_host(act).astype(np.float64) * be.to_host(grad).astype(np.float64), 0)
+    facts, keep_p = {}, []
+    for k in PARTS_K:                                                       # the parts-* variants
+        f = [nmf_parts(s_pos[i].reshape(c, -1), k) for i in range(b)]
+        dec_k = dc.Decomposition(feature_maps=xp.asarray(np.stack([v[0] for v in f])),
+                                 singular_values=xp.asarray(np.stack([v[2] for v in f])),
+                                 explained_variance=xp.asarray(np.stack([v[2] for v in f])),
+                                 null=xp.asarray(np.stack([v[3] for v in f])))
+        hm_k = dc.normalise_components(be, dc.upsample(be, dec_k, h, w, size, cfg), dec_k.null)
+        facts[k] = (f, be.to_host(hm_k))
+        keep_k, _ = dc.build_masks(be, ctx.x, hm_k, ctx.mean, ctx.std, cfg)
+        keep_p.append(keep_k.reshape(b * k, 3, size, size))
     batch = xp.concatenate([keep.reshape(b * p, 3, size, size), remove.reshape(b * p, 3, size, size),
-                            keep_eq.reshape(b * p, 3, size, size), blurred])
+                            keep_eq.reshape(b * p, 3, size, size), blurred,
+                            keep_r.reshape(b * p, 3, size, size), *keep_p])
     z = be.to_host(ctx.classify(batch)).astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
@@ -71,6 +90,9 @@ def pieces(ctx) -> list[dict]:
         host(dec.null)
     a64, g64 = host(act).astype(np.float64).reshape(b, c, -1), host(grad).astype(np.float64).reshape(b, c, -1)
     up_h, hmap_h = host(up), host(hmap)
+    fm_r, sigma_r, evr_r, null_r = host(dec_r.feature_maps), host(dec_r.singular_values), \
+        host(dec_r.explained_variance), host(dec_r.null)
+    up_rh, hmap_rh = host(up_r), host(hmap_r)
     out = []
     for k in range(b):
         t = int(ctx.target[k])
@@ -82,6 +104,8 @@ def pieces(ctx) -> list[dict]:
         g_pos = (a64[k] * np.maximum(g64[k], 0)).sum(0)
         sv2 = sigma[k] ** 2
         div = np.where(sv2 > 0, sv2, 1.0)
+        sv2_r = sigma_r[k] ** 2
+        rows_rect = 3 * b * p + b + rows_keep
         out.append({
             "up": up_h[k], "H": hmap_h[k], "null": null[k], "evr": evr[k], "sigma": sigma[k],
             "y_keep": z[rows_keep, t], "y_remove": z[rows_remove, t], "y_blur": float(z[row_blur, t]),
@@ -92,7 +116,17 @@ def pieces(ctx) -> list[dict]:
             "share": np.where(null[k], 0.0, fm[k] @ g / div),
             "share_pos": np.where(null[k], 0.0, fm[k] @ g_pos / div),
             "share_con": None,
+            "rect": {"up": up_rh[k], "H": hmap_rh[k], "null": null_r[k], "evr": evr_r[k], "sigma": sigma_r[k],
+                     "fm": fm_r[k].reshape(-1, h, w),
+                     "share": np.where(null_r[k], 0.0, fm_r[k] @ g_pos / np.where(sv2_r > 0, sv2_r, 1.0)),
+                     "y_keep": z[rows_rect, t], "mass": hmap_rh[k].mean((1, 2))},
+            "parts": {},
         })
+        row = 4 * b * p + b
+        for kp in PARTS_K:
+            (pm, pw, pfrac, pnull), hm = facts[kp][0][k], facts[kp][1][k]
+            out[-1]["parts"][kp] = parts_sub(pm, pw, pfrac, pnull, hm, z[row + k * kp:row + (k + 1) * kp, t], h, w)
+            row += b * kp
     return out
 
 
@@ -131,7 +165,7 @@ def study_method(variant: str, cache: dict):
                 for k, d in zip(keys, pieces(ctx)):
                     cache[k] = d
             sal = np.stack([variant_saliency(variant, cache[k]) for k in keys]).astype(np.float32)
-            return MethodOutput(sal, forwards=3 * cache[keys[0]]["H"].shape[0] + 1)
+            return MethodOutput(sal, forwards=4 * cache[keys[0]]["H"].shape[0] + 1 + sum(PARTS_K))
 
     StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
     return StudyVariant

@@ -331,25 +331,34 @@ def test_equal_mass_masks_share_one_histogram_and_keep_each_maps_order():
     assert q[:3].mean((1, 2)) == pytest.approx([0.5] * 3, abs=1e-6)
 
 
-def test_fourth_round_variants_use_the_gains_of_equal_mass_masks(pieces):
-    """y_eq is the model on max(P Q_i, blur(P)(1 - Q_i)), the blur from OpenCV here; the four variants are
-    the paper's softmax, relu weights, gain-share and the LayerCAM share with E_i in place of C_i."""
+def kept_logits(model, x: np.ndarray, masks: np.ndarray, target: int) -> np.ndarray:
+    """The model's target logit on max(P M_i, blur(P) (1 - M_i)) for masks M [k, S, S], with OpenCV's blur
+    (sigma 10, 81 taps, reflect-101) in [0, 1] pixels, mean = std = 0.5."""
     import cv2
 
-    from export.baselines_reference import finish
-
-    model, x, act, d = pieces
     m = np.float32(0.5)
     pix = x * m + m
     pix_b = np.stack([cv2.GaussianBlur(ch, (81, 81), 10.0, borderType=cv2.BORDER_REFLECT_101) for ch in pix])
-    q = st.equal_mass(d["H"], d["null"])
-    keep_eq = np.maximum(pix[None] * q[:, None], pix_b[None] * (1 - q[:, None]))
-    y_eq = model.forward(((keep_eq - m) / m).astype(np.float32))[0][:, 2]
+    keep = np.maximum(pix[None] * masks[:, None], pix_b[None] * (1 - masks[:, None]))
+    return model.forward(((keep - m) / m).astype(np.float32))[0][:, target]
+
+
+def masked_softmax(gain: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    w = np.where(valid, np.exp(gain - gain[valid].max()), 0.0)
+    return w / w.sum()
+
+
+def test_fourth_round_variants_use_the_gains_of_equal_mass_masks(pieces):
+    """y_eq is the model on max(P Q_i, blur(P)(1 - Q_i)), the blur from OpenCV here; the four variants are
+    the paper's softmax, relu weights, gain-share and the LayerCAM share with E_i in place of C_i."""
+    from export.baselines_reference import finish
+
+    model, x, act, d = pieces
+    y_eq = kept_logits(model, x, st.equal_mass(d["H"], d["null"]), 2)
     np.testing.assert_allclose(d["y_eq"], y_eq, rtol=1e-4, atol=1e-4)
     e = d["y_eq"] - d["y_blur"]
     valid = ~d["null"]
-    w = np.where(valid, np.exp(e - e[valid].max()), 0.0)
-    w /= w.sum()
+    w = masked_softmax(e, valid)
     got = st.variant_saliency("eqmass-softmax", d)
     assert np.abs(got - np.einsum("p,pij->ij", w, d["H"])).max() <= 1e-5
     r = np.where(valid, np.maximum(e, 0), 0.0)
@@ -363,6 +372,68 @@ def test_fourth_round_variants_use_the_gains_of_equal_mass_masks(pieces):
         expect = finish(torch.from_numpy(cam[None]), st.SIZE)[0].numpy()
         assert np.abs(st.variant_saliency(name, d) - expect).max() <= 1e-5
     assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3     # other masks, other gains
+
+
+class FieldModel(FakeModel):
+    """FakeModel with a gradient that varies over positions and changes sign (an attention-pool-like head),
+    so that relu(dy/dA) * A differs from both S* and LayerCAM's per-channel weighting."""
+
+    def __init__(self, c: int, seed: int = 3):
+        super().__init__(c, seed)
+        self.field = np.random.default_rng(seed + 1).standard_normal((5, c, 7, 7)).astype(np.float32)
+
+    def gradient(self, act, target):
+        return self.field[target].copy()
+
+
+def test_fifth_round_variants_decompose_the_rectified_map():
+    """rect-*: numpy's SVD of S+* = relu(dy/dA) * A; rect-top1 is the min-max of the top right singular
+    vector upsampled (one-signed, as S+* >= 0), rect-rank-p / rect-rank-3 Grad-CAM's finish of the projection
+    of g+ = sum_c S+*[c] onto the top components, rect-paper softmax(C+) over the H+_i with C+ from the
+    model on the H+_i masks, rect-relu-gain the projection re-weighted by relu(C+)."""
+    from export.baselines_reference import finish
+
+    rng = np.random.default_rng(4)
+    c, p = 32, 10
+    act = rng.random((c, 7, 7)).astype(np.float32)
+    x = rng.standard_normal((3, st.SIZE, st.SIZE)).astype(np.float32) * 0.5
+    model = FieldModel(c)
+    d = st.decompose_and_mask(model, x, act, 1, p)
+    grad = model.gradient(act, 1).astype(np.float64)
+    sp = (np.maximum(grad, 0) * act).reshape(c, -1)
+    assert (grad < 0).any()
+    _, sv, vh = np.linalg.svd(sp, full_matrices=False)
+    g_pos = sp.sum(0)
+    assert np.all(vh[0] >= -1e-12) or np.all(vh[0] <= 1e-12)                 # Perron vector: one sign
+    v1 = np.abs(vh[0]).reshape(1, 1, 7, 7)
+    up = torch.nn.functional.interpolate(torch.from_numpy(v1), size=(st.SIZE, st.SIZE), mode="bilinear",
+                                         align_corners=False)[0, 0].numpy()
+    expect_top1 = (up - up.min()) / (up.max() - up.min())
+    assert np.abs(st.variant_saliency("rect-top1", d) - expect_top1).max() <= 1e-5
+    for name, k in (("rect-rank-p", p), ("rect-rank-3", 3)):
+        proj = vh[:k].T @ (vh[:k] @ g_pos)
+        expect = finish(torch.from_numpy(proj.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+        assert np.abs(st.variant_saliency(name, d) - expect).max() <= 1e-5
+    evr = sv[:p] ** 2 / (sv ** 2).sum()
+    hr = d["rect"]["H"]
+    expect = np.einsum("p,pij->ij", evr / evr.sum(), hr)
+    assert np.abs(st.variant_saliency("rect-evr", d) - expect).max() <= 1e-5
+    # differs from the study's projection of the same g+ onto the components of S* (lcam-rank-p)
+    assert np.abs(st.variant_saliency("rect-rank-p", d) - st.variant_saliency("lcam-rank-p", d)).max() > 1e-3
+    # the gains: the model on max(P H+_i, blur(P) (1 - H+_i)), the blur from OpenCV here
+    r = d["rect"]
+    np.testing.assert_allclose(r["y_keep"], kept_logits(model, x, r["H"], 1), rtol=1e-4, atol=1e-4)
+    gain = r["y_keep"] - d["y_blur"]
+    valid = ~r["null"]
+    w = masked_softmax(gain, valid)
+    assert np.abs(st.variant_saliency("rect-paper", d) - np.einsum("p,pij->ij", w, r["H"])).max() <= 1e-5
+    rr = np.where(valid, np.maximum(gain, 0), 0.0)
+    rr = rr / rr[valid].mean() if rr.sum() > 0 else valid.astype(np.float64)
+    coef = vh[:p] @ g_pos
+    signs = np.sign(np.einsum("pn,pn->p", r["fm"].reshape(p, -1), vh[:p]))    # the study's sign per component
+    proj = (vh[:p] * signs[:, None]).T @ (rr * coef * signs)
+    expect = finish(torch.from_numpy(proj.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    assert np.abs(st.variant_saliency("rect-relu-gain", d) - expect).max() <= 1e-5
 
 
 def test_analysis_counts_how_often_the_largest_gains_component_points_right():
@@ -382,3 +453,96 @@ def test_analysis_counts_how_often_the_largest_gains_component_points_right():
     assert a["largest_gain_n"] == {"C": 3, "C/m": 3, "E": 2}
     assert a["any_component_pointing_tol0"] == 1.0
     np.testing.assert_allclose(a["component_pointing_tol0"], [2 / 3, 0.0, 2 / 3])
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_nmf_parts_against_scikit_learn(k, monkeypatch):
+    """nmf_parts is scikit-learn's NMF(init="nndsvda", solver="mu", tol=0, 200 iterations) of s / mean(s),
+    once scikit-learn's randomized SVD is replaced by an exact one: the same parts after the same scaling
+    (peak 1) and ordering (share of the sum), to 1e-9; and the parts do not depend on the scale of s."""
+    import warnings
+
+    pytest.importorskip("sklearn")
+    import sklearn.decomposition._nmf as sk_nmf
+    from sklearn.decomposition import NMF
+
+    def exact_svd(m, n_components, **_):
+        u, sv, vh = np.linalg.svd(m, full_matrices=False)
+        return u[:, :n_components], sv[:n_components], vh[:n_components]
+
+    monkeypatch.setattr(sk_nmf, "_randomized_svd", exact_svd)
+    rng = np.random.default_rng(0)
+    s = np.maximum(rng.standard_normal((128, 49)), 0) * rng.random((128, 1)) * 3
+    parts, w, frac, null = st.nmf_parts(s, k)
+    assert parts.shape == (k, 49) and not null.any()
+    assert parts.min() >= 0 and np.allclose(parts.max(1), 1.0) and w.min() >= 0
+    contrib = w * parts.sum(1)
+    assert np.all(np.diff(contrib) <= 1e-12) and frac.sum() == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                          # max_iter reached: wanted here
+        model = NMF(n_components=k, init="nndsvda", solver="mu", max_iter=st.PARTS_ITERS, tol=0)
+        w_sk = model.fit_transform(s / s.mean()) * s.mean()
+    h_sk = model.components_
+    peak = h_sk.max(1)
+    h_sk, w_sk = h_sk / peak[:, None], w_sk * peak
+    order = np.argsort(-(w_sk.sum(0) * h_sk.sum(1)), kind="stable")
+    np.testing.assert_allclose(parts, h_sk[order], atol=1e-9)
+    np.testing.assert_allclose(w, w_sk[:, order].sum(0), rtol=1e-9)
+    # scale-free: the parts of c * s are those of s
+    p2, w2, _, _ = st.nmf_parts(s * 1e-4, k)
+    np.testing.assert_allclose(p2, parts, atol=1e-9)
+    np.testing.assert_allclose(w2, w * 1e-4, rtol=1e-9)
+
+
+def test_nmf_parts_of_a_low_rank_or_empty_map():
+    """Rank 2 asked for 5 parts: 2 parts that fit the map to 1% (200 multiplicative updates), 3 null rows of
+    zeros; an all-zero map: every part null."""
+    rng = np.random.default_rng(2)
+    s = rng.random((20, 2)) @ rng.random((2, 16))
+    parts, w, frac, null = st.nmf_parts(s, 5)
+    assert null.tolist() == [False, False, True, True, True]
+    assert np.all(parts[2:] == 0) and np.all(w[2:] == 0) and np.all(frac[2:] == 0)
+    assert np.linalg.norm(s - np.linalg.lstsq(parts[:2].T, s.T, rcond=None)[0].T @ parts[:2]) <= 1e-2 * np.linalg.norm(s)
+    parts, w, frac, null = st.nmf_parts(np.zeros((20, 16)), 3)
+    assert null.all() and not parts.any() and not w.any()
+
+
+def test_sixth_round_variants_are_the_first_rounds_on_the_parts(pieces):
+    """parts<k>-*: the masks s(Up(P_j)) of nmf_parts(relu(dy/dA * A), k), the model's logits on them, and the
+    first round's integrations over them."""
+    import torch.nn.functional as F
+
+    from export.baselines_reference import finish
+
+    model, x, act, d = pieces
+    grad = model.gradient(act, 2).astype(np.float64)
+    s_pos = np.maximum(act.astype(np.float64) * grad, 0).reshape(act.shape[0], -1)
+    for k in st.PARTS_K:
+        parts, w, frac, null = st.nmf_parts(s_pos, k)
+        pk = d["parts"][k]
+        np.testing.assert_allclose(pk["fm"].reshape(k, -1), parts, atol=1e-12)
+        up = F.interpolate(torch.from_numpy(parts.reshape(1, k, 7, 7)), size=(st.SIZE, st.SIZE), mode="bilinear",
+                           align_corners=False)[0].numpy()
+        lo, hi = up.min((1, 2), keepdims=True), up.max((1, 2), keepdims=True)
+        hm = np.where(null[:, None, None], 0.0, (up - lo) / (hi - lo + 1e-7))
+        assert np.abs(pk["H"] - hm).max() <= 1e-5
+        np.testing.assert_allclose(pk["y_keep"], kept_logits(model, x, pk["H"], 2), rtol=1e-4, atol=1e-4)
+        gain = pk["y_keep"] - d["y_blur"]
+        valid = ~null
+        got = st.variant_saliency(f"parts{k}-paper", d)
+        assert np.abs(got - np.einsum("p,pij->ij", masked_softmax(gain, valid), pk["H"])).max() <= 1e-5
+        assert np.abs(st.variant_saliency(f"parts{k}-top1", d) - pk["H"][0]).max() == 0
+        r = np.where(valid, np.maximum(gain, 0), 0.0)
+        r = r / r[valid].mean() if r.sum() > 0 else valid.astype(np.float64)
+        expect = finish(torch.from_numpy(np.einsum("p,pn->n", r * w, parts).reshape(1, 7, 7)), st.SIZE)[0].numpy()
+        assert np.abs(st.variant_saliency(f"parts{k}-gain-share", d) - expect).max() <= 1e-5
+        rv = np.where(valid, np.maximum(gain, 0), 0.0)
+        if rv.sum() > 0:
+            expect = np.einsum("p,pij->ij", rv / rv.sum(), pk["H"])
+            assert np.abs(st.variant_saliency(f"parts{k}-relu-gain", d) - expect).max() <= 1e-5
+    parts, w, frac, null = st.nmf_parts(s_pos, 10)
+    expect = finish(torch.from_numpy((w @ parts).reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    assert np.abs(st.variant_saliency("parts10-rank-p", d) - expect).max() <= 1e-5
+    expect = np.einsum("p,pij->ij", frac, d["parts"][10]["H"])                   # shares of g+ sum to 1
+    assert np.abs(st.variant_saliency("parts10-evr", d) - expect).max() <= 1e-5
+    assert np.abs(st.variant_saliency("parts10-evr", d) - st.variant_saliency("parts10-paper", d)).max() > 1e-4

@@ -37,8 +37,9 @@ def test_study_variants_are_the_runtime_methods(explainer):
 
 
 def test_forwards_are_the_model_on_each_images_masks(explainer):
-    """Three images in one batch: each image's kept, removed and equal-mass masks and its blurred image,
-    built here with torch's blur, give the logits the pieces hold for that image."""
+    """Three images in one batch: each image's kept, removed and equal-mass masks, its blurred image, the
+    kept masks of the rectified decomposition and of each number of parts, built here with torch's blur, give
+    the logits the pieces hold for that image."""
     imgs = make_images(3, seed=8)
     cfg = explainer.config.with_(top_p=4)
     x, _ = explainer.preprocess(imgs)
@@ -57,12 +58,24 @@ def test_forwards_are_the_model_on_each_images_masks(explainer):
         qm = torch.from_numpy(st.equal_mass(d["H"], d["null"])).double()[:, None]
         batch = torch.cat([torch.maximum(pix * hm, blur * (1 - hm)), torch.maximum(pix * (1 - hm), blur * hm),
                            torch.maximum(pix * qm, blur * (1 - qm)), blur[None]])
+        hr = torch.from_numpy(d["rect"]["H"]).double()[:, None]
+        batch = torch.cat([batch, torch.maximum(pix * hr, blur * (1 - hr))])
+        for kp in st.PARTS_K:
+            hp = torch.from_numpy(d["parts"][kp]["H"]).double()[:, None]
+            batch = torch.cat([batch, torch.maximum(pix * hp, blur * (1 - hp))])
         z = np.asarray(explainer.classify(((batch - mean) / std).float().numpy()))[:, targets[k]]
         p = d["H"].shape[0]
         np.testing.assert_allclose(d["y_keep"], z[:p], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(d["y_remove"], z[p:2 * p], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(d["y_eq"], z[2 * p:3 * p], rtol=1e-3, atol=1e-3)
-        assert d["y_blur"] == pytest.approx(float(z[-1]), rel=1e-3, abs=1e-3)
+        assert d["y_blur"] == pytest.approx(float(z[3 * p]), rel=1e-3, abs=1e-3)
+        np.testing.assert_allclose(d["rect"]["y_keep"], z[3 * p + 1:4 * p + 1], rtol=1e-3, atol=1e-3)
+        assert np.abs(d["rect"]["y_keep"] - d["y_keep"]).max() > 1e-3
+        row = 4 * p + 1
+        for kp in st.PARTS_K:
+            np.testing.assert_allclose(d["parts"][kp]["y_keep"], z[row:row + kp], rtol=1e-3, atol=1e-3)
+            row += kp
+        assert row == len(z)
         assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3
 
 
