@@ -13,8 +13,9 @@ attention pool and the gradient varies over positions. This runs the same varian
   runtime/config.py), the p masks kept and the p complements removed (runtime.decomcam.build_masks with H and
   1 - H), the p equal-mass masks kept (integration_study.equal_mass), the blurred image, and the p masks of
   the rectified map's decomposition kept (the `rect-*` variants) and the k masks of its non-negative parts
-  for each k of PARTS_K (the `parts*` variants), in 4p + 1 + sum(PARTS_K) forwards through the exported
-  classify graph; the map is
+  for each k of PARTS_K (the `parts*` variants), and the image multiplied by the p component masks and by
+  the 3 and 10 part masks (Score-CAM's masking, the `cic-*` variants), in 5p + 1 + sum(PARTS_K) + 13
+  forwards through the exported classify graph; the map is
   integration_study.variant_saliency of those pieces, the very function the real-data study uses;
 - the pieces are computed once per image and target and shared by every variant;
 - the protocol, the trained model and the data are the synthetic benchmark's (benchmarks/quality/synthetic.py,
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .integration_study import PARTS_K, VARIANTS, equal_mass, nmf_parts, parts_sub, variant_saliency
+from .integration_study import CIC_SETS, PARTS_K, VARIANTS, equal_mass, nmf_parts, parts_sub, variant_saliency
 
 PREFIX = "study-"
 SKIP = ("contrast-share",)
@@ -46,7 +47,7 @@ DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationca
 
 def pieces(ctx) -> list[dict]:
     """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
-    decomposition and masks and 4p + 1 + sum(PARTS_K) forwards of the exported classify graph."""
+    decomposition and masks and 5p + 1 + sum(PARTS_K) + 13 forwards of the exported classify graph."""
     import runtime.decomcam as dc
 
     be, xp = ctx.backend, ctx.backend.xp
@@ -76,12 +77,14 @@ def pieces(ctx) -> list[dict]:
                                  explained_variance=xp.asarray(np.stack([v[2] for v in f])),
                                  null=xp.asarray(np.stack([v[3] for v in f])))
         hm_k = dc.normalise_components(be, dc.upsample(be, dec_k, h, w, size, cfg), dec_k.null)
-        facts[k] = (f, be.to_host(hm_k))
+        facts[k] = (f, be.to_host(hm_k), hm_k)
         keep_k, _ = dc.build_masks(be, ctx.x, hm_k, ctx.mean, ctx.std, cfg)
         keep_p.append(keep_k.reshape(b * k, 3, size, size))
     batch = xp.concatenate([keep.reshape(b * p, 3, size, size), remove.reshape(b * p, 3, size, size),
                             keep_eq.reshape(b * p, 3, size, size), blurred,
-                            keep_r.reshape(b * p, 3, size, size), *keep_p])
+                            keep_r.reshape(b * p, 3, size, size), *keep_p,
+                            *[(ctx.x[:, None] * (hmap if k == "svd" else facts[k][2])[:, :, None]).reshape(
+                                -1, 3, size, size) for k in CIC_SETS]])          # Score-CAM's masking (cic-*)
     z = be.to_host(ctx.classify(batch)).astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
@@ -127,6 +130,12 @@ def pieces(ctx) -> list[dict]:
             (pm, pw, pfrac, pnull), hm = facts[kp][0][k], facts[kp][1][k]
             out[-1]["parts"][kp] = parts_sub(pm, pw, pfrac, pnull, hm, z[row + k * kp:row + (k + 1) * kp, t], h, w)
             row += b * kp
+        out[-1]["cic"] = {}
+        for kc in CIC_SETS:
+            kk = p if kc == "svd" else kc
+            rows = slice(row + k * kk, row + (k + 1) * kk)
+            out[-1]["cic"][kc] = {"y": z[rows, t], "prob": prob[rows, t]}
+            row += b * kk
     return out
 
 
@@ -165,7 +174,7 @@ def study_method(variant: str, cache: dict):
                 for k, d in zip(keys, pieces(ctx)):
                     cache[k] = d
             sal = np.stack([variant_saliency(variant, cache[k]) for k in keys]).astype(np.float32)
-            return MethodOutput(sal, forwards=4 * cache[keys[0]]["H"].shape[0] + 1 + sum(PARTS_K))
+            return MethodOutput(sal, forwards=5 * cache[keys[0]]["H"].shape[0] + 1 + sum(PARTS_K) + 13)
 
     StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
     return StudyVariant
@@ -268,6 +277,44 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Paired bootstrap (percentile, 95%) of A - B on a synthetic run's per-image records: pointing hits over
+    the trials (points of hit rate) and insertion - deletion AUC over the correctly predicted images (points
+    of AUC). A name is a method of the run, `study-` optional."""
+    from .integration_study import bootstrap
+
+    trials = res["pointing_game"]["trials"]
+    images = [r for r in res["deletion_insertion"]["images"] if r["correct"]]
+
+    def key(name, have):
+        for k in (name, PREFIX + name):
+            if k in have:
+                return k
+        raise ValueError(f"'{name}' is not a method of this run; it has {', '.join(sorted(have))}")
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for a, b in pairs:
+        ka, kb = key(a, trials[0]["hits"]), key(b, trials[0]["hits"])
+        pv = np.array([float(t["hits"][ka]) - float(t["hits"][kb]) for t in trials]) * 100
+        ia, ib = key(a, images[0]["auc"]), key(b, images[0]["auc"])
+        ov = np.array([(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
+                       - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]) * 100
+        out.append({"a": a, "b": b, "n_trials": len(pv), "n_correct": len(ov),
+                    "pointing": bootstrap(pv, rng.integers(0, len(pv), size=(resamples, len(pv)))),
+                    "overall": bootstrap(ov, rng.integers(0, len(ov), size=(resamples, len(ov))))})
+    return out
+
+
+def pairs_table(rows: list[dict]) -> str:
+    lines = ["| pair | pointing tol 0, points (n trials) | ins - del, points (n correct) |", "|:--|--:|--:|"]
+    for r in rows:
+        p, o = r["pointing"], r["overall"]
+        lines.append(f"| {r['a']} - {r['b']} | {p[0]:+.1f} [{p[1]:.1f}, {p[2]:.1f}] ({r['n_trials']}) | "
+                     f"{o[0]:+.2f} [{o[1]:.2f}, {o[2]:.2f}] ({r['n_correct']}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from .synthetic import FULL, QUICK, run_synthetic
 
@@ -281,8 +328,20 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny synthetic run (measures nothing)")
     p.add_argument("--components", action="store_true",
                    help="also report the pointing game of each component alone and of the largest-gain one")
+    p.add_argument("--pairs", default="",
+                   help="A:B,... paired bootstrap differences (pointing, ins - del) printed after the run")
+    p.add_argument("--from-json", default=None,
+                   help="no run: read a run's --json and print --pairs for it")
     args = p.parse_args(argv)
     try:
+        pairs = [tuple(x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]
+        if any(len(x) != 2 for x in pairs):
+            raise ValueError(f"--pairs wants A:B,...; got '{args.pairs}'")
+        if args.from_json:
+            if not pairs:
+                raise ValueError("--from-json needs --pairs")
+            print(pairs_table(paired(json.loads(Path(args.from_json).read_text()), pairs)))
+            return 0
         variants = parse_variants(args.variants)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -305,6 +364,13 @@ def main(argv=None) -> int:
               + ", ".join(f"H_{i + 1} {100 * v:.1f}" for i, v in enumerate(diag["per_component"])))
         print(f"any component: {100 * diag['any_component']:.1f}; the largest gain's component: "
               + ", ".join(f"{k} {100 * v:.1f}" for k, v in diag["largest_gain"].items()))
+    if pairs:
+        try:
+            res["pairs"] = paired(res, pairs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("\n" + pairs_table(res["pairs"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     return 0

@@ -546,3 +546,32 @@ def test_sixth_round_variants_are_the_first_rounds_on_the_parts(pieces):
     expect = np.einsum("p,pij->ij", frac, d["parts"][10]["H"])                   # shares of g+ sum to 1
     assert np.abs(st.variant_saliency("parts10-evr", d) - expect).max() <= 1e-5
     assert np.abs(st.variant_saliency("parts10-evr", d) - st.variant_saliency("parts10-paper", d)).max() > 1e-4
+
+
+def test_seventh_round_scores_components_as_score_cam(pieces):
+    """cic-*: the model on the normalised photo times each mask (no blur, substrate 0), softmax over those
+    logits (or the target's probability), on the shares of the components (a_i F_i) and of the parts
+    (w_j P_j), or on the masks."""
+    from export.baselines_reference import finish
+
+    model, x, act, d = pieces
+    for key, name in (("svd", "svd"), (3, "parts3"), (10, "parts10")):
+        src = d if key == "svd" else d["parts"][key]
+        hm = src["H"]
+        z = model.forward((x[None] * hm[:, None]).astype(np.float32))[0].astype(np.float64)
+        np.testing.assert_allclose(d["cic"][key]["y"], z[:, 2], rtol=1e-4, atol=1e-4)
+        pz = np.exp(z - z.max(1, keepdims=True))
+        pz /= pz.sum(1, keepdims=True)
+        np.testing.assert_allclose(d["cic"][key]["prob"], pz[:, 2], rtol=1e-4, atol=1e-7)
+        valid = ~np.asarray(src["null"])
+        sm = masked_softmax(z[:, 2], valid)
+        shares = np.where(valid, src["share"], 0.0)
+        fm = src["fm"].reshape(len(shares), -1)
+        for base, wts in (("share", sm), ("prob", np.where(valid, pz[:, 2], 0.0))):
+            cam = (wts * shares) @ fm
+            expect = finish(torch.from_numpy(cam.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+            assert np.abs(st.variant_saliency(f"cic-{name}-{base}", d) - expect).max() <= 1e-5
+        m = np.einsum("p,pij->ij", sm, hm)
+        expect = (m - m.min()) / (m.max() - m.min())
+        assert np.abs(st.variant_saliency(f"cic-{name}-masks", d) - expect).max() <= 1e-5
+    assert np.abs(d["cic"]["svd"]["y"] - d["y_keep"]).max() > 1e-3          # not the blurred masks' logits

@@ -75,6 +75,14 @@ def test_forwards_are_the_model_on_each_images_masks(explainer):
         for kp in st.PARTS_K:
             np.testing.assert_allclose(d["parts"][kp]["y_keep"], z[row:row + kp], rtol=1e-3, atol=1e-3)
             row += kp
+        xk = torch.from_numpy(x[k]).double()
+        for kc in st.CIC_SETS:                         # Score-CAM's masking: the normalised image times the mask
+            hc = torch.from_numpy(d["H"] if kc == "svd" else d["parts"][kc]["H"]).double()[:, None]
+            zc = np.asarray(explainer.classify((xk[None] * hc).float().numpy()))
+            np.testing.assert_allclose(d["cic"][kc]["y"], zc[:, targets[k]], rtol=1e-3, atol=1e-3)
+            pc = np.exp(zc - zc.max(1, keepdims=True))
+            np.testing.assert_allclose(d["cic"][kc]["prob"], (pc / pc.sum(1, keepdims=True))[:, targets[k]],
+                                       rtol=1e-3, atol=1e-5)
         assert row == len(z)
         assert np.abs(d["y_eq"] - d["y_keep"]).max() > 1e-3
 
@@ -144,3 +152,38 @@ def test_component_diagnostics_against_the_runtimes_components(explainer, tmp_pa
     assert diag["largest_gain"]["C/m"] == pytest.approx(np.mean(pick_m))
     assert diag["largest_gain_n"] == {"C": 6, "C/m": 6, "E": 6}
     assert not [n for n in METHODS if n.startswith(ss.PREFIX)]
+
+
+def test_paired_differences_from_a_runs_records(tmp_path, capsys):
+    """`--pairs` on a run's JSON: the mean of the per-trial hit differences and of the per-image
+    ins - del differences (correct images only), inside a bootstrap interval that widens with the spread."""
+    import json
+
+    rng = np.random.default_rng(0)
+    hits_a, hits_b = rng.random(40) < 0.8, rng.random(40) < 0.6
+    auc = rng.random((30, 4))
+    correct = np.arange(30) % 3 != 0
+    res = {"pointing_game": {"trials": [{"hits": {"study-x": bool(a), "layercam": bool(b)}}
+                                        for a, b in zip(hits_a, hits_b)]},
+           "deletion_insertion": {"images": [
+               {"correct": bool(c), "auc": ({"study-x": {"insertion": v[0], "deletion": v[1]},
+                                             "layercam": {"insertion": v[2], "deletion": v[3]}} if c else {})}
+               for v, c in zip(auc, correct)]}}
+    (row,) = ss.paired(res, [("x", "layercam")], resamples=2000)
+    assert row["n_trials"] == 40 and row["n_correct"] == int(correct.sum())
+    assert row["pointing"][0] == pytest.approx(100 * (hits_a.mean() - hits_b.mean()))
+    d = 100 * ((auc[:, 0] - auc[:, 1]) - (auc[:, 2] - auc[:, 3]))[correct]
+    assert row["overall"][0] == pytest.approx(d.mean())
+    for mean, lo, hi in (row["pointing"], row["overall"]):
+        assert lo < mean < hi
+    half = (row["overall"][2] - row["overall"][1]) / 2
+    assert half == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(len(d)), rel=0.25)
+    with pytest.raises(ValueError, match="'nope' is not a method"):
+        ss.paired(res, [("nope", "layercam")])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(res))
+    assert ss.main(["--from-json", str(path), "--pairs", "x:layercam"]) == 0
+    assert "| x - layercam |" in capsys.readouterr().out
+    assert ss.main(["--from-json", str(path)]) == 2
+    assert "needs --pairs" in capsys.readouterr().err
+    assert ss.main(["--from-json", str(path), "--pairs", "x"]) == 2
