@@ -34,9 +34,9 @@ complement remove_i = max(P (1 - H_i), blur(P) H_i) and the equal-mass mask kept
 blur(P)(1 - Q_i)) with Q_i = rank(H_i) / (n - 1) (`equal_mass`), the components of the rectified map
 S+* = relu(dy/dA) * A and their masks (`rect-*`), and the non-negative parts of S+* and their masks
 (`nmf_parts`, `parts<k>-*`), and Score-CAM's masking x * H of the components and parts (`cic-*`);
-5p + 1 + sum(PARTS_K) + 13 forwards per photo (p masks kept, p removed, p equal-mass masks kept, the blurred
-photo, p masks of S+*'s components kept, k part masks kept for each k of PARTS_K, the photo times the p
-component masks and times the 3 and 10 part masks).
+5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards per photo (p masks kept, p removed, p equal-mass masks
+kept, the blurred photo, p masks of S+*'s components kept, k part masks kept for each k of PARTS_K, the
+photo times the p component masks of S* and of S+* and times the 3 and 10 part masks).
 Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
 The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
 checks that the two compute the same map).
@@ -163,17 +163,33 @@ for _k in PARTS_K:
 # score on the photo multiplied by each normalised map (x * M in normalised space: the substrate is 0 = the
 # normalisation's mean colour, no blur), and softmax over those logits ("CIC"; softmax(y_j - y(0)) =
 # softmax(y_j)). The same on the p components of S* (`svd`) and on k = 3 and k = 10 parts of S+*, with
-# the masks H_j, p + 3 + 10 more forwards.
-CIC_SETS = ("svd", 3, 10)
+# the masks H_j, p + 3 + 10 more forwards (the eighth round adds the p components of S+*, `rect`).
+CIC_SETS = ("svd", 3, 10, "rect")
 CIC_DOC = {
     "share": "s(Up(relu(sum_j softmax(y0)_j s_j F_j))), y0_j = y(x * H_j): Score-CAM's weights on the shares",
     "prob": "s(Up(relu(sum_j p0_j s_j F_j))), p0_j = softmax(y(x * H_j))[target]: weights = probabilities",
     "masks": "s(sum_j softmax(y0)_j H_j): eqs. 11-12 with Score-CAM's masking",
 }
+CIC_ON = {"svd": "the p components of S* (s_j F_j = a_j F_j)",
+          "rect": "the p components of S+* (s_j F_j = b_j F+_j)"}
+
+
+def cic_set_name(key) -> str:
+    """A CIC_SETS key's name in the variants' names: "svd", "rect" or "parts<k>"."""
+    return key if isinstance(key, str) else f"parts{key}"
+
+
 for _k in CIC_SETS:
     for _b in ("share", "prob", "masks"):
-        _on = "the p components of S* (s_j F_j = a_j F_j)" if _k == "svd" else f"k = {_k} parts of S+* (s_j F_j = w_j P_j)"
-        VARIANTS[f"cic-{'svd' if _k == 'svd' else f'parts{_k}'}-{_b}"] = f"{_on}: {CIC_DOC[_b]}"
+        _on = CIC_ON.get(_k, f"k = {_k} parts of S+* (s_j F_j = w_j P_j)")
+        VARIANTS[f"cic-{cic_set_name(_k)}-{_b}"] = f"{_on}: {CIC_DOC[_b]}"
+# Eighth round: the missing cell of (what is decomposed) x (how components are scored), Score-CAM's scoring
+# of the SVD components of S+* (`cic-rect-*`, p more forwards, above), and the authors' bicubic kernel on
+# the Score-CAM-scored share maps (the kernel's controls are CONTROLS' `*-bicubic`).
+VARIANTS["cic-rect-prob-bicubic"] = "cic-rect-prob, bicubic upsampling"
+VARIANTS["cic-rect-share-bicubic"] = "cic-rect-share, bicubic upsampling"
+VARIANTS["cic-parts3-share-bicubic"] = "cic-parts3-share, bicubic upsampling"
+VARIANTS["cic-svd-prob-bicubic"] = "cic-svd-prob, bicubic upsampling"
 # Controls for the third round: baselines changed the same way as the variants above (not baselines of the
 # runtime; they show how much of a variant's change a baseline gets from the same change).
 CONTROLS = {
@@ -330,13 +346,14 @@ def equal_mass(hmap: np.ndarray, null: np.ndarray) -> np.ndarray:
 
 def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int,
                        logits: np.ndarray | None = None) -> dict:
-    """One photo: the paper's decomposition, its masks, and the 5p + 1 + sum(PARTS_K) + 13 forwards every variant
-    reuses (p masks kept, p complements removed, p equal-mass masks kept, the blurred photo, the p masks of the
-    rectified decomposition kept, under "rect", and the k part masks kept for each k of PARTS_K, under
-    "parts"), then the photo multiplied by the p masks H_i and by the 3 and 10 part masks (Score-CAM's
-    masking, under "cic"). `logits` (the photo's [K] logits) adds the share of the log-softmax's class map
-    (`contrast-share`). The activations are taken as non-negative (post-ReLU target layers), so that
-    relu(dy/dA) * A = relu(dy/dA * A)."""
+    """One photo: the paper's decomposition, its masks, and the 5p + 1 + sum(PARTS_K) + cic_forwards(p)
+    forwards every variant reuses (p masks kept, p complements removed, p equal-mass masks kept, the blurred
+    photo, the p masks of the rectified decomposition kept, under "rect", and the k part masks kept for each
+    k of PARTS_K, under "parts"), then the photo multiplied by the p masks H_i, by the p masks H+_i of the
+    rectified decomposition and by the 3 and 10 part masks (Score-CAM's masking, under "cic"). `logits`
+    (the photo's [K] logits) adds the share of the log-softmax's class map (`contrast-share`). The
+    activations are taken as non-negative (post-ReLU target layers), so that relu(dy/dA) * A =
+    relu(dy/dA * A)."""
     import torch
     import torch.nn.functional as F
 
@@ -386,9 +403,11 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         facts[k] = (pm, pw, pfrac, pnull, phm.numpy())
         keep_p.append(torch.maximum(pix * phm[:, None], pix_b * (1 - phm[:, None])))
     xt = torch.from_numpy(x)
-    cic = [xt[None] * (hmap if k == "svd" else torch.from_numpy(facts[k][4]))[:, None] for k in CIC_SETS]
+    cic_masks = {"svd": hmap, "rect": hmap_r}
+    cic = [xt[None] * (cic_masks[k] if k in cic_masks else torch.from_numpy(facts[k][4]))[:, None]
+           for k in CIC_SETS]
     batch = torch.cat([(torch.cat([keep, remove, keep_eq, pix_b[None], keep_r, *keep_p]) - m) / s,
-                       *cic])                                 # [4p + 1 + sum K + p + 3 + 10, 3, S, S]
+                       *cic])                                 # [4p + 1 + sum K + cic_forwards(p), 3, S, S]
     logits, _ = model.forward(batch.numpy())
     z = logits.astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
@@ -401,7 +420,7 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         row += k
     cic_d = {}
     for k in CIC_SETS:
-        kk = n if k == "svd" else k
+        kk = n if isinstance(k, str) else k
         cic_d[k] = {"y": z[row:row + kk, target], "prob": prob[row:row + kk, target]}
         row += kk
     return {
@@ -418,7 +437,7 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
                  "sigma": sv_r.numpy(), "fm": fm_r.numpy().reshape(-1, h, w), "share": share_r,
                  "y_keep": z[3 * n + 1:4 * n + 1, target], "mass": hmap_r.numpy().mean((1, 2))},
         "parts": parts,                                                              # k -> pieces of k parts
-        "cic": cic_d,                                         # "svd" / k -> target logit, probability on x * H_j
+        "cic": cic_d,                              # "svd" / "rect" / k -> target logit, probability on x * H_j
     }
 
 
@@ -489,9 +508,14 @@ def parts_sub(parts: np.ndarray, w: np.ndarray, frac: np.ndarray, null: np.ndarr
             "p_blur": np.nan, "mass": hmap.mean((1, 2)), "up": hmap, "share_con": None}
 
 
-def cic_saliency(base: str, src: dict, scores: dict) -> np.ndarray:
+def cic_forwards(p: int) -> int:
+    """The forwards of Score-CAM's masking per image: p for each SVD set, k for each set of k parts."""
+    return sum(p if isinstance(k, str) else k for k in CIC_SETS)
+
+
+def cic_saliency(base: str, src: dict, scores: dict, mode: str = "bilinear") -> np.ndarray:
     """Score-CAM's weights on components: src has H [k, S, S], null, fm [k, h, w], share [k]; scores has y
-    (target logit on x * H_j) and prob (its softmax probability)."""
+    (target logit on x * H_j) and prob (its softmax probability); `mode` is the share maps' upsampling."""
     valid = ~np.asarray(src["null"])
     size = src["H"].shape[-1]
     if base == "prob":
@@ -500,7 +524,7 @@ def cic_saliency(base: str, src: dict, scores: dict) -> np.ndarray:
         wts = softmax(np.asarray(scores["y"], np.float64), valid)
     if base == "masks":
         return minmax_np(np.einsum("p,pij->ij", wts.astype(np.float32), src["H"]))
-    return finish_map(np.einsum("p,pij->ij", wts * np.where(valid, src["share"], 0.0), src["fm"]), size=size)
+    return finish_map(np.einsum("p,pij->ij", wts * np.where(valid, src["share"], 0.0), src["fm"]), mode, size)
 
 
 def rect_pieces(d: dict) -> dict:
@@ -541,9 +565,10 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
         return variant_saliency(RECT[name], rect_pieces(d))
     if name.startswith("cic-") and name in VARIANTS:
         _, which, base = name.split("-", 2)
-        key = "svd" if which == "svd" else int(which[len("parts"):])
-        src = d if key == "svd" else d["parts"][key]
-        return cic_saliency(base, src, d["cic"][key])
+        base, _, mode = base.partition("-")
+        key = which if which in ("svd", "rect") else int(which[len("parts"):])
+        src = d if key == "svd" else d["rect"] if key == "rect" else d["parts"][key]
+        return cic_saliency(base, src, d["cic"][key], mode or "bilinear")
     if name.startswith("parts") and name in VARIANTS:
         k, base = name[len("parts"):].split("-", 1)
         return variant_saliency(PARTS_BASES[base], dict(d["parts"][int(k)], y_blur=d["y_blur"]))

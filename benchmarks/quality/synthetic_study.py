@@ -13,9 +13,9 @@ attention pool and the gradient varies over positions. This runs the same varian
   runtime/config.py), the p masks kept and the p complements removed (runtime.decomcam.build_masks with H and
   1 - H), the p equal-mass masks kept (integration_study.equal_mass), the blurred image, and the p masks of
   the rectified map's decomposition kept (the `rect-*` variants) and the k masks of its non-negative parts
-  for each k of PARTS_K (the `parts*` variants), and the image multiplied by the p component masks and by
-  the 3 and 10 part masks (Score-CAM's masking, the `cic-*` variants), in 5p + 1 + sum(PARTS_K) + 13
-  forwards through the exported classify graph; the map is
+  for each k of PARTS_K (the `parts*` variants), and the image multiplied by the p component masks of S*
+  and of S+* and by the 3 and 10 part masks (Score-CAM's masking, the `cic-*` variants), in
+  5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards through the exported classify graph; the map is
   integration_study.variant_saliency of those pieces, the very function the real-data study uses;
 - the pieces are computed once per image and target and shared by every variant;
 - the protocol, the trained model and the data are the synthetic benchmark's (benchmarks/quality/synthetic.py,
@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .integration_study import CIC_SETS, PARTS_K, VARIANTS, equal_mass, nmf_parts, parts_sub, variant_saliency
+from .integration_study import (CIC_SETS, PARTS_K, VARIANTS, cic_forwards, equal_mass, nmf_parts, parts_sub,
+                                variant_saliency)
 
 PREFIX = "study-"
 SKIP = ("contrast-share",)
@@ -47,7 +48,7 @@ DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationca
 
 def pieces(ctx) -> list[dict]:
     """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
-    decomposition and masks and 5p + 1 + sum(PARTS_K) + 13 forwards of the exported classify graph."""
+    decomposition and masks and 5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards of the exported classify graph."""
     import runtime.decomcam as dc
 
     be, xp = ctx.backend, ctx.backend.xp
@@ -80,11 +81,12 @@ def pieces(ctx) -> list[dict]:
         facts[k] = (f, be.to_host(hm_k), hm_k)
         keep_k, _ = dc.build_masks(be, ctx.x, hm_k, ctx.mean, ctx.std, cfg)
         keep_p.append(keep_k.reshape(b * k, 3, size, size))
+    cic_masks = {"svd": hmap, "rect": hmap_r, **{k: facts[k][2] for k in PARTS_K}}
     batch = xp.concatenate([keep.reshape(b * p, 3, size, size), remove.reshape(b * p, 3, size, size),
                             keep_eq.reshape(b * p, 3, size, size), blurred,
                             keep_r.reshape(b * p, 3, size, size), *keep_p,
-                            *[(ctx.x[:, None] * (hmap if k == "svd" else facts[k][2])[:, :, None]).reshape(
-                                -1, 3, size, size) for k in CIC_SETS]])          # Score-CAM's masking (cic-*)
+                            *[(ctx.x[:, None] * cic_masks[k][:, :, None]).reshape(-1, 3, size, size)
+                              for k in CIC_SETS]])                              # Score-CAM's masking (cic-*)
     z = be.to_host(ctx.classify(batch)).astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
@@ -132,7 +134,7 @@ def pieces(ctx) -> list[dict]:
             row += b * kp
         out[-1]["cic"] = {}
         for kc in CIC_SETS:
-            kk = p if kc == "svd" else kc
+            kk = p if isinstance(kc, str) else kc
             rows = slice(row + k * kk, row + (k + 1) * kk)
             out[-1]["cic"][kc] = {"y": z[rows, t], "prob": prob[rows, t]}
             row += b * kk
@@ -174,7 +176,8 @@ def study_method(variant: str, cache: dict):
                 for k, d in zip(keys, pieces(ctx)):
                     cache[k] = d
             sal = np.stack([variant_saliency(variant, cache[k]) for k in keys]).astype(np.float32)
-            return MethodOutput(sal, forwards=5 * cache[keys[0]]["H"].shape[0] + 1 + sum(PARTS_K) + 13)
+            return MethodOutput(sal, forwards=5 * (p := cache[keys[0]]["H"].shape[0]) + 1 + sum(PARTS_K)
+                                + cic_forwards(p))
 
     StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
     return StudyVariant

@@ -552,11 +552,13 @@ def test_seventh_round_scores_components_as_score_cam(pieces):
     """cic-*: the model on the normalised photo times each mask (no blur, substrate 0), softmax over those
     logits (or the target's probability), on the shares of the components (a_i F_i) and of the parts
     (w_j P_j), or on the masks."""
+    import torch.nn.functional as F
+
     from export.baselines_reference import finish
 
     model, x, act, d = pieces
-    for key, name in (("svd", "svd"), (3, "parts3"), (10, "parts10")):
-        src = d if key == "svd" else d["parts"][key]
+    for key, name in (("svd", "svd"), (3, "parts3"), (10, "parts10"), ("rect", "rect")):
+        src = d if key == "svd" else d["rect"] if key == "rect" else d["parts"][key]
         hm = src["H"]
         z = model.forward((x[None] * hm[:, None]).astype(np.float32))[0].astype(np.float64)
         np.testing.assert_allclose(d["cic"][key]["y"], z[:, 2], rtol=1e-4, atol=1e-4)
@@ -571,7 +573,17 @@ def test_seventh_round_scores_components_as_score_cam(pieces):
             cam = (wts * shares) @ fm
             expect = finish(torch.from_numpy(cam.reshape(1, 7, 7)), st.SIZE)[0].numpy()
             assert np.abs(st.variant_saliency(f"cic-{name}-{base}", d) - expect).max() <= 1e-5
+            if f"cic-{name}-{base}-bicubic" in st.VARIANTS:     # the same share map, upsampled bicubically
+                up = F.interpolate(torch.from_numpy(np.maximum(cam, 0).reshape(1, 1, 7, 7)),
+                                   size=(st.SIZE, st.SIZE), mode="bicubic", align_corners=False)[0, 0].numpy()
+                expect = (up - up.min()) / (up.max() - up.min())
+                got = st.variant_saliency(f"cic-{name}-{base}-bicubic", d)
+                assert np.abs(got - expect).max() <= 1e-5
+                assert np.abs(got - st.variant_saliency(f"cic-{name}-{base}", d)).max() > 1e-3
         m = np.einsum("p,pij->ij", sm, hm)
         expect = (m - m.min()) / (m.max() - m.min())
         assert np.abs(st.variant_saliency(f"cic-{name}-masks", d) - expect).max() <= 1e-5
     assert np.abs(d["cic"]["svd"]["y"] - d["y_keep"]).max() > 1e-3          # not the blurred masks' logits
+    assert np.abs(d["cic"]["rect"]["y"] - d["cic"]["svd"]["y"]).max() > 1e-3  # S+*'s masks, not S*'s
+    assert sum(f"cic-{name}-{base}-bicubic" in st.VARIANTS for name in ("svd", "rect", "parts3", "parts10")
+               for base in ("share", "prob", "masks")) == 4

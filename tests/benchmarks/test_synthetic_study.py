@@ -77,7 +77,8 @@ def test_forwards_are_the_model_on_each_images_masks(explainer):
             row += kp
         xk = torch.from_numpy(x[k]).double()
         for kc in st.CIC_SETS:                         # Score-CAM's masking: the normalised image times the mask
-            hc = torch.from_numpy(d["H"] if kc == "svd" else d["parts"][kc]["H"]).double()[:, None]
+            hc = torch.from_numpy(d["H"] if kc == "svd" else d["rect"]["H"] if kc == "rect"
+                                  else d["parts"][kc]["H"]).double()[:, None]
             zc = np.asarray(explainer.classify((xk[None] * hc).float().numpy()))
             np.testing.assert_allclose(d["cic"][kc]["y"], zc[:, targets[k]], rtol=1e-3, atol=1e-3)
             pc = np.exp(zc - zc.max(1, keepdims=True))
