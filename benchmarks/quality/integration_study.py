@@ -53,6 +53,7 @@ import math
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -837,6 +838,16 @@ def load_records(outs: list[Path]) -> dict[int, dict]:
     return recs
 
 
+def resample_indices(kind: str, ids, resamples: int, seed: int = 0) -> np.ndarray:
+    """[resamples, len(ids)] bootstrap indices into `ids`, drawn from a generator seeded by `seed`, `kind` and
+    the ids themselves: every score over the same photos (or trials) uses the same resamples, so an interval
+    does not depend on which other methods or pairs a report computes, or in which order, and the interval
+    of a difference A - B is the same whether it is asked for as a pair or read from a table."""
+    ids = list(ids)
+    key = zlib.crc32(repr((kind, len(ids), ids)).encode())
+    return np.random.default_rng([seed, key]).integers(0, len(ids), size=(resamples, len(ids)))
+
+
 def bootstrap(values: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
     """values [n], idx [R, n] resample indices -> (mean, 2.5 %, 97.5 %)."""
     means = values[idx].mean(1)
@@ -898,7 +909,6 @@ def report(args) -> int:
     out = outs[0]
     recs = load_records(outs)
     order = sorted(recs)
-    rng = np.random.default_rng(0)
     splits = {"choose": [i for i in order if i < args.split], "confirm": [i for i in order if i >= args.split],
               "all": order}
     methods = [m for m in (*VARIANTS, *BASELINES, *CONTROLS) if all(m in recs[i]["pointing"] for i in order)]
@@ -909,7 +919,7 @@ def report(args) -> int:
         if not ids:
             continue
         res = {"n_pointing": len(ids)}
-        pidx = rng.integers(0, len(ids), size=(args.resamples, len(ids)))
+        pidx = resample_indices("pointing", ids, args.resamples)
         ptab = {}
         base = {tol: np.array([recs[i]["pointing"]["gradcam"][tol] for i in ids], float) for tol in (0, 1)}
         for m in methods:
@@ -924,7 +934,7 @@ def report(args) -> int:
             mids = [i for i in di_ids if m in recs[i]["del_ins"]]      # photos where m was run (and Grad-CAM)
             if not mids:
                 continue
-            didx = rng.integers(0, len(mids), size=(args.resamples, len(mids)))
+            didx = resample_indices("del_ins", mids, args.resamples)
             v = np.array([recs[i]["del_ins"][m] for i in mids])            # [n, 2] (del, ins)
             gd = np.array([recs[i]["del_ins"]["gradcam"] for i in mids])
             ov = v[:, 1] - v[:, 0]
@@ -960,11 +970,11 @@ def report(args) -> int:
                 return 2
             for split, ids in splits.items():
                 pv = np.array([recs[i]["pointing"][a_][0] - recs[i]["pointing"][b_][0] for i in ids], float) * 100
-                pt = bootstrap(pv, rng.integers(0, len(ids), size=(args.resamples, len(ids))))
+                pt = bootstrap(pv, resample_indices("pointing", ids, args.resamples))
                 di = [i for i in ids if a_ in recs[i]["del_ins"] and b_ in recs[i]["del_ins"]]
                 ov = np.array([(recs[i]["del_ins"][a_][1] - recs[i]["del_ins"][a_][0])
                                - (recs[i]["del_ins"][b_][1] - recs[i]["del_ins"][b_][0]) for i in di])
-                ot = bootstrap(ov, rng.integers(0, len(di), size=(args.resamples, len(di)))) if di else None
+                ot = bootstrap(ov, resample_indices("del_ins", di, args.resamples)) if di else None
                 result["pairs"][f"{pair}/{split}"] = {"pointing": pt, "overall": ot, "n_del_ins": len(di)}
                 lines.append(f"| {a_} - {b_} | {split} | {fmt(pt)} | {fmt(ot) if ot else '-'} | {len(di)} |")
     a = result["analysis"]

@@ -284,7 +284,7 @@ def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed:
     """Paired bootstrap (percentile, 95%) of A - B on a synthetic run's per-image records: pointing hits over
     the trials (points of hit rate) and insertion - deletion AUC over the correctly predicted images (points
     of AUC). A name is a method of the run, `study-` optional."""
-    from .integration_study import bootstrap
+    from .integration_study import bootstrap, resample_indices
 
     trials = res["pointing_game"]["trials"]
     images = [r for r in res["deletion_insertion"]["images"] if r["correct"]]
@@ -295,7 +295,6 @@ def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed:
                 return k
         raise ValueError(f"'{name}' is not a method of this run; it has {', '.join(sorted(have))}")
 
-    rng = np.random.default_rng(seed)
     out = []
     for a, b in pairs:
         ka, kb = key(a, trials[0]["hits"]), key(b, trials[0]["hits"])
@@ -304,8 +303,8 @@ def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed:
         ov = np.array([(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
                        - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]) * 100
         out.append({"a": a, "b": b, "n_trials": len(pv), "n_correct": len(ov),
-                    "pointing": bootstrap(pv, rng.integers(0, len(pv), size=(resamples, len(pv)))),
-                    "overall": bootstrap(ov, rng.integers(0, len(ov), size=(resamples, len(ov))))})
+                    "pointing": bootstrap(pv, resample_indices("trials", range(len(pv)), resamples, seed)),
+                    "overall": bootstrap(ov, resample_indices("correct", range(len(ov)), resamples, seed))})
     return out
 
 

@@ -307,6 +307,16 @@ def test_report_pairs_are_paired_differences(tmp_path, capsys):
     assert res["layercam:gradcam/all"]["overall"][0] == pytest.approx(np.mean([20.0, 19.0, 18.0]))
     assert res["layercam:gradcam/all"]["n_del_ins"] == 3
     assert res["layercam:gradcam/confirm"]["overall"][0] == pytest.approx(18.0)
+    table = json.loads((tmp_path / "report.json").read_text())["splits"]["all"]
+    assert res["layercam:gradcam/all"]["overall"] == table["del_ins"]["layercam"]["diff_gradcam_overall"]
+    ref = [100 * v for v in table["pointing"]["layercam"]["diff_gradcam_tol0"]]
+    assert res["layercam:gradcam/all"]["pointing"] == pytest.approx(ref, rel=1e-12, abs=1e-12)
+    # the same pair asked for after another one: the same resamples, the same interval
+    assert st.main(["report", str(tmp_path), "--split", "2", "--resamples", "50",
+                    "--pairs", "gradcam:layercam,layercam:gradcam"]) == 0
+    again = json.loads((tmp_path / "report.json").read_text())["pairs"]
+    assert again["layercam:gradcam/all"] == res["layercam:gradcam/all"]
+    assert again["gradcam:layercam/all"]["overall"][0] == pytest.approx(-res["layercam:gradcam/all"]["overall"][0])
     capsys.readouterr()
     assert st.main(["report", str(tmp_path), "--pairs", "layercam:nope"]) == 2
     assert "both methods must be in every record" in capsys.readouterr().err

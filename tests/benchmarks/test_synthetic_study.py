@@ -177,6 +177,7 @@ def test_paired_differences_from_a_runs_records(tmp_path, capsys):
     assert row["overall"][0] == pytest.approx(d.mean())
     for mean, lo, hi in (row["pointing"], row["overall"]):
         assert lo < mean < hi
+    assert ss.paired(res, [("layercam", "x"), ("x", "layercam")], resamples=2000)[1] == row   # order-free
     half = (row["overall"][2] - row["overall"][1]) / 2
     assert half == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(len(d)), rel=0.25)
     with pytest.raises(ValueError, match="'nope' is not a method"):
