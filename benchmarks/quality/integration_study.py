@@ -33,10 +33,12 @@ full SVD), H_i = s(Up_bilinear(F_i)), keep_i = max(P H_i, blur(P)(1 - H_i)), and
 complement remove_i = max(P (1 - H_i), blur(P) H_i) and the equal-mass mask kept, keep_eq_i = max(P Q_i,
 blur(P)(1 - Q_i)) with Q_i = rank(H_i) / (n - 1) (`equal_mass`), the components of the rectified map
 S+* = relu(dy/dA) * A and their masks (`rect-*`), and the non-negative parts of S+* and their masks
-(`nmf_parts`, `parts<k>-*`), and Score-CAM's masking x * H of the components and parts (`cic-*`);
-5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards per photo (p masks kept, p removed, p equal-mass masks
+(`nmf_parts`, `parts<k>-*`), Score-CAM's masking x * H of the components and parts (`cic-*`), and the
+components of the integrated-gradient evidence S_IG (`ig_gradient`, `ig-*`);
+7p + 1 + sum(PARTS_K) + cic_forwards(p) forwards per photo (p masks kept, p removed, p equal-mass masks
 kept, the blurred photo, p masks of S+*'s components kept, k part masks kept for each k of PARTS_K, the
-photo times the p component masks of S* and of S+* and times the 3 and 10 part masks).
+photo times the p component masks of S* and of S+* and times the 3 and 10 part masks, the p masks of
+S_IG's components kept and the photo times them).
 Every integration variant (VARIANTS) reuses these forwards; see `variant_saliency`.
 The variant `gcam-relu-gain` is the runtime's `decomcam-gain-share` (tests/benchmarks/test_integration_study.py
 checks that the two compute the same map).
@@ -191,6 +193,20 @@ VARIANTS["cic-rect-prob-bicubic"] = "cic-rect-prob, bicubic upsampling"
 VARIANTS["cic-rect-share-bicubic"] = "cic-rect-share, bicubic upsampling"
 VARIANTS["cic-parts3-share-bicubic"] = "cic-parts3-share, bicubic upsampling"
 VARIANTS["cic-svd-prob-bicubic"] = "cic-svd-prob, bicubic upsampling"
+# Ninth round: the path-integrated evidence. S* = dy/dA * A is the first-order (local) evidence at A. With an
+# attention pool the local gradient is that of a softmax at its operating point; the integrated-gradient
+# evidence S_IG = A * mean_k dy/dA(alpha_k A), alpha_k = (k + 1/2) / IG_STEPS (the midpoint rule from 0 to A),
+# sums over channels and positions to about y(A) - y(0) (completeness). For a head that is linear in A (a
+# global-average-pool head) dy/dA does not depend on A and S_IG = S*: every ig-* variant is then the S*
+# variant it is named after. The same variants, on the components of S_IG (`ig_gradient`, p masks kept and
+# p masks x * H for Score-CAM's scoring, 2p more forwards).
+IG_STEPS = 16
+IG = {"ig-top1": "top1", "ig-paper": "paper", "ig-rank-p": "gcam-rank-p", "ig-rank-3": "gcam-rank-3",
+      "ig-relu-gain": "gcam-relu-gain", "ig-rank-p-bicubic": "gcam-rank-p-bicubic",
+      "ig-relu-gain-bicubic": "gcam-relu-gain-bicubic", "ig-cic-share": "cic-svd-share",
+      "ig-cic-prob": "cic-svd-prob", "ig-cic-prob-bicubic": "cic-svd-prob-bicubic"}
+for _n, _b in IG.items():
+    VARIANTS[_n] = f"`{_b}` on the components of the integrated-gradient evidence S_IG"
 # Controls for the third round: baselines changed the same way as the variants above (not baselines of the
 # runtime; they show how much of a variant's change a baseline gets from the same change).
 CONTROLS = {
@@ -345,13 +361,25 @@ def equal_mass(hmap: np.ndarray, null: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(null)[:, None, None], np.float32(0), q)
 
 
+def ig_gradient(gradient, act: np.ndarray, steps: int = IG_STEPS) -> np.ndarray:
+    """The path-averaged gradient mean_k gradient(alpha_k act), alpha_k = (k + 1/2) / steps: act [..., C, h, w]
+    -> [..., C, h, w] float64, so that act * ig_gradient(...) is the integrated-gradient evidence from 0 to
+    act (midpoint rule). `gradient` maps activations to dy/dA at those activations."""
+    act = np.asarray(act, np.float64)
+    total = np.zeros_like(act)
+    for k in range(steps):
+        total += np.asarray(gradient((k + 0.5) / steps * act), np.float64)
+    return total / steps
+
+
 def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int, p: int,
                        logits: np.ndarray | None = None) -> dict:
-    """One photo: the paper's decomposition, its masks, and the 5p + 1 + sum(PARTS_K) + cic_forwards(p)
+    """One photo: the paper's decomposition, its masks, and the 7p + 1 + sum(PARTS_K) + cic_forwards(p)
     forwards every variant reuses (p masks kept, p complements removed, p equal-mass masks kept, the blurred
     photo, the p masks of the rectified decomposition kept, under "rect", and the k part masks kept for each
     k of PARTS_K, under "parts"), then the photo multiplied by the p masks H_i, by the p masks H+_i of the
-    rectified decomposition and by the 3 and 10 part masks (Score-CAM's masking, under "cic"). `logits`
+    rectified decomposition and by the 3 and 10 part masks (Score-CAM's masking, under "cic"), and the
+    p masks of the components of S_IG = A * ig_gradient(...) kept and x * H_IG (under "ig"). `logits`
     (the photo's [K] logits) adds the share of the log-softmax's class map (`contrast-share`). The
     activations are taken as non-negative (post-ReLU target layers), so that relu(dy/dA) * A =
     relu(dy/dA * A)."""
@@ -407,8 +435,20 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     cic_masks = {"svd": hmap, "rect": hmap_r}
     cic = [xt[None] * (cic_masks[k] if k in cic_masks else torch.from_numpy(facts[k][4]))[:, None]
            for k in CIC_SETS]
+    grad_ig = ig_gradient(lambda a: model.gradient(a.astype(np.float32), target), act)   # ninth round (ig-*)
+    fm_g, sv_g, evr_g, null_g = decompose_paper(torch.from_numpy(act),
+                                                torch.from_numpy(grad_ig.astype(np.float32)), p)
+    g_ig = (act.astype(np.float64) * grad_ig).reshape(c, -1).sum(0)
+    sv2_g = sv_g.numpy() ** 2
+    share_g = np.where(null_g.numpy(), 0.0, fm_g.numpy() @ g_ig / np.where(sv2_g > 0, sv2_g, 1.0))
+    up_g = F.interpolate(fm_g.reshape(1, -1, h, w).float(), size=(SIZE, SIZE), mode="bilinear",
+                         align_corners=False)[0]
+    up_g = torch.where(null_g[:, None, None], torch.zeros_like(up_g), up_g)
+    hmap_g = torch.where(null_g[:, None, None], torch.zeros_like(up_g), minmax(up_g))   # H_IG [p, S, S]
+    keep_g = torch.maximum(pix * hmap_g[:, None], pix_b * (1 - hmap_g[:, None]))
     batch = torch.cat([(torch.cat([keep, remove, keep_eq, pix_b[None], keep_r, *keep_p]) - m) / s,
-                       *cic])                                 # [4p + 1 + sum K + cic_forwards(p), 3, S, S]
+                       *cic, (keep_g - m) / s, xt[None] * hmap_g[:, None]])
+    # [4p + 1 + sum K + cic_forwards(p) + 2p, 3, S, S]
     logits, _ = model.forward(batch.numpy())
     z = logits.astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
@@ -424,6 +464,10 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
         kk = n if isinstance(k, str) else k
         cic_d[k] = {"y": z[row:row + kk, target], "prob": prob[row:row + kk, target]}
         row += kk
+    ig = {"up": up_g.numpy(), "H": hmap_g.numpy(), "null": null_g.numpy(), "evr": evr_g.numpy(),
+          "sigma": sv_g.numpy(), "fm": fm_g.numpy().reshape(-1, h, w), "share": share_g,
+          "y_keep": z[row:row + n, target], "mass": hmap_g.numpy().mean((1, 2)),
+          "cic": {"svd": {"y": z[row + n:row + 2 * n, target], "prob": prob[row + n:row + 2 * n, target]}}}
     return {
         "up": up.numpy(), "H": hmap.numpy(), "null": null.numpy(), "evr": evr.numpy(), "sigma": sv.numpy(),
         "y_keep": z[:n, target], "y_remove": z[n:2 * n, target], "y_blur": float(z[3 * n, target]),
@@ -439,6 +483,7 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
                  "y_keep": z[3 * n + 1:4 * n + 1, target], "mass": hmap_r.numpy().mean((1, 2))},
         "parts": parts,                                                              # k -> pieces of k parts
         "cic": cic_d,                              # "svd" / "rect" / k -> target logit, probability on x * H_j
+        "ig": ig,                                  # the components of S_IG, their masks kept and x * H_IG
     }
 
 
@@ -537,6 +582,15 @@ def rect_pieces(d: dict) -> dict:
                 p_remove=nan, p_blur=np.nan, share_con=None)
 
 
+def ig_pieces(d: dict) -> dict:
+    """The pieces of the integrated-gradient decomposition (d["ig"]) in the shape variant_saliency reads: the
+    S* variants then run on the components of S_IG."""
+    g = d["ig"]
+    nan = np.full(len(g["share"]), np.nan)         # the forwards S*'s masks had and S_IG's have not
+    return dict(d, **g, share_pos=g["share"], rect=None, parts=None, ig=None, y_remove=nan, y_eq=nan,
+                p_keep=nan, p_remove=nan, p_blur=np.nan, share_con=None)
+
+
 def gain_lsq(masks: np.ndarray, gain: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     """masks [k, n] (the H_i, flattened), gains [k] -> b [k] such that the map s = b @ masks explains the
     gains as mask averages, mean(H_i s) = C_i: (G + ridge tr(G) / k I) b = C with G = masks masks^T / n."""
@@ -564,6 +618,8 @@ def variant_saliency(name: str, d: dict) -> np.ndarray:
     """One integration variant from the shared pieces `d` (decompose_and_mask) -> saliency [S, S]."""
     if name in RECT:
         return variant_saliency(RECT[name], rect_pieces(d))
+    if name in IG:
+        return variant_saliency(IG[name], ig_pieces(d))
     if name.startswith("cic-") and name in VARIANTS:
         _, which, base = name.split("-", 2)
         base, _, mode = base.partition("-")

@@ -1,7 +1,7 @@
 """The integration study's variants on the synthetic benchmark (the CLIP-architecture model).
 
     python -m benchmarks.quality.synthetic_study [--variants all|name,...] [--baselines name,...]
-        [--out DIR] [--json FILE] [--quick]
+        [--out DIR] [--json FILE] [--quick] [--ig-steps 16]
 
 benchmarks/quality/integration_study.py measures every integration of Decom-CAM's components on a real
 ImageNet CNN (a global-average-pool head, so the gradient is constant over positions). Part of the question
@@ -23,7 +23,9 @@ attention pool and the gradient varies over positions. This runs the same varian
   under the accuracy-binned protocol.
 
 `contrast-share` is not run here: it needs the gradient of every class's logit, which the exported graphs
-give one target at a time.
+give one target at a time. The ig-* variants need dy/dA at activations other than the image's own (the path
+from 0 to A), which the exported graphs do not give: they take it from the trained model's head by torch
+autograd (`head_gradient_of`), 2p more forwards for their masks.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .integration_study import (CIC_SETS, PARTS_K, VARIANTS, cic_forwards, equal_mass, nmf_parts, parts_sub,
-                                variant_saliency)
+from .integration_study import (CIC_SETS, IG, IG_STEPS, PARTS_K, VARIANTS, cic_forwards, equal_mass,
+                                ig_gradient, nmf_parts, parts_sub, variant_saliency)
 
 PREFIX = "study-"
 SKIP = ("contrast-share",)
@@ -46,9 +48,11 @@ DEFAULT_BASELINES = ("gradcam", "gradcam++", "layercam", "scorecam", "ablationca
                      "decomcam-gain-share")
 
 
-def pieces(ctx) -> list[dict]:
+def pieces(ctx, head_gradient=None, ig_steps: int = IG_STEPS) -> list[dict]:
     """The shared pieces of integration_study.decompose_and_mask, per image of the batch, from the runtime's
-    decomposition and masks and 5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards of the exported classify graph."""
+    decomposition and masks and 5p + 1 + sum(PARTS_K) + cic_forwards(p) forwards of the exported classify graph;
+    with `head_gradient` also the components of S_IG = A * ig_gradient(...) (ig_steps midpoints), their masks
+    kept and x * H_IG (2p more forwards), under "ig"."""
     import runtime.decomcam as dc
 
     be, xp = ctx.backend, ctx.backend.xp
@@ -82,11 +86,21 @@ def pieces(ctx) -> list[dict]:
         keep_k, _ = dc.build_masks(be, ctx.x, hm_k, ctx.mean, ctx.std, cfg)
         keep_p.append(keep_k.reshape(b * k, 3, size, size))
     cic_masks = {"svd": hmap, "rect": hmap_r, **{k: facts[k][2] for k in PARTS_K}}
+    ig_batch = []
+    if head_gradient is not None:                                           # the ig-* variants
+        text_h, tgt = be.to_host(ctx.text), np.asarray(ctx.target)
+        grad_ig = ig_gradient(lambda a: head_gradient(a, text_h, tgt), be.to_host(act), ig_steps)
+        dec_g = dc.decompose(be, act, xp.asarray(grad_ig.astype(np.float32)), cfg)
+        up_g = dc.upsample(be, dec_g, h, w, size, cfg)
+        hmap_g = dc.normalise_components(be, up_g, dec_g.null)
+        keep_g, _ = dc.build_masks(be, ctx.x, hmap_g, ctx.mean, ctx.std, cfg)
+        ig_batch = [keep_g.reshape(b * p, 3, size, size),
+                    (ctx.x[:, None] * hmap_g[:, :, None]).reshape(b * p, 3, size, size)]
     batch = xp.concatenate([keep.reshape(b * p, 3, size, size), remove.reshape(b * p, 3, size, size),
                             keep_eq.reshape(b * p, 3, size, size), blurred,
                             keep_r.reshape(b * p, 3, size, size), *keep_p,
                             *[(ctx.x[:, None] * cic_masks[k][:, :, None]).reshape(-1, 3, size, size)
-                              for k in CIC_SETS]])                              # Score-CAM's masking (cic-*)
+                              for k in CIC_SETS], *ig_batch])                   # Score-CAM's masking (cic-*)
     z = be.to_host(ctx.classify(batch)).astype(np.float64)
     prob = np.exp(z - z.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
@@ -138,6 +152,18 @@ def pieces(ctx) -> list[dict]:
             rows = slice(row + k * kk, row + (k + 1) * kk)
             out[-1]["cic"][kc] = {"y": z[rows, t], "prob": prob[rows, t]}
             row += b * kk
+        if head_gradient is not None:
+            fm_g, null_g = host(dec_g.feature_maps)[k], host(dec_g.null)[k]
+            sigma_g = host(dec_g.singular_values)[k]
+            g_ig = (a64[k] * grad_ig[k].reshape(c, -1)).sum(0)
+            sv2_g = sigma_g ** 2
+            rows_g, rows_c = row + k * p + np.arange(p), row + b * p + k * p + np.arange(p)
+            out[-1]["ig"] = {
+                "up": host(up_g)[k], "H": host(hmap_g)[k], "null": null_g, "sigma": sigma_g,
+                "evr": host(dec_g.explained_variance)[k], "fm": fm_g.reshape(-1, h, w),
+                "share": np.where(null_g, 0.0, fm_g @ g_ig / np.where(sv2_g > 0, sv2_g, 1.0)),
+                "y_keep": z[rows_g, t], "mass": host(hmap_g)[k].mean((1, 2)),
+                "cic": {"svd": {"y": z[rows_c, t], "prob": prob[rows_c, t]}}}
     return out
 
 
@@ -160,10 +186,15 @@ def piece_key(x: np.ndarray, logits: np.ndarray, target: int, config) -> tuple:
     return h.hexdigest(), int(target), repr(config)
 
 
-def study_method(variant: str, cache: dict):
+def study_method(variant: str, cache: dict, head_gradient=None, ig_steps: int = IG_STEPS):
     """A runtime Method class computing integration_study.variant_saliency(variant, ...), its pieces kept in
-    `cache` (not registered)."""
+    `cache` (not registered). The ig-* variants need `head_gradient(acts [B, C, h, w], text [L, D], target [B])
+    -> dy/dA at those activations` (`head_gradient_of`)."""
     from runtime.methods.base import Method, MethodOutput
+
+    if variant in IG and head_gradient is None:
+        raise ValueError(f"variant '{variant}' needs the model's head gradient (registered(..., head_gradient=))")
+    extra = 2 if head_gradient is not None else 0
 
     class StudyVariant(Method):
         name = PREFIX + variant
@@ -173,19 +204,39 @@ def study_method(variant: str, cache: dict):
             xs, lg = ctx.backend.to_host(ctx.x), ctx.backend.to_host(ctx.logits)
             keys = [piece_key(xs[k], lg[k], ctx.target[k], ctx.config) for k in range(xs.shape[0])]
             if any(k not in cache for k in keys):
-                for k, d in zip(keys, pieces(ctx)):
+                for k, d in zip(keys, pieces(ctx, head_gradient, ig_steps)):
                     cache[k] = d
             sal = np.stack([variant_saliency(variant, cache[k]) for k in keys]).astype(np.float32)
-            return MethodOutput(sal, forwards=5 * (p := cache[keys[0]]["H"].shape[0]) + 1 + sum(PARTS_K)
-                                + cic_forwards(p))
+            return MethodOutput(sal, forwards=(5 + extra) * (p := cache[keys[0]]["H"].shape[0]) + 1
+                                + sum(PARTS_K) + cic_forwards(p))
 
     StudyVariant.__name__ = f"Study_{variant.replace('-', '_')}"
     return StudyVariant
 
 
-def registered(variants):
+def head_gradient_of(clip_model):
+    """head_gradient(acts, text, target) for study_method: dy_target/dA of the CLIP model's head after layer4
+    (attention pool, L2 normalisation, scaled cosine logits; export.baselines_reference.head_logits) at the
+    given activations, by torch autograd."""
+    import torch
+
+    from export.baselines_reference import head_logits
+
+    def head_gradient(acts, text, target):
+        a = torch.from_numpy(np.ascontiguousarray(acts, np.float32)).requires_grad_(True)
+        with torch.enable_grad():
+            y = head_logits(clip_model, a, torch.from_numpy(np.ascontiguousarray(text, np.float32)))
+            (g,) = torch.autograd.grad(y[torch.arange(len(a)), torch.as_tensor(np.asarray(target))].sum(), a)
+        return g.numpy()
+
+    return head_gradient
+
+
+def registered(variants, head_gradient=None, ig_steps: int = IG_STEPS):
     """Context: the variants registered as runtime methods `study-<name>` within the block; it yields a
-    `Registration` (the names, and the pieces computed in the block, which are dropped at its end)."""
+    `Registration` (the names, and the pieces computed in the block, which are dropped at its end).
+    `head_gradient` (`head_gradient_of`) is needed by the ig-* variants, which integrate it over `ig_steps`
+    midpoints."""
     import contextlib
 
     from runtime.methods.base import METHODS
@@ -196,7 +247,7 @@ def registered(variants):
         added = []
         try:
             for v in variants:
-                cls = study_method(v, reg.cache)
+                cls = study_method(v, reg.cache, head_gradient, ig_steps)
                 if cls.name in METHODS:
                     raise ValueError(f"method '{cls.name}' is already registered")
                 METHODS[cls.name] = cls
@@ -332,6 +383,8 @@ def main(argv=None) -> int:
                    help="also report the pointing game of each component alone and of the largest-gain one")
     p.add_argument("--pairs", default="",
                    help="A:B,... paired bootstrap differences (pointing, ins - del) printed after the run")
+    p.add_argument("--ig-steps", type=int, default=IG_STEPS,
+                   help="midpoints of the path integral of the ig-* variants (default %(default)s)")
     p.add_argument("--from-json", default=None,
                    help="no run: read a run's --json and print --pairs for it")
     args = p.parse_args(argv)
@@ -349,8 +402,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    with registered(variants) as names:
-        res = run_synthetic(QUICK if args.quick else FULL, Path(args.out), [*names, *baselines], plot=False)
+    run = QUICK if args.quick else FULL
+    head_gradient = None
+    if any(v in IG for v in variants):                     # the trained model's head, for S_IG
+        from .train import load_checkpoint, train_or_load
+
+        head_gradient = head_gradient_of(load_checkpoint(train_or_load(run.train).checkpoint)[0])
+    if args.ig_steps < 1:
+        print(f"error: --ig-steps must be at least 1, got {args.ig_steps}", file=sys.stderr)
+        return 2
+    with registered(variants, head_gradient, args.ig_steps) as names:
+        res = run_synthetic(run, Path(args.out), [*names, *baselines], plot=False)
     print(table(res))
     if args.components:
         from runtime.engines import EngineOptions

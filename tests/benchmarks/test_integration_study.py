@@ -396,6 +396,14 @@ class FieldModel(FakeModel):
         return self.field[target].copy()
 
 
+def field_photo(model, seed: int, p: int):
+    """Random activations [C, 7, 7] >= 0 for `model`, a random photo, and the study's pieces for target 1."""
+    rng = np.random.default_rng(seed)
+    act = rng.random((model.fc_w.shape[1], 7, 7)).astype(np.float32)
+    x = rng.standard_normal((3, st.SIZE, st.SIZE)).astype(np.float32) * 0.5
+    return act, x, model, st.decompose_and_mask(model, x, act, 1, p)
+
+
 def test_fifth_round_variants_decompose_the_rectified_map():
     """rect-*: numpy's SVD of S+* = relu(dy/dA) * A; rect-top1 is the min-max of the top right singular
     vector upsampled (one-signed, as S+* >= 0), rect-rank-p / rect-rank-3 Grad-CAM's finish of the projection
@@ -403,12 +411,8 @@ def test_fifth_round_variants_decompose_the_rectified_map():
     model on the H+_i masks, rect-relu-gain the projection re-weighted by relu(C+)."""
     from export.baselines_reference import finish
 
-    rng = np.random.default_rng(4)
     c, p = 32, 10
-    act = rng.random((c, 7, 7)).astype(np.float32)
-    x = rng.standard_normal((3, st.SIZE, st.SIZE)).astype(np.float32) * 0.5
-    model = FieldModel(c)
-    d = st.decompose_and_mask(model, x, act, 1, p)
+    act, x, model, d = field_photo(FieldModel(c), 4, p)
     grad = model.gradient(act, 1).astype(np.float64)
     sp = (np.maximum(grad, 0) * act).reshape(c, -1)
     assert (grad < 0).any()
@@ -597,3 +601,72 @@ def test_seventh_round_scores_components_as_score_cam(pieces):
     assert np.abs(d["cic"]["rect"]["y"] - d["cic"]["svd"]["y"]).max() > 1e-3  # S+*'s masks, not S*'s
     assert sum(f"cic-{name}-{base}-bicubic" in st.VARIANTS for name in ("svd", "rect", "parts3", "parts10")
                for base in ("share", "prob", "masks")) == 4
+
+
+class CurvedModel(FieldModel):
+    """A head with curvature: y_t = sum f1[t] A + 1/2 sum f2[t] A^2, so dy/dA = f1 + f2 A changes with A. Its
+    integrated-gradient evidence from 0 is S_IG = f1 A + 1/2 f2 A^2 exactly (the midpoint rule integrates the
+    linear path gradient exactly), which is not proportional to S* = f1 A + f2 A^2."""
+
+    def __init__(self, c: int, seed: int = 5):
+        super().__init__(c, seed)
+        self.curve = np.random.default_rng(seed + 2).standard_normal((5, c, 7, 7)).astype(np.float32)
+
+    def gradient(self, act, target):
+        return (self.field[target] + self.curve[target] * act).astype(np.float32)
+
+
+def test_ig_gradient_is_the_path_average():
+    rng = np.random.default_rng(2)
+    act = rng.random((6, 7, 7))
+    model = CurvedModel(6)
+    got = st.ig_gradient(lambda a: model.gradient(a, 3), act)
+    np.testing.assert_allclose(got, model.field[3] + 0.5 * model.curve[3] * act, rtol=1e-5, atol=1e-6)
+    # completeness: sum(A * mean gradient) = y(A) - y(0) for this head
+    y = (model.field[3] * act).sum() + 0.5 * (model.curve[3] * act ** 2).sum()
+    assert (act * got).sum() == pytest.approx(y, rel=1e-5)
+    # steps: a head with a cubic term is integrated exactly only in the limit
+    cubic = st.ig_gradient(lambda a: a ** 2, act, steps=64)
+    np.testing.assert_allclose(cubic, act ** 2 / 3, rtol=1e-3)
+
+
+def test_ninth_round_variants_decompose_the_integrated_gradient_evidence():
+    """ig-*: numpy's SVD of S_IG = f1 A + 1/2 f2 A^2 for the curved head; the S* variants' formulas on its
+    components (rank-p share map, bilinear and bicubic; Score-CAM's probabilities on x * H_IG; the gains of
+    the masks H_IG kept); for a head linear in A (FieldModel) every ig-* variant is its S* variant."""
+    import torch.nn.functional as F
+
+    from export.baselines_reference import finish
+
+    c, p = 32, 10
+    act, x, model, d = field_photo(CurvedModel(c), 6, p)
+    a64 = act.astype(np.float64)
+    s_ig = (model.field[1] * a64 + 0.5 * model.curve[1] * a64 ** 2).reshape(c, -1)
+    _, sv, vh = np.linalg.svd(s_ig, full_matrices=False)
+    g = s_ig.sum(0)
+    proj = vh[:p].T @ (vh[:p] @ g)
+    expect = finish(torch.from_numpy(proj.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    assert np.abs(st.variant_saliency("ig-rank-p", d) - expect).max() <= 1e-4
+    up = F.interpolate(torch.from_numpy(np.maximum(proj, 0).reshape(1, 1, 7, 7)), size=(st.SIZE, st.SIZE),
+                       mode="bicubic", align_corners=False)[0, 0].numpy()
+    assert np.abs(st.variant_saliency("ig-rank-p-bicubic", d) - (up - up.min()) / (up.max() - up.min())).max() <= 1e-4
+    np.testing.assert_allclose(d["ig"]["sigma"], sv[:p], rtol=1e-4)
+    # not the local evidence's map
+    assert np.abs(st.variant_saliency("ig-rank-p", d) - st.variant_saliency("gcam-rank-p", d)).max() > 1e-2
+    ig = d["ig"]
+    np.testing.assert_allclose(ig["y_keep"], kept_logits(model, x, ig["H"], 1), rtol=1e-4, atol=1e-4)
+    z = model.forward((x[None] * ig["H"][:, None]).astype(np.float32))[0].astype(np.float64)
+    np.testing.assert_allclose(ig["cic"]["svd"]["y"], z[:, 1], rtol=1e-4, atol=1e-4)
+    pz = np.exp(z - z.max(1, keepdims=True))
+    pz /= pz.sum(1, keepdims=True)
+    valid = ~ig["null"]
+    cam = (np.where(valid, pz[:, 1], 0.0) * np.where(valid, ig["share"], 0.0)) @ ig["fm"].reshape(p, -1)
+    expect = finish(torch.from_numpy(cam.reshape(1, 7, 7)), st.SIZE)[0].numpy()
+    assert np.abs(st.variant_saliency("ig-cic-prob", d) - expect).max() <= 1e-5
+    gain = ig["y_keep"] - d["y_blur"]
+    w = masked_softmax(gain, valid)
+    assert np.abs(st.variant_saliency("ig-paper", d) - np.einsum("p,pij->ij", w, ig["H"])).max() <= 1e-5
+    # a head linear in A: S_IG = S*, every ig-* variant is the S* variant it is named after
+    lin = st.decompose_and_mask(FieldModel(c), x, act, 1, p)
+    for name, base in st.IG.items():
+        assert np.abs(st.variant_saliency(name, lin) - st.variant_saliency(base, lin)).max() <= 1e-5, name

@@ -189,3 +189,51 @@ def test_paired_differences_from_a_runs_records(tmp_path, capsys):
     assert ss.main(["--from-json", str(path)]) == 2
     assert "needs --pairs" in capsys.readouterr().err
     assert ss.main(["--from-json", str(path), "--pairs", "x"]) == 2
+
+
+def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
+    """The ig-* pieces of two images: head_gradient_of (torch autograd on open_clip's head) is the exported
+    explain graph's gradient at the activations, and S_IG's rank-p share map is the one built here from the
+    export's hand-written head backward (export.graphs.PoolHead) at the 16 path midpoints and numpy's SVD."""
+    from export.baselines_reference import finish
+    from export.graphs import PoolHead
+    from runtime.methods.base import Method, MethodOutput
+
+    captured = {}
+
+    class Capture(Method):
+        name = "test-capture-ctx"
+
+        def __call__(self, ctx):
+            captured["ctx"] = ctx
+            return MethodOutput(np.zeros((ctx.x.shape[0],) + ctx.x.shape[2:], np.float32))
+
+    METHODS[Capture.name] = Capture
+    try:
+        explainer.explain_arrays(make_images(2, seed=11), method=Capture.name, target=[1, 2], top_p=4)
+    finally:
+        METHODS.pop(Capture.name)
+    ctx = captured["ctx"]
+    hg = ss.head_gradient_of(tiny.model)
+    act, text = np.asarray(ctx.activations, np.float64), np.asarray(ctx.text)
+    scale = np.abs(ctx.gradients).max()
+    np.testing.assert_allclose(hg(act, text, ctx.target), ctx.gradients, atol=1e-3 * scale)
+    head = PoolHead(tiny.model.visual.attnpool, float(tiny.model.logit_scale.detach().exp()))
+    tt, tg = torch.from_numpy(text.astype(np.float32)), torch.as_tensor(np.asarray(ctx.target))
+    with torch.no_grad():
+        grad = sum(head.backward(head.forward_cache(torch.from_numpy(((k + 0.5) / 16 * act).astype(np.float32)),
+                                                    tt)[1], tt, tg).double().numpy() for k in range(16)) / 16
+    ds = ss.pieces(ctx, hg)
+    b, c, h, w = act.shape
+    p = ds[0]["ig"]["H"].shape[0]
+    for k in range(b):
+        s_ig = (act[k] * grad[k]).reshape(c, -1)
+        _, _, vh = np.linalg.svd(s_ig, full_matrices=False)
+        proj = vh[:p].T @ (vh[:p] @ s_ig.sum(0))
+        expect = finish(torch.from_numpy(proj.reshape(1, h, w)), ctx.x.shape[-1])[0].numpy()
+        got = st.variant_saliency("ig-rank-p", ds[k])
+        assert np.ptp(expect) > 0
+        assert np.abs(got - expect).max() <= 1e-3
+        assert np.abs(got - st.variant_saliency("gcam-rank-p", ds[k])).max() > 1e-3   # not the local evidence
+    with pytest.raises(ValueError, match="needs the model's head gradient"):
+        ss.study_method("ig-rank-p", {})
