@@ -235,5 +235,19 @@ def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
         assert np.ptp(expect) > 0
         assert np.abs(got - expect).max() <= 1e-3
         assert np.abs(got - st.variant_saliency("gcam-rank-p", ds[k])).max() > 1e-3   # not the local evidence
+        # the rows of the batch: the model on S_IG's masks kept (blurred background) and on x * H_IG
+        cfg, size = ctx.config, ctx.x.shape[-1]
+        mean = torch.tensor(explainer.artifacts.mean).view(3, 1, 1)
+        std = torch.tensor(explainer.artifacts.std).view(3, 1, 1)
+        pix = torch.from_numpy(np.asarray(ctx.x[k])).double() * std + mean
+        blur = gaussian_blur(pix[None], cfg.sigma(size), cfg.radius(size))[0]
+        hm = torch.from_numpy(ds[k]["ig"]["H"]).double()[:, None]
+        kept = torch.maximum(pix * hm, blur * (1 - hm))
+        z = np.asarray(explainer.classify(((kept - mean) / std).float().numpy()))[:, ctx.target[k]]
+        np.testing.assert_allclose(ds[k]["ig"]["y_keep"], z, rtol=1e-3, atol=1e-3)
+        zc = np.asarray(explainer.classify((torch.from_numpy(np.asarray(ctx.x[k])).double()[None] * hm)
+                                           .float().numpy()))[:, ctx.target[k]]
+        np.testing.assert_allclose(ds[k]["ig"]["cic"]["svd"]["y"], zc, rtol=1e-3, atol=1e-3)
+        assert np.abs(z - zc).max() > 1e-3
     with pytest.raises(ValueError, match="needs the model's head gradient"):
         ss.study_method("ig-rank-p", {})
