@@ -1,7 +1,7 @@
 """The integration study's variants on the synthetic benchmark (the CLIP-architecture model).
 
     python -m benchmarks.quality.synthetic_study [--variants all|name,...] [--baselines name,...]
-        [--out DIR] [--json FILE] [--quick] [--ig-steps 16]
+        [--out DIR] [--json FILE] [--quick] [--ig-steps 16] [--train-seed 0]
 
 benchmarks/quality/integration_study.py measures every integration of Decom-CAM's components on a real
 ImageNet CNN (a global-average-pool head, so the gradient is constant over positions). Part of the question
@@ -331,14 +331,15 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed: int = 0) -> list[dict]:
+def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int = 1000,
+           seed: int = 0) -> list[dict]:
     """Paired bootstrap (percentile, 95%) of A - B on a synthetic run's per-image records: pointing hits over
     the trials (points of hit rate) and insertion - deletion AUC over the correctly predicted images (points
-    of AUC). A name is a method of the run, `study-` optional."""
+    of AUC). A name is a method of the run, `study-` optional. A list of runs (models trained with different
+    seeds, say) pools their trials and their correct images."""
     from .integration_study import bootstrap, resample_indices
 
-    trials = res["pointing_game"]["trials"]
-    images = [r for r in res["deletion_insertion"]["images"] if r["correct"]]
+    runs = res if isinstance(res, list) else [res]
 
     def key(name, have):
         for k in (name, PREFIX + name):
@@ -348,11 +349,16 @@ def paired(res: dict, pairs: list[tuple[str, str]], resamples: int = 1000, seed:
 
     out = []
     for a, b in pairs:
-        ka, kb = key(a, trials[0]["hits"]), key(b, trials[0]["hits"])
-        pv = np.array([float(t["hits"][ka]) - float(t["hits"][kb]) for t in trials]) * 100
-        ia, ib = key(a, images[0]["auc"]), key(b, images[0]["auc"])
-        ov = np.array([(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
-                       - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]) * 100
+        pv, ov = [], []
+        for run in runs:
+            trials = run["pointing_game"]["trials"]
+            images = [r for r in run["deletion_insertion"]["images"] if r["correct"]]
+            ka, kb = key(a, trials[0]["hits"]), key(b, trials[0]["hits"])
+            pv += [float(t["hits"][ka]) - float(t["hits"][kb]) for t in trials]
+            ia, ib = key(a, images[0]["auc"]), key(b, images[0]["auc"])
+            ov += [(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
+                   - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]
+        pv, ov = np.array(pv) * 100, np.array(ov) * 100
         out.append({"a": a, "b": b, "n_trials": len(pv), "n_correct": len(ov),
                     "pointing": bootstrap(pv, resample_indices("trials", range(len(pv)), resamples, seed)),
                     "overall": bootstrap(ov, resample_indices("correct", range(len(ov)), resamples, seed))})
@@ -385,8 +391,11 @@ def main(argv=None) -> int:
                    help="A:B,... paired bootstrap differences (pointing, ins - del) printed after the run")
     p.add_argument("--ig-steps", type=int, default=IG_STEPS,
                    help="midpoints of the path integral of the ig-* variants (default %(default)s)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="train the benchmark model with this seed (init and batch order) instead of the recipe's "
+                        "(a second, independently trained model; cached like the first)")
     p.add_argument("--from-json", default=None,
-                   help="no run: read a run's --json and print --pairs for it")
+                   help="no run: read a run's --json (or several, comma-separated, pooled) and print --pairs")
     args = p.parse_args(argv)
     try:
         pairs = [tuple(x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]
@@ -395,22 +404,26 @@ def main(argv=None) -> int:
         if args.from_json:
             if not pairs:
                 raise ValueError("--from-json needs --pairs")
-            print(pairs_table(paired(json.loads(Path(args.from_json).read_text()), pairs)))
+            runs = [json.loads(Path(f.strip()).read_text()) for f in args.from_json.split(",") if f.strip()]
+            print(pairs_table(paired(runs if len(runs) > 1 else runs[0], pairs)))
             return 0
         variants = parse_variants(args.variants)
+        if args.ig_steps < 1:
+            raise ValueError(f"--ig-steps must be at least 1, got {args.ig_steps}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     run = QUICK if args.quick else FULL
+    if args.train_seed is not None:
+        from dataclasses import replace
+
+        run = replace(run, train=replace(run.train, seed=args.train_seed))
     head_gradient = None
     if any(v in IG for v in variants):                     # the trained model's head, for S_IG
         from .train import load_checkpoint, train_or_load
 
         head_gradient = head_gradient_of(load_checkpoint(train_or_load(run.train).checkpoint)[0])
-    if args.ig_steps < 1:
-        print(f"error: --ig-steps must be at least 1, got {args.ig_steps}", file=sys.stderr)
-        return 2
     with registered(variants, head_gradient, args.ig_steps) as names:
         res = run_synthetic(run, Path(args.out), [*names, *baselines], plot=False)
     print(table(res))

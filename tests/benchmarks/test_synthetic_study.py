@@ -112,6 +112,8 @@ def test_registration_errors_and_cli(capsys):
     assert "contrast-share" not in ss.parse_variants("all") and "eqmass-softmax" in ss.parse_variants("all")
     assert ss.main(["--variants", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+    assert ss.main(["--variants", "ig-rank-p", "--ig-steps", "0"]) == 2          # before any training
+    assert "--ig-steps must be at least 1" in capsys.readouterr().err
 
 
 def test_component_diagnostics_against_the_runtimes_components(explainer, tmp_path):
@@ -178,6 +180,10 @@ def test_paired_differences_from_a_runs_records(tmp_path, capsys):
     for mean, lo, hi in (row["pointing"], row["overall"]):
         assert lo < mean < hi
     assert ss.paired(res, [("layercam", "x"), ("x", "layercam")], resamples=2000)[1] == row   # order-free
+    (two,) = ss.paired([res, res], [("x", "layercam")], resamples=2000)                 # runs pooled
+    assert two["n_trials"] == 80 and two["n_correct"] == 2 * int(correct.sum())
+    assert two["pointing"][0] == pytest.approx(row["pointing"][0]) and two["overall"][0] == pytest.approx(d.mean())
+    assert two["overall"][2] - two["overall"][1] < row["overall"][2] - row["overall"][1]
     half = (row["overall"][2] - row["overall"][1]) / 2
     assert half == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(len(d)), rel=0.25)
     with pytest.raises(ValueError, match="'nope' is not a method"):
