@@ -19,7 +19,8 @@ threads while the graphs run), `serial` the same with --no-pipeline, `ray-K` run
 Engines:
     torch        the eager reference export.reference.decomcam_reference on the export's own torch model:
                  fp32, autograd for the gradient, no_grad for the masked forwards, which are batched like the
-                 runtime's (--classify-batch). On the GPU when a GPU engine is asked for (--torch-device).
+                 runtime's (--classify-batch); decomcam-ig: autograd through the unmodified head at each
+                 alpha_k A. On the GPU when a GPU engine is asked for (--torch-device).
     torch-fp16   the same under torch.autocast(float16) on the GPU.
     cpu, cuda    ONNX Runtime through runtime.explainer.Explainer (the library path), fp32 graphs.
     cuda-fp16    the cuda engine on the export's fp16 graphs (python -m export --precision fp16).
@@ -59,10 +60,12 @@ from . import common
 TORCH_ENGINES = ("torch", "torch-fp16")
 ORT_ENGINES = ("cpu", "cpu-int8", "cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16")
 ENGINES = TORCH_ENGINES + ORT_ENGINES
-TORCH_METHODS_DECOMCAM = {"decomcam": "paper", "decomcam-authors": "authors"}
+# the Decom-CAM methods the eager reference runs: method -> its DecomCamConfig fields
+TORCH_METHODS_DECOMCAM = {"decomcam": {"variant": "paper"}, "decomcam-authors": {"variant": "authors"},
+                          "decomcam-gain-share": {"integration": "gain-share"}, "decomcam-ig": {"integration": "ig"}}
 # stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
-STAGES = ("preprocess", "explain", "decompose", "upsample", "blur", "blend", "masks", "classify", "integrate",
-          "postprocess")
+STAGES = ("preprocess", "explain", "head_grad", "decompose", "upsample", "blur", "blend", "masks", "classify",
+          "integrate", "postprocess")
 
 
 class Skip(Exception):
@@ -192,7 +195,7 @@ class TorchEngine(Engine):
         amp = torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         with amp:
             if method in TORCH_METHODS_DECOMCAM:
-                cfg = DecomCamConfig(top_p=self.top_p, variant=TORCH_METHODS_DECOMCAM[method])
+                cfg = DecomCamConfig(top_p=self.top_p, **TORCH_METHODS_DECOMCAM[method])
                 res = decomcam_reference(self.model, xt, self.text, self.mean, self.std, target=None, config=cfg,
                                          batch_size=self.batch_size, timings=timings)
                 sal = res.saliency
@@ -367,13 +370,20 @@ def run_latency(args) -> dict:
 
 def method_flops(artifacts, method: str, top_p: int) -> float | None:
     """FLOPs of one explanation (benchmarks.flops: explain.onnx + the classifier forwards) for the Decom-CAM
-    methods (p + 1 forwards); None for the others, whose forward count depends on the image."""
+    methods (p + 1 forwards; decomcam-ig: features.onnx + ig_steps head_grad.onnx passes); None for the
+    others, whose forward count depends on the image."""
     if not method.startswith("decomcam"):
         return None
-    from .flops import explanation_flops
+    from .flops import explanation_flops, graph_flops
 
     c, n = artifacts.dims["C"], artifacts.dims["h"] * artifacts.dims["w"]
     try:
+        if method == "decomcam-ig":
+            from runtime.config import DecomCamConfig
+
+            L = len(artifacts.load_class_set().labels) if artifacts.text_input else None
+            return float(graph_flops(artifacts.graph_path("features"), 1, L)["total"]
+                         + DecomCamConfig().ig_steps * graph_flops(artifacts.graph_path("head_grad"), 1, L)["total"])
         return float(explanation_flops(artifacts, min(top_p, c, n) + 1)["total"])
     except Exception as e:  # shape inference can fail on an unusual graph: the column is then empty
         log(f"FLOP count unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")

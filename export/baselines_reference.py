@@ -21,17 +21,8 @@ import torch.nn.functional as F
 
 from runtime.config import DecomCamConfig
 
-from .graphs import autograd_reference
+from .graphs import autograd_reference, head_logits
 from .reference import eager_logits, gaussian_blur, minmax, orient
-
-
-def head_logits(clip_model, act: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The network after layer4 on activations [N, C, h, w]: open_clip's attention pool, L2 normalisation,
-    scaled cosine logits [N, L]. A fixed-class model: its own pooling + classifier modules."""
-    if hasattr(clip_model, "head_eager"):
-        return clip_model.head_eager(act)
-    pooled = F.normalize(clip_model.visual.attnpool(act), dim=-1)
-    return clip_model.logit_scale.exp() * pooled @ text.T
 
 
 def finish(cam: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The exportable modules behind explain.onnx, classify.onnx, head.onnx and features.onnx.
+"""The exportable modules behind explain.onnx, classify.onnx, head.onnx, features.onnx and head_grad.onnx.
 
 ONNX has no autograd, so the gradient of the target logit with respect to the target layer (`layer4`) is
 written out by hand: the head after layer4 is open_clip's attention pool (only query token 0 is used),
@@ -165,6 +165,29 @@ class HeadModule(nn.Module):
 
     def forward(self, activations, text):
         return self.head(activations, text)
+
+
+class HeadGradModule(nn.Module):
+    """activations [B,C,h,w], text [L,D], target [B] -> logits [B,L], gradients [B,C,h,w]: the head and its
+    explicit backward at any activations (a negative target selects the top-1 class there)."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.head = PoolHead(clip_model.visual.attnpool, float(clip_model.logit_scale.detach().exp()))
+
+    def forward(self, activations, text, target):
+        logits, cache = self.head.forward_cache(activations, text)
+        target = torch.where(target < 0, logits.argmax(1), target)
+        return logits, self.head.backward(cache, text, target)
+
+
+def head_logits(clip_model: nn.Module, act: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """The unmodified network after the target layer on activations [N, C, h, w]: open_clip's attention pool,
+    L2 normalisation, scaled cosine logits [N, L]. A fixed-class model: its own pooling + classifier modules."""
+    if hasattr(clip_model, "head_eager"):
+        return clip_model.head_eager(act)
+    pooled = torch.nn.functional.normalize(clip_model.visual.attnpool(act), dim=-1)
+    return clip_model.logit_scale.exp() * pooled @ text.T
 
 
 def hooked_autograd(forward: Callable[[], torch.Tensor], layer: nn.Module, target: torch.Tensor, call: int = -1):

@@ -1,8 +1,8 @@
-"""Export the four graphs, validate them against PyTorch, and write the manifest.
+"""Export the five graphs, validate them against PyTorch, and write the manifest.
 
 `export_model(...)` writes into an artifacts folder:
     explain.onnx, classify.onnx, head.onnx,  the graphs declared in runtime/spec.py
-    features.onnx
+    features.onnx, head_grad.onnx
     classes/<set>.txt, classes/<set>.npy     class sets: label names and L2-normalised embeddings [L, D]
     manifest.json                            model, weights, preprocessing, dims, versions, graphs (sha256 +
                                              I/O spec), class sets and the validation report
@@ -10,7 +10,8 @@
 Validation always runs before anything is called a success: ONNX Runtime (CPU) and PyTorch see the same
 inputs at several (batch, L) sizes, including batch 1 and an odd batch. explain.onnx is compared with torch
 autograd on the unmodified open_clip module, classify.onnx with open_clip's encode_image, head.onnx with
-open_clip's attention pool, features.onnx with encode_image's logits and a layer4 forward hook. Each output
+open_clip's attention pool, features.onnx with encode_image's logits and a layer4 forward hook, head_grad.onnx
+with torch autograd through the unmodified head at scaled activations alpha * A (path_scales). Each output
 passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every element (atol is in units of the
 output's scale, so one table serves every model size). Running the written
 files at sizes other than the traced ones also proves the dynamic axes are really dynamic. Every failure is
@@ -37,12 +38,13 @@ import torch
 from runtime.artifacts import sha256_path
 from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, temp_dir
 from runtime.manifest import ManifestError, validate_manifest
-from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
+from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, HEAD_GRAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
 from .classes import ClassSet, check_set_name, text_embeddings
-from .graphs import ClassifyModule, ExplainModule, FeaturesModule, HeadModule, autograd_reference
+from .graphs import (ClassifyModule, ExplainModule, FeaturesModule, HeadGradModule, HeadModule, autograd_reference,
+                     head_logits)
 from .models import LoadedModel
-from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGraph
+from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGrad, PooledHeadGraph
 
 OPSET = 20
 # (batch, L) sizes the written graphs are run at. The export traces (2, 5); the others prove the axes are dynamic.
@@ -115,12 +117,14 @@ def _modules(lm: LoadedModel, target_layer: str):
     if lm.family == "pooled-linear":
         pm = lm.model
         return {"explain": PooledExplain(pm).eval(), "classify": PooledClassify(pm).eval(),
-                "head": PooledHeadGraph(pm).eval(), "features": PooledFeatures(pm).eval()}
+                "head": PooledHeadGraph(pm).eval(), "features": PooledFeatures(pm).eval(),
+                "head_grad": PooledHeadGrad(pm).eval()}
     return {
         "explain": ExplainModule(lm.model, target_layer).eval(),
         "classify": ClassifyModule(lm.model, target_layer).eval(),
         "head": HeadModule(lm.model).eval(),
         "features": FeaturesModule(lm.model, target_layer).eval(),
+        "head_grad": HeadGradModule(lm.model).eval(),
     }
 
 
@@ -182,42 +186,66 @@ def compare(ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> d
     }
 
 
+def path_scales(batch: int) -> torch.Tensor:
+    """[batch, 1, 1, 1] factors (b + 1/2) / batch in (0, 1): head_grad.onnx is validated at alpha * A, off the
+    activations the trunk produced, where decomcam-ig evaluates it."""
+    return ((torch.arange(batch, dtype=torch.float32) + 0.5) / batch).view(batch, 1, 1, 1)
+
+
+def eager_head(lm: LoadedModel, act: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """The unmodified head after the target layer on activations -> logits: open_clip's attention pool, L2
+    normalisation and scaled cosine logits, or the classifier's own pooling and head modules."""
+    return head_logits(lm.model, act, text)
+
+
+def head_autograd(lm: LoadedModel, act: torch.Tensor, text: torch.Tensor | None, target: torch.Tensor):
+    """(logits, d logits[b, t_b] / d act) of the unmodified head by torch autograd, t_b = target[b] or the top-1
+    class where target[b] < 0."""
+    a = act.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = eager_head(lm, a, text)
+        t = torch.where(target < 0, logits.argmax(1), target)
+        (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    return logits.detach(), grad.detach()
+
+
 @torch.no_grad()
 def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """Independent PyTorch results from the unmodified module (open_clip's, or the classifier's own)."""
     m = lm.model
+    text = feed.get("text")
     if lm.family == "pooled-linear":
         logits, act, grad = m.autograd(feed["image"], feed["target"])
-        head_logits = m.head_eager(act)
-        return {
-            "explain": {"logits": logits.numpy(), "activations": act.numpy(), "gradients": grad.numpy()},
-            "classify": {"logits": logits.numpy()},
-            "head": {"logits": head_logits.numpy(), "_activations": act.numpy()},
-            "features": {"logits": logits.numpy(), "activations": act.numpy()},
-        }
-    logits, act, grad = autograd_reference(m, feed["image"], feed["text"], feed["target"])
-    pooled = torch.nn.functional.normalize(m.visual.attnpool(act), dim=-1)
-    head_logits = m.logit_scale.exp() * pooled @ feed["text"].T
+    else:
+        logits, act, grad = autograd_reference(m, feed["image"], text, feed["target"])
+    head_logits = eager_head(lm, act, text)
+    path = act * path_scales(act.shape[0])
+    path_logits, path_grad = head_autograd(lm, path, text, feed["target"])
     return {
         "explain": {"logits": logits.numpy(), "activations": act.numpy(), "gradients": grad.numpy()},
         "classify": {"logits": logits.numpy()},
         "head": {"logits": head_logits.numpy(), "_activations": act.numpy()},
         "features": {"logits": logits.numpy(), "activations": act.numpy()},
+        "head_grad": {"logits": path_logits.numpy(), "gradients": path_grad.numpy(), "_activations": path.numpy()},
     }
 
 
 def validation_cases(lm: LoadedModel, sizes=VALIDATION_SIZES, seed: int = 1234):
     """Per validation size: (batch, L, the PyTorch references, {graph: its ORT inputs}). Every graph sees the
-    same sample inputs; head.onnx gets the reference activations. A fixed-class model's L is its K."""
+    same sample inputs; head.onnx gets the reference activations, head_grad.onnx those activations scaled by
+    path_scales. A fixed-class model's L is its K."""
     graph_specs = specs(lm)
     if lm.family == "pooled-linear":  # L is the fixed K: validate at batch sizes only
         sizes = tuple((b, model_dims(lm)["K"]) for b, _ in sizes)
     for i, (b, l) in enumerate(sizes):
         feed = sample_inputs(lm, b, l, seed + i)
         refs = _references(lm, feed)
-        arrays = {**{k: v.numpy() for k, v in feed.items()},
-                  "activations": refs["head"]["_activations"].astype(np.float32)}
-        yield b, l, refs, {name: {t.name: arrays[t.name] for t in spec.inputs} for name, spec in graph_specs.items()}
+        arrays = {k: v.numpy() for k, v in feed.items()}
+        feeds = {}
+        for name, spec in graph_specs.items():
+            acts = {"activations": refs[name]["_activations"].astype(np.float32)} if name in ("head", "head_grad") else {}
+            feeds[name] = {t.name: {**arrays, **acts}[t.name] for t in spec.inputs}
+        yield b, l, refs, feeds
 
 
 def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SIZES, seed: int = 1234,
@@ -372,8 +400,7 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
         feed = sample_inputs(lm, *TRACE_SIZE, seed=0)
         with torch.no_grad():
             feed["activations"] = mods["explain"].trunk(feed["image"]).detach()
-        args = {name: tuple(feed[n] for n in ("activations" if name == "head" else "image", "text", "target")
-                            if n in spec.input_names)
+        args = {name: tuple(feed[n] for n in ("image", "activations", "text", "target") if n in spec.input_names)
                 for name, spec in graph_specs.items()}
         paths = {}
         for name in graph_specs:
@@ -479,4 +506,4 @@ def ops_used(path: str | os.PathLike) -> list[str]:
 
 
 __all__ = ["export_model", "validate_graphs", "add_class_set", "ValidationError", "ExportError", "ops_used",
-           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD", "FEATURES"]
+           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD", "FEATURES", "HEAD_GRAD"]

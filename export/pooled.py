@@ -253,3 +253,17 @@ class PooledHeadGraph(nn.Module):
 
     def forward(self, activations):
         return self.head(activations)
+
+
+class PooledHeadGrad(nn.Module):
+    """activations [B,C,h,w], target [B] -> logits [B,K], gradients [B,C,h,w] (the head's explicit backward at
+    the given activations; a negative target selects the top-1 class there)."""
+
+    def __init__(self, pm: PooledModel):
+        super().__init__()
+        self.head = PooledHead(pm.ops)
+
+    def forward(self, activations, target):
+        logits, caches = self.head.forward_cache(activations)
+        target = torch.where(target < 0, logits.argmax(1), target)
+        return logits, self.head.backward(activations, caches, target)

@@ -3,8 +3,8 @@
 Written independently of runtime/: gradients by torch autograd on the unmodified open_clip module, a full
 SVD (torch.linalg.svd, float64) with the paper's projection F* = U_p^T S*, torch interpolation, a
 conv2d Gaussian blur, and the eager CLIP model for the masked forwards. The open choices (sign, rank,
-epsilon, blur, blend space) and the integrations (the paper's, "gain-share") are the ones runtime/config.py
-documents.
+epsilon, blur, blend space) and the integrations (the paper's, "gain-share", "ig") are the ones
+runtime/config.py documents; "ig" integrates the gradient of the unmodified head by torch autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from runtime.config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
 
-from .graphs import autograd_reference
+from .graphs import autograd_reference, head_logits
 
 
 @dataclass
@@ -108,6 +108,19 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     return comps, sv[:p], evr, null
 
 
+def path_gradient(clip_model, act: torch.Tensor, text: torch.Tensor, target: torch.Tensor, steps: int) -> torch.Tensor:
+    """mean_k d y_target / d A at alpha_k A, alpha_k = (k + 1/2) / steps, by torch autograd through the
+    unmodified head after the target layer -> [B, C, h, w] float64 (the "ig" integration's gradient)."""
+    total = torch.zeros(act.shape, dtype=torch.float64, device=act.device)
+    for k in range(steps):
+        a = ((k + 0.5) / steps * act).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = head_logits(clip_model, a, text)
+            (g,) = torch.autograd.grad(y.gather(1, target[:, None]).sum(), a)
+        total += g.double()
+    return total / steps
+
+
 @torch.no_grad()
 def eager_logits(clip_model, images: torch.Tensor, text: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Logits [N, L] of the eager model in batches (CLIP: scaled cosines against `text`; a fixed-class
@@ -149,8 +162,8 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
 
     `grads` may pass precomputed (logits, activations, gradients) from `autograd_reference`. Works on any
     device (the result comes back as numpy). `timings`, when given, is filled with seconds per stage, under
-    the runtime's stage names: explain, decompose, masks (= upsample + blur + blend), classify, integrate,
-    postprocess."""
+    the runtime's stage names: explain, head_grad ("ig" only), decompose, upsample, masks (= upsample + blur +
+    blend), classify, integrate, postprocess ("ig" has no blur, blend, masks or classify)."""
     clip_model.eval()
     b, _, size, _ = image.shape
     dev = image.device
@@ -167,6 +180,9 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     clock.lap("explain")
     c, h, w = act.shape[1:]
     p = config.effective_p(c, h * w)
+    if config.integration == "ig":                                  # S_IG = A * the path-averaged gradient
+        grad = path_gradient(clip_model, act, text, target, int(config.ig_steps))
+        clock.lap("head_grad")
 
     fmaps, svals, evrs, nulls, shares = [], [], [], [], []
     for i in range(b):
@@ -185,12 +201,22 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     fmaps = torch.stack(fmaps)                                       # [B, p, h, w] float64
     null = torch.stack(nulls)                                        # [B, p]
     clock.lap("decompose")
-    mode = "bilinear" if config.variant == "paper" else "bicubic"
+    mode = "bilinear" if config.variant == "paper" and config.integration != "ig" else "bicubic"
     up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)  # [B, p, S, S]
     up = torch.where(null[:, :, None, None], torch.zeros_like(up), up)
     comps = minmax(up)                                               # [B, p, S, S]
     comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
     clock.lap("upsample")
+    if config.integration == "ig":                                  # rank-p share map, bicubic; no forwards
+        coef = torch.stack(shares)                                            # [B, p]
+        cam = torch.einsum("bp,bpij->bij", coef, fmaps)                      # [B, h, w] float64
+        sal = minmax(F.interpolate(torch.relu(cam).float()[:, None], size=(size, size), mode="bicubic",
+                                   align_corners=False)[:, 0])
+        tot = coef.sum(1, keepdim=True)
+        wts = coef / torch.where(tot != 0, tot, torch.ones_like(tot))
+        scores = torch.full_like(coef, float("nan"))                          # no gains are measured
+        clock.lap("integrate")
+        return _result(sal, comps, fmaps, wts, scores, evrs, svals, logits, target, clock)
 
     mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
@@ -245,7 +271,10 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
         wts = torch.where(null, torch.zeros_like(sm), scores.double() * sm)
         sal = minmax(torch.relu((wts.float()[:, :, None, None] * up).sum(1)))   # the RAW maps, as the authors
     clock.lap("integrate")
+    return _result(sal, comps, fmaps, wts, scores, evrs, svals, logits, target, clock)
 
+
+def _result(sal, comps, fmaps, wts, scores, evrs, svals, logits, target, clock) -> ReferenceResult:
     def host(t: torch.Tensor) -> np.ndarray:
         return t.float().cpu().numpy()
 

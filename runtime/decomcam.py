@@ -1,6 +1,7 @@
 """Decom-CAM over an array back end (numpy on the CPU, cupy on the GPU).
 
-Three steps around the two graphs (runtime/explainer.py runs them):
+Three steps around the two graphs (runtime/explainer.py runs them; the "ig" integration replaces the masks
+and the classify forwards by path_gradient over head_grad.onnx and integrate_rank_p):
 
     decompose(act, grad)           S = dy/dA * A -> top-p orthogonal feature maps F [B, p, h*w]
     build_masks(x, F)              H = s(Up(F)); masked = max(P * H, blur(P) * (1 - H)) -> (p+1)B images
@@ -99,7 +100,8 @@ def single_thread_blas(xp):
 
 
 def decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
-    """act, grad [B, C, h, w] (float32, on the back end's device) -> the top-p feature maps."""
+    """act, grad [B, C, h, w] (float32, or float64 for grad; on the back end's device) -> the top-p feature
+    maps."""
     with single_thread_blas(be.xp):
         return _decompose(be, act, grad, config)
 
@@ -150,10 +152,10 @@ def minmax(xp, maps):
 
 def upsample(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
     """F [B, p, n] -> Up(F) [B, p, S, S] float32, not normalised (bilinear for the paper, bicubic for the
-    authors' variant); null components are 0."""
+    authors' variant and the "ig" integration); null components are 0."""
     xp = be.xp
     b, p, _ = dec.feature_maps.shape
-    interp = "bilinear" if config.variant == "paper" else "bicubic"
+    interp = "bilinear" if config.variant == "paper" and config.integration != "ig" else "bicubic"
     up = be.resize(dec.feature_maps.reshape(b * p, h, w).astype(xp.float32), size, interp).reshape(b, p, size, size)
     return xp.where(dec.null[:, :, None, None], xp.float32(0), up)
 
@@ -225,6 +227,55 @@ def integrate_share(be: Backend, y_masked, y_blur, dec: Decomposition, h: int, w
     tot = coef.sum(axis=1, keepdims=True)
     wts = coef / xp.where(tot != 0, tot, 1.0)
     return minmax(xp, up).astype(xp.float32), wts, scores
+
+
+def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_size: int,
+                  fixed_chunks: bool = False):
+    """mean_k dy/dA(alpha_k A), alpha_k = (k + 1/2) / steps -> [B, C, h, w] float64: the path-averaged
+    gradient, so that A * path_gradient(...) is the integrated-gradient evidence S_IG from 0 to A (midpoint
+    rule). head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
+
+    The steps x B rows (alpha_k A_b, step-major) are built and run in calls of batch_size rows, so memory stays
+    at one call's activation maps whatever B and steps are. fixed_chunks: the last call is padded to
+    batch_size with zero rows (dropped) when there is more than one call, so every call has one shape."""
+    xp = be.xp
+    b = act.shape[0]
+    tgt = be.asarray(target, dtype=np.int64)
+    n, bs = steps * b, max(int(batch_size), 1)
+    total = xp.zeros(act.shape, xp.float64)
+    for start in range(0, n, bs):
+        stop = min(start + bs, n)
+        segs = []                                     # (step, first image, end image) within this call
+        r = start
+        while r < stop:
+            k, b0 = divmod(r, b)
+            b1 = min(b, b0 + stop - r)
+            segs.append((k, b0, b1))
+            r += b1 - b0
+        rows = [act[b0:b1] * xp.float32((k + 0.5) / steps) for k, b0, b1 in segs]
+        tgts = [tgt[b0:b1] for _, b0, b1 in segs]
+        pad = bs - (stop - start) if fixed_chunks and n > bs else 0
+        if pad:
+            rows.append(xp.zeros((pad,) + tuple(act.shape[1:]), act.dtype))
+            tgts.append(xp.zeros(pad, xp.int64))
+        g = head_gradient(xp.concatenate(rows), xp.concatenate(tgts)).astype(xp.float64)
+        r = 0
+        for _, b0, b1 in segs:
+            total[b0:b1] += g[r:r + b1 - b0]
+            r += b1 - b0
+    return total / steps
+
+
+def integrate_rank_p(be: Backend, dec: Decomposition, h: int, w: int, size: int):
+    """The "ig" integration: saliency = s(Up_bicubic(relu(sum_{i<=p} a_i F_i))) [B, S, S] float32, the rank-p
+    part of the decomposed map's channel sum with every share weight 1; weights a_i / sum_j a_j [B, p]."""
+    xp = be.xp
+    coef = dec.share                                                              # [B, p], 0 for null ones
+    b = coef.shape[0]
+    cam = xp.einsum("bp,bpn->bn", coef, dec.feature_maps).reshape(b, h, w)
+    up = be.resize(xp.maximum(cam, 0.0).astype(xp.float32), size, "bicubic")
+    tot = coef.sum(axis=1, keepdims=True)
+    return minmax(xp, up).astype(xp.float32), coef / xp.where(tot != 0, tot, 1.0)
 
 
 def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float, raw=None):

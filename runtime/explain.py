@@ -102,6 +102,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blur-sigma", type=float_range(0.0, 1000.0), default=None,
                    help="blur sigma in input pixels, in (0, 1000] (default 10*S/224)")
     g.add_argument("--blend-space", default="pixel", choices=("pixel", "normalized"))
+    g.add_argument("--ig-steps", type=int_range(1, 1024), default=16,
+                   help="decomcam-ig: midpoints of the path alpha * A, 1..1024 (default 16; one head pass each)")
     g.add_argument("--resize", default=None, choices=("crop", "stretch"),
                    help="default: the export's policy (manifest); crop: shortest-side resize + centre crop; "
                         "stretch: whole image to S x S")
@@ -355,7 +357,8 @@ def run(args) -> int:
         error(f"unknown method '{args.method}'; valid methods: {', '.join(list_methods())}")
         return 2
     try:
-        config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space)
+        config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space,
+                                ig_steps=args.ig_steps)
         # with the pipeline, ORT's idle intra-op threads do not spin: the loader and writer threads need the cores
         opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads,
                              allow_spinning=args.no_pipeline)

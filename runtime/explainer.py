@@ -155,6 +155,8 @@ class Explainer:
             names.append("features")
         if meth.needs_head:
             names.append("head")
+        if meth.needs_head_grad:
+            names.append("head_grad")
         return names
 
     def check_graphs(self, method: "str | Method") -> None:
@@ -169,21 +171,35 @@ class Explainer:
         return self.engine in ("cuda", "trt") if flag is None else bool(flag)
 
     def _chunked(self, graph: str, name: str, arrays) -> object:
-        """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L].
+        """Run a (batch[, text]) -> logits graph over `arrays` in chunks of batch_size; logits [N, L]."""
+        return self._rows(graph, {name: arrays}, ["logits"])["logits"]
 
-        With fixed_chunks, a call over more than batch_size images runs chunks of exactly batch_size (the
+    def _rows(self, graph: str, rows: dict, outputs: list[str]) -> dict:
+        """Run `graph` over per-row inputs `rows` ({input: [N, ...]}, the same N; the class embeddings are
+        added) in chunks of batch_size -> {output: [N, ...]}.
+
+        With fixed_chunks, a call over more than batch_size rows runs chunks of exactly batch_size (the
         last padded with zeros, its padded rows dropped), so the graph sees one shape whatever N is."""
         r = self.runner(graph)
-        n, bs, xp = arrays.shape[0], self.batch_size, self.backend.xp
-        outs = []
+        n = next(iter(rows.values())).shape[0]
+        if any(a.shape[0] != n for a in rows.values()):
+            raise ValueError(f"{graph}: per-row inputs of different lengths "
+                             f"{ {k: a.shape[0] for k, a in rows.items()} }")
+        bs, xp = self.batch_size, self.backend.xp
+        outs: dict[str, list] = {o: [] for o in outputs}
         for i in range(0, n, bs):
-            part = arrays[i:i + bs]
-            k = part.shape[0]
-            if self.fixed_chunks and n > bs and k < bs:
-                part = self.backend.asarray(part)   # a host array is uploaded here (the runner would have)
-                part = xp.concatenate([part, xp.zeros((bs - k,) + tuple(part.shape[1:]), part.dtype)])
-            outs.append(r.run(self.feed(**{name: part}))["logits"][:k])
-        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+            k = min(bs, n - i)
+            feed = {}
+            for name, arrays in rows.items():
+                part = arrays[i:i + bs]
+                if self.fixed_chunks and n > bs and k < bs:
+                    part = self.backend.asarray(part)   # a host array is uploaded here (the runner would have)
+                    part = xp.concatenate([part, xp.zeros((bs - k,) + tuple(part.shape[1:]), part.dtype)])
+                feed[name] = part
+            res = r.run(self.feed(**feed), outputs=outputs)
+            for o in outputs:
+                outs[o].append(res[o][:k])
+        return {o: v[0] if len(v) == 1 else xp.concatenate(v) for o, v in outs.items()}
 
     def classify(self, images) -> object:
         """images [N, 3, S, S] -> logits [N, L], through classify.onnx in chunks of batch_size."""
@@ -192,6 +208,12 @@ class Explainer:
     def head(self, acts) -> object:
         """activations [N, C, h, w] -> logits [N, L], through head.onnx in chunks of batch_size."""
         return self._chunked("head", "activations", acts)
+
+    def head_gradient(self, acts, target) -> object:
+        """activations [N, C, h, w], target [N] int64 -> d logits[n, target[n]] / d activations [N, C, h, w] at
+        those activations, through head_grad.onnx in chunks of batch_size."""
+        tgt = self.backend.asarray(target, dtype=np.int64)
+        return self._rows("head_grad", {"activations": acts, "target": tgt}, ["gradients"])["gradients"]
 
     # -- targets ----------------------------------------------------------------------------------------
     def resolve_target(self, target) -> int:
@@ -301,6 +323,7 @@ class Explainer:
         ctx = MethodContext(
             backend=be, x=x, text=self.text, target=tgt, logits=logits, activations=acts, gradients=grads,
             classify=self.classify, head=self.head if meth.needs_head else None,
+            head_gradient=self.head_gradient if meth.needs_head_grad else None,
             mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
             batch_size=self.batch_size, fixed_chunks=self.fixed_chunks,
         )

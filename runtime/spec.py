@@ -5,7 +5,7 @@ types, axes (symbolic names for dynamic axes, integers or model-dependent names 
 tolerances its export is validated with. export/ reads these declarations to export and validate;
 runtime/ reads them (through the manifest) to bind inputs and outputs. Nothing here imports torch.
 
-Two model families share the four graph names (see FAMILIES):
+Two model families share the five graph names (see FAMILIES):
     clip            open_clip's CLIP ResNets: the classes are data, a `text` input of class embeddings [L, D]
     pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (Linear, elementwise
                     activations, LayerNorm): the classes are fixed, logits [batch, K], no `text` input
@@ -154,7 +154,25 @@ FEATURES = GraphSpec(
         "gradient-free methods: Score-CAM, Ablation-CAM, EigenCAM).",
 )
 
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD, FEATURES)}  # the clip family's
+HEAD_GRAD = GraphSpec(
+    name="head_grad",
+    inputs=(TensorSpec("activations", "float32", ("batch", "C", "h", "w")), _TEXT,
+            TensorSpec("target", "int64", ("batch",))),
+    outputs=(
+        _LOGITS,
+        TensorSpec("gradients", "float32", ("batch", "C", "h", "w")),  # d logits[b, t_b] / d activations
+    ),
+    tolerances={
+        "logits": Tolerance(atol=1e-3, rtol=1e-3),
+        "gradients": Tolerance(atol=2e-3, rtol=1e-2),
+    },
+    doc="The head on given activations plus the target logit's gradient at them (explicit backward): the "
+        "gradient anywhere in activation space, e.g. along the path alpha * A of decomcam-ig. t_b = target[b], "
+        "or the top-1 class at those activations where target[b] < 0.",
+)
+
+# the clip family's graphs; head_grad is optional in a manifest (exports before it lack it; only decomcam-ig runs it)
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (EXPLAIN, CLASSIFY, HEAD, FEATURES, HEAD_GRAD)}
 
 
 def _fixed_classes(g: GraphSpec) -> GraphSpec:

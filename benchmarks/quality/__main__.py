@@ -287,6 +287,8 @@ def main_real(args, argv) -> int:
                          "as the boxes are scaled with it")
     load_start = load_average()
     ex = _explainer(args)
+    for m in methods:        # every graph each method runs, before any photo (an older export lacks head_grad)
+        ex.check_graphs(m)
     res = evaluate_real(ex, items, methods, cfg, progress=not args.no_progress)
     machine = machine_info(args.threads)
     machine["load_average"] = {"start": load_start, "end": load_average()}

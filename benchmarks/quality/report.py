@@ -14,6 +14,7 @@ _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
     "scorecam++": "ScoreCAM++", "ablationcam": "AblationCAM", "decomcam": "Decom-CAM",
     "decomcam-authors": "Decom-CAM (authors' code)", "decomcam-gain-share": "Decom-CAM (gain-share)",
+    "decomcam-ig": "Decom-CAM (IG)",
     "xgradcam": "XGradCAM", "layercam": "LayerCAM",
     "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM",
     "center_point": "Centre point (baseline)", "random_point": "Random point (baseline)",

@@ -331,12 +331,24 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def run_records(run: dict) -> tuple[list[dict], list[dict]]:
+    """(pointing trials as {"hits": {method: hit}}, correctly predicted images as {"auc": {method: {insertion,
+    deletion}}}) of a synthetic run's JSON, or of a real-data run's (`python -m benchmarks.quality real`:
+    pointing at tolerance 0; a method run on a subset only has no entry on the other photos)."""
+    if run.get("benchmark") == "quality-real":
+        images = run["images"]
+        trials = [{"hits": {m: h["0"] for m, h in r["pointing"].items()}} for r in images]
+        return trials, [r for r in images if r["correct"]]
+    return run["pointing_game"]["trials"], [r for r in run["deletion_insertion"]["images"] if r["correct"]]
+
+
 def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int = 1000,
            seed: int = 0) -> list[dict]:
-    """Paired bootstrap (percentile, 95%) of A - B on a synthetic run's per-image records: pointing hits over
-    the trials (points of hit rate) and insertion - deletion AUC over the correctly predicted images (points
-    of AUC). A name is a method of the run, `study-` optional. A list of runs (models trained with different
-    seeds, say) pools their trials and their correct images."""
+    """Paired bootstrap (percentile, 95%) of A - B on a run's per-image records (synthetic, or real photos:
+    run_records): pointing hits over the trials (points of hit rate) and insertion - deletion AUC over the
+    correctly predicted images (points of AUC), over the trials and images both methods ran on. A name is a
+    method of the run, `study-` optional. A list of runs (models trained with different seeds, say) pools
+    their trials and their correct images."""
     from .integration_study import bootstrap, resample_indices
 
     runs = res if isinstance(res, list) else [res]
@@ -351,11 +363,14 @@ def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int 
     for a, b in pairs:
         pv, ov = [], []
         for run in runs:
-            trials = run["pointing_game"]["trials"]
-            images = [r for r in run["deletion_insertion"]["images"] if r["correct"]]
-            ka, kb = key(a, trials[0]["hits"]), key(b, trials[0]["hits"])
+            trials, images = run_records(run)
+            every = set().union(*(t["hits"] for t in trials))
+            ka, kb = key(a, every), key(b, every)
+            trials = [t for t in trials if ka in t["hits"] and kb in t["hits"]]
             pv += [float(t["hits"][ka]) - float(t["hits"][kb]) for t in trials]
-            ia, ib = key(a, images[0]["auc"]), key(b, images[0]["auc"])
+            every = set().union(*(r["auc"] for r in images))
+            ia, ib = key(a, every), key(b, every)
+            images = [r for r in images if ia in r["auc"] and ib in r["auc"]]
             ov += [(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
                    - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]
         pv, ov = np.array(pv) * 100, np.array(ov) * 100
@@ -395,7 +410,8 @@ def main(argv=None) -> int:
                    help="train the benchmark model with this seed (init and batch order) instead of the recipe's "
                         "(a second, independently trained model; cached like the first)")
     p.add_argument("--from-json", default=None,
-                   help="no run: read a run's --json (or several, comma-separated, pooled) and print --pairs")
+                   help="no run: read a run's --json (or several, comma-separated, pooled; a real-data run's "
+                        "`python -m benchmarks.quality real --json` too) and print --pairs")
     args = p.parse_args(argv)
     try:
         pairs = [tuple(x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]

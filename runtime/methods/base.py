@@ -31,6 +31,8 @@ class MethodContext:
                                   # Ablation-CAM) build them in chunks of this size, so memory stays bounded
     fixed_chunks: bool = False    # pad a short last chunk to batch_size (one input shape per graph; the
                                   # Explainer sets it for cuda and trt, EngineOptions.fixed_chunks)
+    head_gradient: Callable | None = None  # (activations [N, C, h, w], target [N]) -> d logit_target / d
+                                  # activations [N, C, h, w] at those activations, batched through head_grad.onnx
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Method:
     needs_activations = True   # run explain.onnx (or a forward that yields activations)
     needs_gradients = True     # gradients are needed (explain.onnx)
     needs_head = False         # uses head.onnx
+    needs_head_grad = False    # uses head_grad.onnx (the head's gradient at other activations)
     doc = ""
 
     def __call__(self, ctx: MethodContext) -> MethodOutput:

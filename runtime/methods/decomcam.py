@@ -1,4 +1,5 @@
-"""Decom-CAM (the paper's equations), the authors'-code variant and the gain-share integration, as methods."""
+"""Decom-CAM (the paper's equations), the authors'-code variant, and the gain-share and path-integrated ("ig")
+integrations, as methods."""
 
 from __future__ import annotations
 
@@ -72,3 +73,44 @@ class DecomCamGainShare(DecomCam):
 
     name = "decomcam-gain-share"
     integration = "gain-share"
+
+
+@register
+class DecomCamIG(Method):
+    """Decom-CAM on the path-integrated evidence S_IG = A * mean_k dy/dA(alpha_k A) (runtime/config.py,
+    integration "ig"): the paper's decomposition of S_IG, the rank-p part of its channel sum, ReLU, bicubic,
+    min-max. ig_steps head passes (head_grad.onnx) per image and no masked forward."""
+
+    name = "decomcam-ig"
+    needs_gradients = False    # the local gradient is not used: features.onnx (or explain.onnx) gives A
+    needs_head_grad = True
+
+    def __call__(self, ctx: MethodContext) -> MethodOutput:
+        be = ctx.backend
+        cfg = ctx.config
+        if (cfg.variant, cfg.integration) != ("paper", "ig"):
+            cfg = cfg.with_(variant="paper", integration="ig")
+        if ctx.head_gradient is None:
+            raise ValueError("decomcam-ig needs the head's gradient (head_grad.onnx): MethodContext.head_gradient")
+        b, _, h, w = ctx.activations.shape
+        size = ctx.x.shape[-1]
+        t = time.perf_counter()
+        grad = dc.path_gradient(be, ctx.head_gradient, ctx.activations, ctx.target, int(cfg.ig_steps),
+                                ctx.batch_size, ctx.fixed_chunks)
+        be.synchronize()
+        ctx.timings["head_grad"] = time.perf_counter() - t
+        t = time.perf_counter()
+        dec = dc.decompose(be, ctx.activations, grad, cfg)
+        be.synchronize()
+        ctx.timings["decompose"] = time.perf_counter() - t
+        t = time.perf_counter()
+        up = dc.upsample(be, dec, h, w, size, cfg)                     # Up_bicubic(F) [B, p, S, S]
+        comps = dc.normalise_components(be, up, dec.null)
+        be.synchronize()
+        ctx.timings["upsample"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sal, wts = dc.integrate_rank_p(be, dec, h, w, size)
+        be.synchronize()
+        ctx.timings["integrate"] = time.perf_counter() - t
+        return MethodOutput(sal, comps, wts, None, dec.explained_variance, dec.singular_values,
+                            forwards=int(cfg.ig_steps))

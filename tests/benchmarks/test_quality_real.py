@@ -208,6 +208,23 @@ def test_missing_folder_manifest_column_and_unknown_method(tiny_artifacts, datas
     assert not (tmp_path / "x.json").exists()
 
 
+def test_export_without_a_methods_graph_fails_before_any_photo(tiny_artifacts, dataset, tmp_path, capsys):
+    """An export written before head_grad.onnx: `real` with every registered method (decomcam-ig among them)
+    stops in one line before it explains anything, and writes no JSON."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_artifacts.out_dir, old)
+    man = json.loads((old / "manifest.json").read_text())
+    del man["graphs"]["head_grad"]
+    (old / "manifest.json").write_text(json.dumps(man))
+    code, out, err = run_cli(["--data", dataset, "--artifacts", old, "--json", tmp_path / "x.json",
+                              "--no-progress"], capsys)
+    assert code == 2 and "no 'head_grad' graph listed; re-export" in _one_error_line(err)
+    assert "Table 1" not in out and not (tmp_path / "x.json").exists()
+
+
 def test_label_missing_from_class_set_is_exit_2(tiny_artifacts, tmp_path, capsys):
     rgbs = make_images(1, seed=1)
     data = write_dataset(tmp_path / "d", rgbs, [0], [[[1.0, 1.0, 20.0, 20.0]]])

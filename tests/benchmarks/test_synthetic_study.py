@@ -197,6 +197,32 @@ def test_paired_differences_from_a_runs_records(tmp_path, capsys):
     assert ss.main(["--from-json", str(path), "--pairs", "x"]) == 2
 
 
+def test_paired_differences_from_a_real_data_run():
+    """A real-data run's JSON (`benchmarks.quality real`): pointing at tolerance 0 over the photos both methods
+    ran on (a slow method may cover a subset only), ins - del over the correctly classified ones."""
+    rng = np.random.default_rng(1)
+    n = 30
+    hit = rng.random((n, 2, 2)) < 0.7                    # photo, method (ig, scorecam), tolerance (0, 15)
+    auc = rng.random((n, 2, 2))
+    correct = np.arange(n) % 4 != 0
+    subset = np.arange(n) < 20                            # scorecam on the first 20 photos only
+    images = []
+    for i in range(n):
+        methods = ["decomcam-ig", "scorecam"] if subset[i] else ["decomcam-ig"]
+        images.append({
+            "correct": bool(correct[i]),
+            "pointing": {m: {"0": bool(hit[i, j, 0]), "15": bool(hit[i, j, 1])} for j, m in enumerate(methods)},
+            "auc": ({m: {"insertion": auc[i, j, 0], "deletion": auc[i, j, 1]} for j, m in enumerate(methods)}
+                    if correct[i] else {})})
+    res = {"benchmark": "quality-real", "images": images}
+    (row,) = ss.paired(res, [("decomcam-ig", "scorecam")], resamples=500)
+    both = subset
+    assert row["n_trials"] == int(both.sum()) and row["n_correct"] == int((both & correct).sum())
+    assert row["pointing"][0] == pytest.approx(100 * (hit[both, 0, 0].astype(float) - hit[both, 1, 0]).mean())
+    d = ((auc[:, 0, 0] - auc[:, 0, 1]) - (auc[:, 1, 0] - auc[:, 1, 1]))[both & correct]
+    assert row["overall"][0] == pytest.approx(100 * d.mean())
+
+
 def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
     """The ig-* pieces of two images: head_gradient_of (torch autograd on open_clip's head) is the exported
     explain graph's gradient at the activations, and S_IG's rank-p share map is the one built here from the

@@ -77,6 +77,7 @@ PARITY_TESTS = {
     "decomcam": "test_decomcam_matches_eager_reference",
     "decomcam-authors": "test_decomcam_matches_eager_reference",
     "decomcam-gain-share": "test_decomcam_matches_eager_reference",
+    "decomcam-ig": "test_decomcam_matches_eager_reference",
 }
 EAGER = [m for m in PARITY_TESTS if not m.startswith("decomcam")]
 TABLE: dict[str, dict] = {}
@@ -218,7 +219,8 @@ def test_runtime_matches_eager_reference(setup, name):
 
 
 DECOMCAM_CONFIGS = {"decomcam": {"variant": "paper"}, "decomcam-authors": {"variant": "authors"},
-                    "decomcam-gain-share": {"variant": "paper", "integration": "gain-share"}}
+                    "decomcam-gain-share": {"variant": "paper", "integration": "gain-share"},
+                    "decomcam-ig": {"variant": "paper", "integration": "ig"}}
 
 
 @pytest.mark.parametrize("name", list(DECOMCAM_CONFIGS))

@@ -105,8 +105,9 @@ def test_tiny_export_validates_and_declares_fixed_classes(tiny_pooled, name):
     assert m["default_class_set"] == "voc10" and "embeddings" not in m["class_sets"]["voc10"]
     assert (res.out_dir / "classes" / "voc10.txt").read_text().splitlines()[:2] == ["aeroplane", "bicycle"]
     rows = res.report["rows"]
-    assert {r["graph"] for r in rows} == {"explain", "classify", "head", "features"} and all(r["ok"] for r in rows)
-    for g in ("explain", "classify", "head", "features"):
+    assert {r["graph"] for r in rows} == {"explain", "classify", "head", "features", "head_grad"}
+    assert all(r["ok"] for r in rows)
+    for g in ("explain", "classify", "head", "features", "head_grad"):
         model = onnx.load(str(res.out_dir / f"{g}.onnx"), load_external_data=False)
         names = [i.name for i in model.graph.input]
         assert "text" not in names

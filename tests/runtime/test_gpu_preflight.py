@@ -214,6 +214,20 @@ def test_device_backend_through_a_cpu_session_round_trips_and_counts(tiny_artifa
     assert tot["d2h"]["bytes"] == sum(r["bytes"] for r in tr if r["direction"] == "d2h") > 0
 
 
+def test_decomcam_ig_on_a_device_backend(tiny_artifacts, rgbs):
+    """decomcam-ig's path (alpha_k A stacked on the device, head_grad.onnx through the host, the mean gradient
+    and the decomposition on the device) equals the numpy back end's; no host array mixes in."""
+    be = MatrixBackend(FakeCupy(), name="fake-cupy", device_id=0)
+    got = Explainer.from_artifacts(tiny_artifacts.out_dir, backend=be, batch_size=4).explain(rgbs, method="decomcam-ig")
+    ref = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=4).explain(rgbs, method="decomcam-ig")
+    for a, b in zip(got, ref):
+        assert a.target == b.target and np.ptp(b.saliency) > 0
+        np.testing.assert_allclose(a.saliency, b.saliency, atol=2e-4)
+        np.testing.assert_allclose(a.weights, b.weights, atol=1e-5)
+    by = {(r["name"], r["direction"]) for r in got[0].transfers}
+    assert ("head_grad.activations", "d2h") in by and ("head_grad.gradients", "h2d") in by
+
+
 def test_host_backend_logs_no_transfers(tiny_artifacts, rgbs):
     e = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(rgbs[0])
     assert e.transfers == []
@@ -381,7 +395,7 @@ def test_fixed_chunks_give_one_shape_and_the_same_logits(tiny_artifacts, fixed):
     images = np.random.default_rng(0).normal(size=(10, 3, ex.size, ex.size)).astype(np.float32)
     runner = ex.runner("classify")
     seen, run = [], runner.run
-    runner.run = lambda feed: (seen.append(feed["image"].shape[0]), run(feed))[1]
+    runner.run = lambda feed, **kw: (seen.append(feed["image"].shape[0]), run(feed, **kw))[1]
     logits = ex.classify(images)
     assert seen == ([4, 4, 4] if fixed else [4, 4, 2])
     seen.clear()
@@ -389,6 +403,18 @@ def test_fixed_chunks_give_one_shape_and_the_same_logits(tiny_artifacts, fixed):
     assert seen == [1] * 10          # a call within the batch size is never padded
     assert logits.shape == one_by_one.shape == (10, len(ex.classes.labels))
     np.testing.assert_allclose(logits, one_by_one, rtol=1e-5, atol=1e-5)
+    # two per-row inputs (head_grad.onnx: activations and target): both padded, the padded rows dropped
+    acts = ex.runner("features").run(ex.feed(image=images))["activations"]
+    target = np.arange(10, dtype=np.int64) % len(ex.classes.labels)
+    hg = ex.runner("head_grad")
+    seen_hg, run_hg = [], hg.run
+    hg.run = lambda feed, **kw: (seen_hg.append((feed["activations"].shape[0], feed["target"].shape[0])),
+                                 run_hg(feed, **kw))[1]
+    grads = ex.head_gradient(acts, target)
+    assert seen_hg == ([(4, 4)] * 3 if fixed else [(4, 4), (4, 4), (2, 2)])
+    singles = np.concatenate([ex.head_gradient(acts[i:i + 1], target[i:i + 1]) for i in range(10)])
+    assert grads.shape == acts.shape
+    np.testing.assert_allclose(grads, singles, rtol=1e-5, atol=1e-6 * float(np.abs(singles).max()))
 
 
 def test_fixed_chunks_default_follows_the_engine(gpu_listed):
@@ -470,7 +496,7 @@ def test_fixed_chunks_in_the_per_channel_methods(tiny_artifacts, rgbs, method):
         runner = ex.runner(graph)
         seen, run = [], runner.run
         name = "activations" if graph == "head" else "image"
-        runner.run = lambda feed, seen=seen, run=run, name=name: (seen.append(feed[name].shape[0]), run(feed))[1]
+        runner.run = lambda feed, seen=seen, run=run, name=name, **kw: (seen.append(feed[name].shape[0]), run(feed, **kw))[1]
         maps[fixed] = ex.explain(rgbs[0], method=method).saliency
         shapes[fixed] = seen
     assert set(shapes[True]) == {5} and len(shapes[True]) == len(shapes[False])
