@@ -115,7 +115,16 @@ def check_explainer(mod, artifacts: str, n_images: int = 4) -> dict:
     be = MatrixBackend(mod, name="cupy")
     ex = Explainer.from_artifacts(artifacts, backend=be)
     got = ex.explain(rgbs, target=[e.target for e in ref])
+    # decomcam-ig: the path alpha_k A stacked on the device and head_grad.onnx (skipped on an export without it)
+    ig = None
+    if "head_grad" in ex.artifacts.manifest["graphs"]:
+        ig_ref = Explainer.from_artifacts(artifacts).explain(rgbs, method="decomcam-ig")
+        ig_got = ex.explain(rgbs, method="decomcam-ig", target=[e.target for e in ig_ref])
+        ig = {"saliency_max_abs": float(max(np.abs(a.saliency - b.saliency).max() for a, b in zip(ig_got, ig_ref))),
+              "saliency_pearson_min": float(min(parity.pearson(a.saliency, b.saliency)
+                                                for a, b in zip(ig_got, ig_ref)))}
     return {
+        "decomcam_ig": ig,
         "engine": ex.engine, "session_providers": ex.runner("explain").session.get_providers(),
         "runner": "bound" if ex.runner("explain").bound else "host round trip",
         "targets_equal": all(a.target == b.target for a, b in zip(got, ref)),
@@ -143,6 +152,9 @@ def tables(rep: dict) -> str:
                    f"{e['targets_equal']}, saliency max abs {e['saliency_max_abs']:.2e}, Pearson min "
                    f"{e['saliency_pearson_min']:.7f}; copies per call: H2D {t['h2d']['count']} "
                    f"({t['h2d']['bytes'] / 1024:.1f} KB), D2H {t['d2h']['count']} ({t['d2h']['bytes'] / 1024:.1f} KB)")
+        if e.get("decomcam_ig"):
+            out.append(f"decomcam-ig: saliency max abs {e['decomcam_ig']['saliency_max_abs']:.2e}, Pearson min "
+                       f"{e['decomcam_ig']['saliency_pearson_min']:.7f}")
     return "\n\n".join(out)
 
 
@@ -167,6 +179,9 @@ def main(argv=None) -> int:
     bad += [r for r in rep["eigh"] if r["path"] == "host" and ("error" in r or r["reconstruction_rel_err"] > 1e-9)]
     if rep.get("explainer") and not (rep["explainer"]["targets_equal"] and rep["explainer"]["saliency_pearson_min"] >= 0.9999):
         bad.append(rep["explainer"])
+    ig = (rep.get("explainer") or {}).get("decomcam_ig")
+    if ig and not ig["saliency_pearson_min"] >= 0.9999:
+        bad.append(ig)
     return 1 if bad else 0
 
 
