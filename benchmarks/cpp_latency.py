@@ -7,7 +7,8 @@ files one call each (`Explainer.explain(path)`, warm-up calls untimed). Per imag
 same stages; "total" is load + preprocess + the pipeline (the C++ side also writes its outputs, listed
 separately as "write" and left out of the total; the Python call writes nothing).
 
-    python -m benchmarks.cpp_latency --artifacts artifacts/RN50 [--n 8] [--warmup 1] [--top-p 10] [--json FILE]
+    python -m benchmarks.cpp_latency --artifacts artifacts/RN50 [--n 8] [--warmup 1] [--top-p 10]
+        [--method decomcam|decomcam-ig] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from . import common
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = ROOT / "cpp" / "build" / "decomcam-cpp"
-STAGES = ["load", "preprocess", "explain", "decompose", "upsample", "blur", "blend", "classify", "integrate"]
+STAGES = ["load", "preprocess", "explain", "head_grad", "decompose", "upsample", "blur", "blend", "classify",
+          "integrate"]
 
 
 def run(args) -> dict:
@@ -45,7 +47,7 @@ def run(args) -> dict:
         out = Path(tmp) / "out"
         t = time.perf_counter()
         r = subprocess.run([str(BINARY), "--artifacts", args.artifacts, "--out", str(out), "--top-p", str(args.top_p),
-                            *map(str, paths)], capture_output=True, text=True, check=False)
+                            "--method", args.method, *map(str, paths)], capture_output=True, text=True, check=False)
         cpp_process_s = time.perf_counter() - t
         if r.returncode != 0:
             raise SystemExit(f"decomcam-cpp failed (exit {r.returncode}): {r.stderr.strip()}")
@@ -56,7 +58,7 @@ def run(args) -> dict:
         py_runs, py_total, py_sal, py_w, py_t = [], [], [], [], []
         for i, p in enumerate(paths):
             t = time.perf_counter()
-            e = ex.explain(str(p), top_p=args.top_p)
+            e = ex.explain(str(p), top_p=args.top_p, method=args.method)
             dt = time.perf_counter() - t
             py_sal.append(e.saliency)
             py_w.append(e.weights)
@@ -78,7 +80,7 @@ def run(args) -> dict:
         "machine": info,
         "artifacts": args.artifacts,
         "model": ex.artifacts.model,
-        "n": args.n, "warmup": args.warmup, "top_p": args.top_p,
+        "n": args.n, "warmup": args.warmup, "top_p": args.top_p, "method": args.method,
         "cpp": {"stages_ms": common.median_stages_ms(cpp_runs), "total_ms": common.stats_ms(cpp_total),
                 "process_s": cpp_process_s},
         "python": {"stages_ms": common.median_stages_ms(py_runs), "total_ms": common.stats_ms(py_total)},
@@ -96,7 +98,8 @@ def table(rep: dict) -> str:
     rows.append(["total p90", common.fmt(c["total_ms"]["p90"]), common.fmt(p["total_ms"]["p90"])])
     rows.append(["write (C++ only: 3 .npy + overlay PNG)", common.fmt(c["stages_ms"].get("write")), "-"])
     par = rep["parity"]
-    return (f"{rep['model']}, top-p {rep['top_p']}, {rep['n']} images (+{rep['warmup']} warm-up), per image, ms "
+    return (f"{rep['model']}, {rep.get('method', 'decomcam')}, top-p {rep['top_p']}, {rep['n']} images "
+            f"(+{rep['warmup']} warm-up), per image, ms "
             f"(median per stage)\n{common.describe_machine(rep['machine'])}\n"
             + common.format_table(["stage", "C++ (decomcam-cpp)", "Python runtime (cpu)"], rows)
             + f"\nagreement: saliency Pearson >= {par['min_pearson']:.9f}, max abs {par['max_saliency_abs']:.2e}; "
@@ -109,6 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=8, help="timed images")
     ap.add_argument("--warmup", type=int, default=1, help="untimed images first")
     ap.add_argument("--top-p", type=int, default=10)
+    ap.add_argument("--method", default="decomcam", choices=("decomcam", "decomcam-ig"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -148,9 +148,9 @@ Artifacts::Artifacts(const std::string& dir) : dir_(dir), mpath_(dir + "/manifes
 }
 
 std::vector<std::string> Artifacts::expected_inputs(const std::string& graph) const {
-  std::vector<std::string> in = {graph == "head" ? "activations" : "image"};
+  std::vector<std::string> in = {graph == "head" || graph == "head_grad" ? "activations" : "image"};
   if (m_.text_input()) in.push_back("text");
-  if (graph == "explain") in.push_back("target");
+  if (graph == "explain" || graph == "head_grad") in.push_back("target");
   return in;
 }
 

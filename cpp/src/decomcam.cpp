@@ -13,7 +13,10 @@ namespace decomcam {
 
 int effective_p(int top_p, int channels, int positions) { return std::min({top_p, channels, positions}); }
 
-Decomposition decompose(const float* act, const float* grad, int channels, int h, int w, int top_p) {
+namespace {
+
+template <typename G>
+Decomposition decompose_impl(const float* act, const G* grad, int channels, int h, int w, int top_p) {
   using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const int n = h * w, p = effective_p(top_p, channels, n);
   Mat s(channels, n);  // S* [C, n]
@@ -51,14 +54,31 @@ Decomposition decompose(const float* act, const float* grad, int channels, int h
     d.explained_variance[i] = total > 0 ? sigma * sigma / total : 0.0;
   }
   const double s1 = p > 0 ? d.singular_values[0] : 0.0;
+  d.share.assign(p, 0.0);
   for (int i = 0; i < p; ++i) {
     d.null[i] = d.singular_values[i] <= kNullTol * s1 || s1 <= 0;
-    if (d.null[i]) std::fill_n(d.feature_maps.begin() + size_t(i) * n, n, 0.0);
+    if (d.null[i]) {
+      std::fill_n(d.feature_maps.begin() + size_t(i) * n, n, 0.0);
+      continue;
+    }
+    double dot = 0.0, sv2 = d.singular_values[i] * d.singular_values[i];
+    for (int j = 0; j < n; ++j) dot += d.feature_maps[size_t(i) * n + j] * g(j);
+    d.share[i] = sv2 > 0 ? dot / sv2 : dot;
   }
   return d;
 }
 
-std::vector<float> upsample_components(const Decomposition& dec, int h, int w, int size) {
+}  // namespace
+
+Decomposition decompose(const float* act, const float* grad, int channels, int h, int w, int top_p) {
+  return decompose_impl(act, grad, channels, h, w, top_p);
+}
+
+Decomposition decompose(const float* act, const double* grad, int channels, int h, int w, int top_p) {
+  return decompose_impl(act, grad, channels, h, w, top_p);
+}
+
+std::vector<float> upsample_components(const Decomposition& dec, int h, int w, int size, bool bicubic) {
   const size_t plane = size_t(size) * size;
   std::vector<float> out(size_t(dec.p) * plane, 0.0f);
   for (int i = 0; i < dec.p; ++i) {
@@ -66,7 +86,7 @@ std::vector<float> upsample_components(const Decomposition& dec, int h, int w, i
     cv::Mat small(h, w, CV_32F);
     for (int j = 0; j < h * w; ++j) small.ptr<float>()[j] = float(dec.feature_maps[size_t(i) * dec.n + j]);
     cv::Mat up;
-    cv::resize(small, up, cv::Size(size, size), 0, 0, cv::INTER_LINEAR);
+    cv::resize(small, up, cv::Size(size, size), 0, 0, bicubic ? cv::INTER_CUBIC : cv::INTER_LINEAR);
     double lo, hi;
     cv::minMaxLoc(up, &lo, &hi);
     const float flo = float(lo), den = std::max(float(hi) - flo, float(kNormEps));
@@ -133,6 +153,30 @@ Integration integrate(const std::vector<float>& y_masked, float y_blur, const st
     const float* hm = comps.data() + size_t(i) * plane;
     for (size_t j = 0; j < plane; ++j) r.saliency[j] += wi * hm[j];
   }
+  return r;
+}
+
+Integration integrate_rank_p(const Decomposition& dec, int h, int w, int size) {
+  const int n = h * w;
+  Integration r;
+  std::vector<double> cam(n, 0.0);
+  double tot = 0.0;
+  for (int i = 0; i < dec.p; ++i) {
+    tot += dec.share[i];
+    for (int j = 0; j < n; ++j) cam[j] += dec.share[i] * dec.feature_maps[size_t(i) * dec.n + j];
+  }
+  r.weights.resize(dec.p);
+  for (int i = 0; i < dec.p; ++i) r.weights[i] = dec.share[i] / (tot != 0 ? tot : 1.0);
+  cv::Mat small(h, w, CV_32F), up;
+  for (int j = 0; j < n; ++j) small.ptr<float>()[j] = float(std::max(cam[j], 0.0));
+  cv::resize(small, up, cv::Size(size, size), 0, 0, cv::INTER_CUBIC);
+  double lo, hi;
+  cv::minMaxLoc(up, &lo, &hi);
+  const float flo = float(lo), den = std::max(float(hi) - flo, float(kNormEps));
+  const size_t plane = size_t(size) * size;
+  r.saliency.resize(plane);
+  const float* src = up.ptr<float>();
+  for (size_t j = 0; j < plane; ++j) r.saliency[j] = (src[j] - flo) / den;
   return r;
 }
 

@@ -7,6 +7,9 @@
 //   build_masks      blend in [0, 1] pixel space: max(P * H, blur(P) * (1 - H)), Gaussian blur sigma
 //                    10 * S / 224 px, radius ceil(4 sigma) capped at S - 1, reflect-101
 //   integrate        C_i = y(masked_i) - y(blurred); softmax over the non-null C_i; saliency = sum w_i H_i
+// and the "ig" integration (decomcam-ig): the same decomposition of S_IG = A * the path-averaged gradient,
+//   integrate_rank_p saliency = min-max(bicubic(relu(sum_i a_i F_i))), a_i = <F_i, g> / sigma_i^2, g the
+//                    channel sum; weights a_i / sum_j a_j; components upsampled bicubically
 #pragma once
 #include <vector>
 
@@ -22,6 +25,7 @@ struct Decomposition {
   std::vector<double> singular_values;     // [p]
   std::vector<double> explained_variance;  // [p] sigma_i^2 / sum of all sigma^2
   std::vector<bool> null;                  // [p]
+  std::vector<double> share;               // [p] a_i = <F_i, g> / sigma_i^2 (0 for null components)
 };
 
 // min(top_p, C, n): the number of components.
@@ -29,9 +33,11 @@ int effective_p(int top_p, int channels, int positions);
 
 // act, grad [C, h*w] float32 -> the top-p feature maps.
 Decomposition decompose(const float* act, const float* grad, int channels, int h, int w, int top_p);
+// The same with a float64 gradient (the path-averaged one of decomcam-ig).
+Decomposition decompose(const float* act, const double* grad, int channels, int h, int w, int top_p);
 
-// F -> H [p, S, S] float32 in [0, 1].
-std::vector<float> upsample_components(const Decomposition& dec, int h, int w, int size);
+// F -> H [p, S, S] float32 in [0, 1] (bilinear; bicubic with `bicubic`).
+std::vector<float> upsample_components(const Decomposition& dec, int h, int w, int size, bool bicubic = false);
 
 // Gaussian sigma and radius at input side S.
 double blur_sigma(int size);
@@ -51,5 +57,8 @@ struct Integration {
 // y_masked [p], y_blur: target logits -> saliency, weights, gains.
 Integration integrate(const std::vector<float>& y_masked, float y_blur, const std::vector<float>& comps,
                       const std::vector<bool>& null, int size);
+
+// The "ig" integration: the rank-p share map, ReLU at h x w, bicubic to S x S, min-max; no scores.
+Integration integrate_rank_p(const Decomposition& dec, int h, int w, int size);
 
 }  // namespace decomcam

@@ -21,22 +21,30 @@ std::string lower(std::string s) {
 
 }  // namespace
 
-Explainer::Explainer(const std::string& dir, const std::string& class_set, bool verify, int threads, int batch_size)
-    : art_(dir), batch_size_(batch_size), env_(ORT_LOGGING_LEVEL_ERROR, "decomcam"),
-      mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+Explainer::Explainer(const std::string& dir, const std::string& class_set, bool verify, int threads, int batch_size,
+                     const std::string& method, int ig_steps)
+    : art_(dir), batch_size_(batch_size), method_(method), ig_steps_(ig_steps),
+      env_(ORT_LOGGING_LEVEL_ERROR, "decomcam"), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
   const Manifest& m = art_.manifest();
+  if (method != "decomcam" && method != "decomcam-ig")
+    throw std::invalid_argument("unknown method '" + method + "'; valid: decomcam, decomcam-ig");
+  if (ig_steps < 1) throw std::invalid_argument("ig_steps must be >= 1");
   if (!class_set.empty() && !m.text_input())
     throw ArtifactsError(dir + ": " + m.model + " has fixed classes ('" + m.default_class_set +
                          "'); choosing a class set applies to CLIP exports only");
-  std::string explain_path = art_.check_graph("explain", verify);
-  std::string classify_path = art_.check_graph("classify", verify);
+  const bool ig = method == "decomcam-ig";
+  std::vector<std::pair<std::string, std::unique_ptr<Ort::Session>*>> graphs;
+  if (ig) graphs = {{"features", &features_}, {"head_grad", &head_grad_}};
+  else graphs = {{"explain", &explain_}, {"classify", &classify_}};
+  std::vector<std::string> paths;
+  for (auto& [name, _] : graphs) paths.push_back(art_.check_graph(name, verify));
   classes_ = art_.load_class_set(class_set);
   opts_.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   opts_.SetInterOpNumThreads(1);
   if (threads > 0) opts_.SetIntraOpNumThreads(threads);
   try {
-    explain_ = std::make_unique<Ort::Session>(env_, explain_path.c_str(), opts_);
-    classify_ = std::make_unique<Ort::Session>(env_, classify_path.c_str(), opts_);
+    for (size_t i = 0; i < graphs.size(); ++i)
+      *graphs[i].second = std::make_unique<Ort::Session>(env_, paths[i].c_str(), opts_);
   } catch (const Ort::Exception& e) {
     throw ArtifactsError(dir + ": ONNX Runtime cannot load the graphs (" + std::string(e.what()) + ")");
   }
@@ -60,12 +68,15 @@ int Explainer::resolve_target(const std::string& target) const {
   throw TargetError("unknown target class '" + target + "' in class set '" + classes_.name + "'");
 }
 
-std::vector<Ort::Value> Explainer::feed(std::vector<float>& images, int n, std::vector<int64_t>* target) {
+std::vector<Ort::Value> Explainer::feed(std::vector<float>& images, int n, std::vector<int64_t>* target,
+                                        const std::vector<int64_t>& shape) {
   const Manifest& m = art_.manifest();
   const int64_t s = m.input_size;
   std::vector<Ort::Value> in;
-  std::vector<int64_t> ishape = {n, 3, s, s};
-  in.push_back(Ort::Value::CreateTensor<float>(mem_, images.data(), size_t(n) * 3 * s * s, ishape.data(), 4));
+  std::vector<int64_t> ishape = shape.empty() ? std::vector<int64_t>{n, 3, s, s} : shape;  // images, or activations
+  size_t count = 1;
+  for (int64_t d : ishape) count *= size_t(d);
+  in.push_back(Ort::Value::CreateTensor<float>(mem_, images.data(), count, ishape.data(), ishape.size()));
   if (m.text_input()) {
     std::vector<int64_t> tshape = {int64_t(classes_.labels.size()), int64_t(m.dims.at("D"))};
     in.push_back(Ort::Value::CreateTensor<float>(mem_, classes_.embeddings.data(), classes_.embeddings.size(),
@@ -79,6 +90,7 @@ std::vector<Ort::Value> Explainer::feed(std::vector<float>& images, int n, std::
 }
 
 std::vector<float> Explainer::classify(const std::vector<float>& images, int n) {
+  if (!classify_) throw std::logic_error("classify.onnx is not loaded for method " + method_);
   const size_t per = size_t(3) * art_.manifest().input_size * art_.manifest().input_size;
   const size_t l = classes_.labels.size();
   std::vector<float> logits(size_t(n) * l);
@@ -97,12 +109,85 @@ std::vector<float> Explainer::classify(const std::vector<float>& images, int n) 
   return logits;
 }
 
+std::vector<double> Explainer::path_gradient(const float* act, int target) {
+  const Manifest& m = art_.manifest();
+  const int64_t c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
+  const size_t per = size_t(c) * h * w;
+  std::vector<std::string> in_names = art_.expected_inputs("head_grad");
+  std::vector<const char*> inn;
+  for (auto& s : in_names) inn.push_back(s.c_str());
+  const char* outn[] = {"gradients"};
+  std::vector<double> total(per, 0.0);
+  for (int k0 = 0; k0 < ig_steps_; k0 += batch_size_) {  // one image: batch_size steps per call
+    const int b = std::min(batch_size_, ig_steps_ - k0);
+    std::vector<float> rows(size_t(b) * per);
+    for (int r = 0; r < b; ++r) {
+      const float alpha = float((k0 + r + 0.5) / ig_steps_);
+      for (size_t j = 0; j < per; ++j) rows[size_t(r) * per + j] = act[j] * alpha;
+    }
+    std::vector<int64_t> tgt(b, target);
+    auto in = feed(rows, b, &tgt, {b, c, h, w});
+    auto out = head_grad_->Run(Ort::RunOptions{nullptr}, inn.data(), in.data(), in.size(), outn, 1);
+    if (out[0].GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{b, c, h, w})
+      throw ArtifactsError(art_.dir() + "/head_grad.onnx: output 'gradients' shape differs from the manifest's dims");
+    const float* g = out[0].GetTensorData<float>();
+    for (int r = 0; r < b; ++r)
+      for (size_t j = 0; j < per; ++j) total[j] += double(g[size_t(r) * per + j]);
+  }
+  for (double& v : total) v /= ig_steps_;
+  return total;
+}
+
+void Explainer::explain_ig(Explanation& e, std::vector<float>& x, int target, int top_p) {
+  const Manifest& m = art_.manifest();
+  const int size = m.input_size, c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
+  const size_t l = classes_.labels.size();
+  auto t = Clock::now();
+  std::vector<std::string> in_names = art_.expected_inputs("features");
+  std::vector<const char*> inn;
+  for (auto& s : in_names) inn.push_back(s.c_str());
+  const char* outn[] = {"logits", "activations"};
+  auto in = feed(x, 1, nullptr);
+  auto out = features_->Run(Ort::RunOptions{nullptr}, inn.data(), in.data(), in.size(), outn, 2);
+  if (out[1].GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{1, c, h, w})
+    throw ArtifactsError(art_.dir() + "/features.onnx: output 'activations' shape differs from the manifest's dims");
+  const float* lg = out[0].GetTensorData<float>();
+  e.logits.assign(lg, lg + l);
+  e.timings.push_back({"explain", since(t)});
+  e.target = target >= 0 ? target : int(std::max_element(e.logits.begin(), e.logits.end()) - e.logits.begin());
+  e.target_name = classes_.labels[e.target];
+  const float* act = out[1].GetTensorData<float>();
+
+  t = Clock::now();
+  std::vector<double> grad = path_gradient(act, e.target);
+  e.timings.push_back({"head_grad", since(t)});
+  t = Clock::now();
+  Decomposition dec = decompose(act, grad.data(), c, h, w, top_p);
+  e.timings.push_back({"decompose", since(t)});
+  t = Clock::now();
+  e.components = upsample_components(dec, h, w, size, true);
+  e.timings.push_back({"upsample", since(t)});
+  t = Clock::now();
+  Integration r = integrate_rank_p(dec, h, w, size);
+  e.p = dec.p;
+  e.saliency = std::move(r.saliency);
+  e.weights = std::move(r.weights);
+  e.explained_variance = dec.explained_variance;
+  e.singular_values = dec.singular_values;
+  e.timings.push_back({"integrate", since(t)});
+}
+
 Explanation Explainer::explain(const std::vector<float>& x_in, int target, int top_p) {
   const Manifest& m = art_.manifest();
   const int size = m.input_size, c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
   const size_t l = classes_.labels.size();
   Explanation e;
   std::vector<float> x = x_in;
+  if (method_ == "decomcam-ig") {
+    explain_ig(e, x, target, top_p);
+    top5(e);
+    return e;
+  }
 
   auto t = Clock::now();
   std::vector<int64_t> tgt = {target};
@@ -149,7 +234,14 @@ Explanation Explainer::explain(const std::vector<float>& x_in, int target, int t
   e.scores = std::move(r.scores);
   e.explained_variance = dec.explained_variance;
   e.singular_values = dec.singular_values;
+  top5(e);
+  e.timings.push_back({"integrate", since(t)});
+  return e;
+}
+
+void Explainer::top5(Explanation& e) const {
   // top-5 by softmax probability over the class set (stable order for ties)
+  const size_t l = classes_.labels.size();
   double zmax = *std::max_element(e.logits.begin(), e.logits.end()), tot = 0;
   std::vector<double> prob(l);
   for (size_t i = 0; i < l; ++i) tot += (prob[i] = std::exp(double(e.logits[i]) - zmax));
@@ -157,8 +249,6 @@ Explanation Explainer::explain(const std::vector<float>& x_in, int target, int t
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return prob[a] > prob[b]; });
   for (size_t i = 0; i < std::min<size_t>(5, l); ++i) e.top5.push_back({classes_.labels[order[i]], prob[order[i]] / tot});
-  e.timings.push_back({"integrate", since(t)});
-  return e;
 }
 
 }  // namespace decomcam

@@ -1,5 +1,7 @@
 // The pipeline for one image: explain.onnx (logits, activations, gradients), Decom-CAM, classify.onnx on
-// the p masked + 1 blurred images. Sessions are created once and reused.
+// the p masked + 1 blurred images; or, for decomcam-ig, features.onnx (logits, activations) and head_grad.onnx
+// at alpha_k A (the path-averaged gradient), the decomposition of S_IG and the rank-p map. Sessions are
+// created once and reused.
 #pragma once
 #include <map>
 #include <memory>
@@ -24,7 +26,7 @@ struct Explanation {
   int p = 0;                                    // components
   std::vector<float> saliency;                  // [S, S] in [0, 1], model-input coordinates
   std::vector<float> components;                // [p, S, S]
-  std::vector<double> weights, scores;          // [p]
+  std::vector<double> weights, scores;          // [p] (no scores for decomcam-ig)
   std::vector<double> explained_variance, singular_values;  // [p]
   std::vector<float> logits;                    // [L]
   std::vector<std::pair<std::string, double>> top5;  // (class, softmax probability)
@@ -33,9 +35,12 @@ struct Explanation {
 
 class Explainer {
  public:
-  // Checks the explain and classify graphs (sha256 unless verify is false) and loads the class set.
+  // Checks the graphs the method runs (sha256 unless verify is false) and loads the class set.
+  // method: "decomcam" (explain + classify) or "decomcam-ig" (features + head_grad, ig_steps midpoints).
   explicit Explainer(const std::string& artifacts_dir, const std::string& class_set = "", bool verify = true,
-                     int intra_op_threads = 0, int batch_size = 32);
+                     int intra_op_threads = 0, int batch_size = 32, const std::string& method = "decomcam",
+                     int ig_steps = 16);
+  const std::string& method() const { return method_; }
   const Artifacts& artifacts() const { return art_; }
   const ClassSet& classes() const { return classes_; }
   // A class name (exact, then case-insensitive) or index -> index; "" -> -1 (top-1). Throws TargetError.
@@ -50,11 +55,18 @@ class Explainer {
   Artifacts art_;
   ClassSet classes_;
   int batch_size_;
+  std::string method_;
+  int ig_steps_;
   Ort::Env env_;
   Ort::SessionOptions opts_;
-  std::unique_ptr<Ort::Session> explain_, classify_;
+  std::unique_ptr<Ort::Session> explain_, classify_, features_, head_grad_;
   Ort::MemoryInfo mem_;
-  std::vector<Ort::Value> feed(std::vector<float>& images, int n, std::vector<int64_t>* target);
+  std::vector<Ort::Value> feed(std::vector<float>& images, int n, std::vector<int64_t>* target,
+                               const std::vector<int64_t>& shape = {});
+  // mean_k d y_target / d A at alpha_k A, alpha_k = (k + 1/2) / ig_steps, through head_grad.onnx
+  std::vector<double> path_gradient(const float* act, int target);
+  void explain_ig(Explanation& e, std::vector<float>& x, int target, int top_p);
+  void top5(Explanation& e) const;
 };
 
 }  // namespace decomcam

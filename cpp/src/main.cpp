@@ -1,7 +1,10 @@
 // decomcam-cpp: explain images with Decom-CAM from an artifacts folder (graphs + manifest.json).
 //
-//   decomcam-cpp --artifacts DIR [--target NAME|INDEX] [--top-p P] [--class-set NAME] [--threads N]
-//                [--save-input] --out OUT INPUT [INPUT ...]
+//   decomcam-cpp --artifacts DIR [--method decomcam|decomcam-ig] [--ig-steps M] [--target NAME|INDEX]
+//                [--top-p P] [--class-set NAME] [--threads N] [--save-input] --out OUT INPUT [INPUT ...]
+//
+// --method decomcam (default) is the paper's Decom-CAM; decomcam-ig the path-integrated variant
+// (runtime/config.py, integration "ig": features.onnx, M head_grad.onnx passes, default 16).
 //
 // INPUT is an image file (decoded and preprocessed as the Python runtime does: Pillow's resampling,
 // reproduced bit-exactly) or a preprocessed tensor `.npy` [3, S, S] / [1, 3, S, S] float32. For each
@@ -29,12 +32,12 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 const char* kUsage =
-    "usage: decomcam-cpp --artifacts DIR [--target NAME|INDEX] [--top-p P] [--class-set NAME] [--threads N] "
-    "[--save-input] --out OUT INPUT [INPUT ...]";
+    "usage: decomcam-cpp --artifacts DIR [--method decomcam|decomcam-ig] [--ig-steps M] [--target NAME|INDEX] "
+    "[--top-p P] [--class-set NAME] [--threads N] [--save-input] --out OUT INPUT [INPUT ...]";
 
 struct Args {
-  std::string artifacts, out, target, class_set;
-  int top_p = 10, threads = 0;
+  std::string artifacts, out, target, class_set, method = "decomcam";
+  int top_p = 10, threads = 0, ig_steps = 16;
   bool save_input = false;
   std::vector<std::string> inputs;
 };
@@ -67,6 +70,8 @@ Args parse(int argc, char** argv) {
     else if (s == "--target") a.target = value();
     else if (s == "--class-set") a.class_set = value();
     else if (s == "--top-p") a.top_p = to_int(s, value());
+    else if (s == "--method") a.method = value();
+    else if (s == "--ig-steps") a.ig_steps = to_int(s, value());
     else if (s == "--threads") a.threads = to_int(s, value());
     else if (s == "--save-input") a.save_input = true;
     else if (s == "-h" || s == "--help") {
@@ -79,6 +84,9 @@ Args parse(int argc, char** argv) {
   if (a.out.empty()) usage_error("--out OUT is required");
   if (a.inputs.empty()) usage_error("no input images");
   if (a.top_p < 1) usage_error("--top-p must be >= 1");
+  if (a.method != "decomcam" && a.method != "decomcam-ig")
+    usage_error("unknown method '" + a.method + "'; valid: decomcam, decomcam-ig");
+  if (a.ig_steps < 1 || a.ig_steps > 1024) usage_error("--ig-steps must be in 1..1024");
   if (a.threads < 0) usage_error("--threads must be >= 0");
   return a;
 }
@@ -163,7 +171,7 @@ json explain_one(Explainer& ex, const Args& a, const std::string& input, int tar
   write_file_atomic(base + ".weights.npy", npy_bytes(wts.data(), {e.p}));
   if (a.save_input) write_file_atomic(base + ".input.npy", npy_bytes(x.data(), {3, s, s}));
   write_file_atomic(base + ".overlay.png",
-                    overlay_png(rgb, geo.to_original(sal), "decomcam: " + e.target_name, m.random_weights));
+                    overlay_png(rgb, geo.to_original(sal), a.method + ": " + e.target_name, m.random_weights));
   double write_s = std::chrono::duration<double>(Clock::now() - t).count();
 
   json top5 = json::array();
@@ -174,11 +182,11 @@ json explain_one(Explainer& ex, const Args& a, const std::string& input, int tar
   timings["write"] = 1e3 * write_s;
   return {{"source", input},
           {"input", from_tensor ? "tensor" : "image"},
-          {"method", "decomcam"},
+          {"method", a.method},
           {"target", {{"index", e.target}, {"name", e.target_name}}},
           {"top5", top5},
           {"weights", e.weights},
-          {"scores", e.scores},
+          {"scores", e.scores.empty() ? json(nullptr) : json(e.scores)},  // decomcam-ig measures no gains
           {"explained_variance", e.explained_variance},
           {"singular_values", e.singular_values},
           {"input_size", s},
@@ -194,7 +202,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<Explainer> ex;
   int target = -1;
   try {
-    ex = std::make_unique<Explainer>(a.artifacts, a.class_set, true, a.threads);
+    ex = std::make_unique<Explainer>(a.artifacts, a.class_set, true, a.threads, 32, a.method, a.ig_steps);
     target = ex->resolve_target(a.target);
   } catch (const std::exception& e) {  // ArtifactsError, TargetError
     std::cerr << e.what() << std::endl;

@@ -112,6 +112,45 @@ def test_parity_from_the_same_input_tensor(cpp_binary, artifacts_dir, tmp_path):
             assert (out / f"t{i}.overlay.png").stat().st_size > 0
 
 
+def test_decomcam_ig_parity(cpp_binary, artifacts_dir, tmp_path):
+    """--method decomcam-ig: features.onnx, head_grad.onnx at alpha_k A, the decomposition of S_IG and the
+    rank-p bicubic map, against the Python runtime's `decomcam-ig` (both families; the same bounds)."""
+    ex = Explainer.from_artifacts(artifacts_dir)
+    imgs = make_images(3, seed=8)
+    paths = []
+    for i, im in enumerate(imgs):
+        np.save(tmp_path / f"t{i}.npy", ex.artifacts.preprocess_image(im)[0])
+        paths.append(tmp_path / f"t{i}.npy")
+    for steps, target in ((16, None), (5, "2")):
+        out = tmp_path / f"out-{steps}"
+        code, lines, err = run(cpp_binary, artifacts_dir, out, paths, "--method", "decomcam-ig", "--ig-steps",
+                               str(steps), "--top-p", "6", *(["--target", target] if target else []))
+        assert code == 0 and err == [], err
+        for i, (im, line) in enumerate(zip(imgs, lines)):
+            e = ex.explain(im, method="decomcam-ig", top_p=6, target=None if target is None else int(target),
+                           config=ex.config.with_(ig_steps=steps))
+            compare(out, f"t{i}", line, e)
+            assert line["method"] == "decomcam-ig" and line["scores"] is None
+            assert set(line["timings_ms"]) >= {"explain", "head_grad", "decompose", "upsample", "integrate"}
+            assert "classify" not in line["timings_ms"]
+
+
+def test_decomcam_ig_needs_head_grad(cpp_binary, tiny_artifacts, tmp_path):
+    """An export written before head_grad.onnx: decomcam-ig is a one-line usage error; decomcam still runs."""
+    art = _manifest_case(Path(tiny_artifacts.out_dir), tmp_path / "old", lambda m: m["graphs"].pop("head_grad"))
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), make_images(1)[0])
+    code, lines, err = run(cpp_binary, art, tmp_path / "out", [img], "--method", "decomcam-ig")
+    assert code == 2 and lines == []
+    assert err == [f"{art / 'manifest.json'}: no 'head_grad' graph listed; re-export with this version"]
+    code, lines, err = run(cpp_binary, art, tmp_path / "out", [img])
+    assert code == 0 and len(lines) == 1 and lines[0]["method"] == "decomcam"
+    for bad, problem in ((["--method", "gradcam"], "unknown method 'gradcam'"),
+                         (["--method", "decomcam-ig", "--ig-steps", "0"], "--ig-steps must be in 1..1024")):
+        code, _, err = run(cpp_binary, art, tmp_path / "out", [img], *bad)
+        assert code == 2 and problem in err[0], err
+
+
 @pytest.mark.parametrize("ext", ["png", "jpg"])
 def test_parity_from_image_files(cpp_binary, tiny_artifacts, tmp_path, ext):
     """Decoding + Pillow-exact preprocessing in C++: the model input equals the Python runtime's exactly."""
