@@ -29,6 +29,7 @@ Explainer::Explainer(const std::string& dir, const std::string& class_set, bool 
   if (method != "decomcam" && method != "decomcam-ig")
     throw std::invalid_argument("unknown method '" + method + "'; valid: decomcam, decomcam-ig");
   if (ig_steps < 1) throw std::invalid_argument("ig_steps must be >= 1");
+  if (batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
   if (!class_set.empty() && !m.text_input())
     throw ArtifactsError(dir + ": " + m.model + " has fixed classes ('" + m.default_class_set +
                          "'); choosing a class set applies to CLIP exports only");

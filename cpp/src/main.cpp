@@ -4,7 +4,9 @@
 //                [--top-p P] [--class-set NAME] [--threads N] [--save-input] --out OUT INPUT [INPUT ...]
 //
 // --method decomcam (default) is the paper's Decom-CAM; decomcam-ig the path-integrated variant
-// (runtime/config.py, integration "ig": features.onnx, M head_grad.onnx passes, default 16).
+// (runtime/config.py, integration "ig": features.onnx, M head_grad.onnx passes, default 16, 1..1024; an
+// export without features.onnx or head_grad.onnx is a usage error: re-export). --ig-steps is checked with
+// either method and used by decomcam-ig only.
 //
 // INPUT is an image file (decoded and preprocessed as the Python runtime does: Pillow's resampling,
 // reproduced bit-exactly) or a preprocessed tensor `.npy` [3, S, S] / [1, 3, S, S] float32. For each
@@ -101,7 +103,7 @@ bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
-// The saliency as a jet heat map blended over the image (uint8 RGB), titled "decomcam: TARGET".
+// The saliency as a jet heat map blended over the image (uint8 RGB), titled "METHOD: TARGET".
 std::string overlay_png(const cv::Mat& rgb, const cv::Mat& sal, const std::string& title, bool random_weights) {
   cv::Mat u8, heat, heat_rgb, img;
   sal.convertTo(u8, CV_8U, 255.0);

@@ -114,14 +114,16 @@ def test_parity_from_the_same_input_tensor(cpp_binary, artifacts_dir, tmp_path):
 
 def test_decomcam_ig_parity(cpp_binary, artifacts_dir, tmp_path):
     """--method decomcam-ig: features.onnx, head_grad.onnx at alpha_k A, the decomposition of S_IG and the
-    rank-p bicubic map, against the Python runtime's `decomcam-ig` (both families; the same bounds)."""
+    rank-p bicubic map, against the Python runtime's `decomcam-ig` (both families; the same bounds). 40 steps
+    take two head_grad calls (32 + 8 rows). The path (alpha_k) matters on the CLIP family only: resnet-tiny's
+    head is linear, its S_IG is S*."""
     ex = Explainer.from_artifacts(artifacts_dir)
     imgs = make_images(3, seed=8)
     paths = []
     for i, im in enumerate(imgs):
         np.save(tmp_path / f"t{i}.npy", ex.artifacts.preprocess_image(im)[0])
         paths.append(tmp_path / f"t{i}.npy")
-    for steps, target in ((16, None), (5, "2")):
+    for steps, target in ((16, None), (5, "2"), (40, None)):
         out = tmp_path / f"out-{steps}"
         code, lines, err = run(cpp_binary, artifacts_dir, out, paths, "--method", "decomcam-ig", "--ig-steps",
                                str(steps), "--top-p", "6", *(["--target", target] if target else []))
@@ -133,6 +135,7 @@ def test_decomcam_ig_parity(cpp_binary, artifacts_dir, tmp_path):
             assert line["method"] == "decomcam-ig" and line["scores"] is None
             assert set(line["timings_ms"]) >= {"explain", "head_grad", "decompose", "upsample", "integrate"}
             assert "classify" not in line["timings_ms"]
+            np.testing.assert_allclose(line["singular_values"], e.singular_values, rtol=1e-5)
 
 
 def test_decomcam_ig_needs_head_grad(cpp_binary, tiny_artifacts, tmp_path):
@@ -145,6 +148,14 @@ def test_decomcam_ig_needs_head_grad(cpp_binary, tiny_artifacts, tmp_path):
     assert err == [f"{art / 'manifest.json'}: no 'head_grad' graph listed; re-export with this version"]
     code, lines, err = run(cpp_binary, art, tmp_path / "out", [img])
     assert code == 0 and len(lines) == 1 and lines[0]["method"] == "decomcam"
+    # it needs features.onnx too; it does not need explain.onnx or classify.onnx
+    nofeat = _manifest_case(Path(tiny_artifacts.out_dir), tmp_path / "nofeat", lambda m: m["graphs"].pop("features"))
+    code, lines, err = run(cpp_binary, nofeat, tmp_path / "out", [img], "--method", "decomcam-ig")
+    assert code == 2 and err == [f"{nofeat / 'manifest.json'}: no 'features' graph listed; re-export with this version"]
+    only = _manifest_case(Path(tiny_artifacts.out_dir), tmp_path / "only",
+                          lambda m: [m["graphs"].pop(g) for g in ("explain", "classify")])
+    code, lines, err = run(cpp_binary, only, tmp_path / "out", [img], "--method", "decomcam-ig")
+    assert code == 0 and err == [] and lines[0]["method"] == "decomcam-ig"
     for bad, problem in ((["--method", "gradcam"], "unknown method 'gradcam'"),
                          (["--method", "decomcam-ig", "--ig-steps", "0"], "--ig-steps must be in 1..1024")):
         code, _, err = run(cpp_binary, art, tmp_path / "out", [img], *bad)
