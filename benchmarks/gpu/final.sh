@@ -6,6 +6,7 @@
 #   the gpu tests with DECOMCAM_REQUIRE_GPU=1 (a skipped test is a failure; call 1 ran the cupy ones),
 #   the fp16 graphs validated on the CUDA provider (python -m export.precision --validate-on cuda),
 #   the CLI's throughput over 200 generated photos, serial and pipelined (benchmarks.latency --modes),
+#   decomcam-ig's latency (torch, cuda; batch 1, 8),
 # each engine through runtime.engines.probe_engine (an engine that cannot run is skipped with its reason).
 source "$(dirname "$0")/kit_env.sh"
 trap pack_logs EXIT
@@ -76,5 +77,8 @@ if ls .gpukit/effnet/*.whl >/dev/null 2>&1; then
 else
   log "no .gpukit/effnet wheels carried: the real-model parity is not run"
 fi
+# decomcam-ig (head_grad.onnx at alpha_k A, bound on the device) against its eager reference, least wanted last
+step latency-ig 90 "$PY" -m benchmarks.latency --artifacts "$ART" --engines torch,cuda --methods decomcam-ig,gradcam \
+  --batch 1,8 --repeat 5 --warmup 2 --json "$OUT/latency-ig.json" || rc=1
 log "final call done: exit $rc"
 exit $rc

@@ -200,6 +200,22 @@ def test_cupy_backend_matches_numpy(tiny_artifacts, parity_images):
     assert isinstance(out["logits"], cupy.ndarray)
 
 
+@pytest.mark.gpu
+def test_decomcam_ig_on_cuda_matches_cpu(tiny_artifacts, parity_images):
+    """decomcam-ig on the cuda engine: alpha_k A stacked on the device and bound to head_grad.onnx, the mean
+    gradient and the decomposition on the device; the same maps as on the CPU for the same targets."""
+    a = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[:3], method="decomcam-ig")
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, engine="cuda", batch_size=8, engine_options=EngineOptions(
+        tf32=False, extra={"cudnn_conv_algo_search": "HEURISTIC"}))
+    b = ex.explain(parity_images[:3], method="decomcam-ig", target=[e.target for e in a])
+    assert ex.runner("head_grad").bound
+    for x, y in zip(a, b):
+        assert pearson(x.saliency, y.saliency) >= 0.9999
+        np.testing.assert_allclose(x.weights, y.weights, atol=1e-3)
+    names = {(t["name"], t["direction"]) for t in b[0].transfers}
+    assert not any(n.startswith(("head_grad.activations", "head_grad.gradients")) for n, _ in names)
+
+
 @pytest.mark.cupy
 def test_cupy_numerics_through_any_onnxruntime(tiny_artifacts, parity_images):
     """The CuPy back end on a CPU session (the runner round-trips through the host) or a GPU one: the same
@@ -220,7 +236,7 @@ def test_cupy_numerics_through_any_onnxruntime(tiny_artifacts, parity_images):
     for x, y in zip(b, c):
         assert pearson(x.saliency, y.saliency) >= 0.9999
     ex.backend.eigh_on_device = True
-    for name in ("eigencam", "gradcam"):
+    for name in ("eigencam", "gradcam", "decomcam-ig"):
         x, y = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(parity_images[0], method=name), \
             ex.explain(parity_images[0], method=name, target=a[0].target)
         assert pearson(x.saliency, y.saliency) >= 0.9999
