@@ -206,3 +206,21 @@ def test_actor_reports_a_rendering_oserror_as_that_images_row(photos, tiny_artif
     assert "p02.png: could not write outputs (No space left on device)" in error[1]
     assert not list((tmp_path / "o").glob("p02.*"))
     assert all((tmp_path / "o" / f"{n}{s}").is_file() for n in ("p01", "p03") for s in SUFFIXES)
+
+
+def test_actor_carries_the_method_options(photos, tiny_artifacts, tmp_path):
+    """Job's decomcam-ig and blend options reach the actor's Explainer (without Ray): its outputs equal the
+    CLI's Explainer with the same options."""
+    from runtime.config import DecomCamConfig
+    from runtime.dataset import ExplainActor, Job
+    from runtime.explainer import Explainer
+
+    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), top_p=3,
+                             method="decomcam-ig", ig_steps=3, blend_space="normalized"))
+    assert actor.ex.config == DecomCamConfig(top_p=3, ig_steps=3, blend_space="normalized")
+    out = actor({"source": [str(photos / "p01.png")], "stem": ["p01"]})
+    assert [str(s) for s in out["status"]] == ["ok"]
+    ref = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(
+        str(photos / "p01.png"), method="decomcam-ig", config=DecomCamConfig(top_p=3, ig_steps=3))
+    side = int(out["saliency_side"][0])
+    np.testing.assert_allclose(np.asarray(out["saliency"][0], np.float32).reshape(side, side), ref.saliency, atol=1e-6)
