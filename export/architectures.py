@@ -8,7 +8,7 @@ module whose output is the target layer (for the autograd oracle on the unmodifi
     tv:efficientnet_b0    trunk features                  head classifier (Dropout, Linear)
     tv:mobilenet_v3_large trunk features                  head classifier (Linear, Hardswish, Dropout, Linear)
     tv:convnext_tiny      trunk features                  head classifier (LayerNorm2d, Flatten, Linear)
-    efficientnet-lite0    trunk extract_features          head [_dropout, _fc]          target the last
+    efficientnet-lite0-2  trunk extract_features          head [_dropout, _fc]          target the last
                           (_conv_head -> _bn1 -> ReLU6)                                 call of _swish
 
 `load_pooled(info, pretrained, seed)` builds one and loads its weights: "none" (seeded init, BatchNorm

