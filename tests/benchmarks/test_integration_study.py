@@ -77,6 +77,26 @@ def test_manifest_boxes_are_scaled(tmp_path):
         st.read_manifest(tmp_path / "missing")
 
 
+def test_use_model_sets_the_studys_input_size(tmp_path, monkeypatch):
+    """--model efficientnet-lite1|2: boxes are scaled to 240 / 260 px, maps are finished at that size, and the
+    model class refuses a size that is not its own."""
+    monkeypatch.setattr(st, "SIZE", st.SIZE)               # put Lite0's size back afterwards
+    (tmp_path / "manifest.csv").write_text(
+        "file,class_index,synset,class_name,width,height,orig_width,orig_height,n_boxes,boxes_xyxy\n"
+        "images/a.JPEG,7,n0,cock,227,227,500,375,1,10.0 20.0 30.0 40.0\n")
+    for name, size in (("efficientnet-lite1", 240), ("efficientnet-lite2", 260), ("efficientnet-lite0", 224)):
+        st.use_model(name)
+        assert st.SIZE == size
+        np.testing.assert_allclose(st.read_manifest(tmp_path)[0]["boxes"], [[10 * size / 227, 20 * size / 227,
+                                                                             30 * size / 227, 40 * size / 227]])
+        cam = np.random.default_rng(0).standard_normal((size // 30, size // 30))
+        assert st.finish_map(cam).shape == (size, size) and st.finish_map(cam, "bicubic").shape == (size, size)
+    with pytest.raises(ValueError, match="unknown model 'efficientnet-lite9'"):
+        st.use_model("efficientnet-lite9")
+    with pytest.raises(ValueError, match="call use_model"):
+        st.Lite0(1, tmp_path, "efficientnet-lite2")
+
+
 def test_cli_errors(tmp_path, capsys):
     assert st.main(["run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no manifest.csv" in capsys.readouterr().err
