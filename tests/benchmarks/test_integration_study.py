@@ -3,6 +3,8 @@ the runtime's gain-share integration, its paper variant is eqs. 11-12, and the m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,26 @@ def test_use_model_sets_the_studys_input_size(tmp_path, monkeypatch):
                                                                              30 * size / 227, 40 * size / 227]])
         cam = np.random.default_rng(0).standard_normal((size // 30, size // 30))
         assert st.finish_map(cam).shape == (size, size) and st.finish_map(cam, "bicubic").shape == (size, size)
+    # the masks' blur follows the size (the runtime's 10 S / 224, radius ceil(4 sigma)); every variant is
+    # finished at S on the model's h x w grid
+    import export.reference as ref
+
+    seen = []
+    real_blur = ref.gaussian_blur
+    monkeypatch.setattr(ref, "gaussian_blur", lambda img, sigma, radius: seen.append((sigma, radius))
+                        or real_blur(img, sigma, radius))
+    for name, size, grid in (("efficientnet-lite1", 240, 8), ("efficientnet-lite2", 260, 9)):
+        st.use_model(name)
+        rng = np.random.default_rng(size)
+        act = rng.random((32, grid, grid)).astype(np.float32)
+        x = rng.standard_normal((3, size, size)).astype(np.float32) * 0.5
+        d = st.decompose_and_mask(FakeModel(32), x, act, 1, 4)
+        assert seen[-1] == (pytest.approx(10 * size / 224), int(np.ceil(40 * size / 224)))
+        assert d["H"].shape[-2:] == (size, size)
+        for v in ("paper", "gcam-relu-gain", "top1", "rect-rank-p"):
+            sal = st.variant_saliency(v, d)
+            assert sal.shape == (size, size) and np.all(np.isfinite(sal))
+    st.use_model("efficientnet-lite0")
     with pytest.raises(ValueError, match="unknown model 'efficientnet-lite9'"):
         st.use_model("efficientnet-lite9")
     with pytest.raises(ValueError, match="call use_model"):
@@ -100,6 +122,16 @@ def test_use_model_sets_the_studys_input_size(tmp_path, monkeypatch):
 def test_cli_errors(tmp_path, capsys):
     assert st.main(["run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no manifest.csv" in capsys.readouterr().err
+    # a folder of one model's records is neither resumed nor reported with another model's
+    for name, model in (("a", None), ("b", "efficientnet-lite1")):
+        (tmp_path / name).mkdir()
+        rec = {"index": 0, "file": "x", "pointing": {}, "del_ins": {}, **({"model": model} if model else {})}
+        (tmp_path / name / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "manifest.csv").write_text("file,class_index,boxes_xyxy\n")
+    assert st.main(["run", str(tmp_path), "--out", str(tmp_path / "a"), "--model", "efficientnet-lite2"]) == 2
+    assert "holds records of efficientnet-lite0, not efficientnet-lite2" in capsys.readouterr().err
+    assert st.main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "efficientnet-lite0, efficientnet-lite1 cannot be merged" in capsys.readouterr().err
     (tmp_path / "manifest.csv").write_text("file,class_index,boxes_xyxy\n")
     assert st.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--del-ins-methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
@@ -526,6 +558,22 @@ def test_nmf_parts_against_scikit_learn(k, monkeypatch):
     p2, w2, _, _ = st.nmf_parts(s * 1e-4, k)
     np.testing.assert_allclose(p2, parts, atol=1e-9)
     np.testing.assert_allclose(w2, w * 1e-4, rtol=1e-9)
+
+
+def test_nmf_parts_stay_finite_when_a_part_vanishes():
+    """Blob-shaped evidence on which a part decays towards 0 during the multiplicative updates: with the
+    denominators only kept from 0, its update factor reached 1e300 and the parts overflowed to inf / NaN
+    (a real case: S+* of a Lite2 photo at k = 5). Floored denominators keep them finite, a valid split."""
+    rng = np.random.default_rng(695)
+    c = int(rng.integers(20, 200))
+    yy, xx = np.mgrid[0:9, 0:9]
+    cy, cx = rng.uniform(0, 9, (2, c, 1, 1))
+    rad = rng.uniform(0.5, 4, (c, 1, 1))
+    blob = np.maximum(1 - ((yy - cy) ** 2 + (xx - cx) ** 2) / rad ** 2, 0)
+    s = (blob * rng.exponential(1, (c, 1, 1)) ** 2).reshape(c, 81)
+    parts, w, frac, null = st.nmf_parts(s, 3)
+    assert np.all(np.isfinite(parts)) and np.all(np.isfinite(w)) and np.all(np.isfinite(frac))
+    assert parts.min() >= 0 and frac.sum() == pytest.approx(1.0)
 
 
 def test_nmf_parts_of_a_low_rank_or_empty_map():

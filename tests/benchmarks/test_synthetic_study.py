@@ -259,10 +259,26 @@ def test_pooled_runs_resample_images_not_records():
     assert half > 1.4 * naive
     table = ss.pairs_table([pooled])
     assert f"({models * n} on {n} images)" in table
-    # records without an image name stay units of their own (the plain bootstrap)
-    anon = {"benchmark": "quality-real", "images": [dict(r, file=None) for r in one["images"]]}
-    (plain,) = ss.paired([anon, anon], [("a", "b")], resamples=1000)
-    assert plain["n_units"] == 2 * n
+    # records without an image name, or of runs that do not name their data, stay units of their own
+    anon = {"benchmark": "quality-real", "data": "/photos", "images": [dict(r, file=None) for r in one["images"]]}
+    assert ss.paired([anon, anon], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
+    nodata = {k: v for k, v in one.items() if k != "data"}
+    assert ss.paired([nodata, nodata], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
+    # the same file names in another data folder are other photos; a trailing slash is the same folder
+    assert ss.paired([one, dict(one, data="/other")], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
+    assert ss.paired([one, dict(one, data="/photos/")], [("a", "b")], resamples=10)[0]["n_units"] == n
+    # synthetic runs: the same image ids are the same images only under the same data settings
+    spec = {"n_classes": 2, "image_size": 64, "seed": 0}
+    syn = {"run": {"train": {"spec": spec, "seed": 0}, "n_val_per_class": 3, "n_point_per_class": 3, "seed": 0},
+           "pointing_game": {"trials": [{"image": f"{i:06d}", "hits": {"a": True, "b": bool(i % 2)}}
+                                        for i in range(6)]},
+           "deletion_insertion": {"images": [{"path": "/x/imagefolder/disc/000000.png", "correct": True,
+                                              "auc": {m: {"insertion": 0.5, "deletion": 0.1} for m in "ab"}}]}}
+    retrained = {**syn, "run": {**syn["run"], "train": {"spec": spec, "seed": 1}}}
+    regenerated = {**syn, "run": {**syn["run"], "train": {"spec": dict(spec, seed=1), "seed": 0}}}
+    (same,) = ss.paired([syn, retrained], [("a", "b")], resamples=10)
+    (other,) = ss.paired([syn, regenerated], [("a", "b")], resamples=10)
+    assert (same["n_units"], same["n_correct_units"], other["n_units"], other["n_correct_units"]) == (6, 1, 12, 2)
 
 
 def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
