@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         if argv[:1] == ["list"]:
             from .models import model_info
 
-            print("\n".join(f"{n:<20} {model_info(n).family}" for n in list_models()))
+            print("\n".join(f"{n:<30} {model_info(n).family}" for n in list_models()))
             return 0
         if argv[:1] == ["classes"]:
             return main_classes(argv[1:])

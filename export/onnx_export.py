@@ -248,6 +248,21 @@ def validation_cases(lm: LoadedModel, sizes=VALIDATION_SIZES, seed: int = 1234):
         yield b, l, refs, feeds
 
 
+def _has_local_kinks(lm: LoadedModel) -> bool:
+    """A pooled model with position-wise ops before the pooling (export/pooled.py): there the gradient is
+    piecewise in A at h w C' pre-activations, and activations that differ by float32 rounding (ORT's trunk vs
+    torch's) can put one of them on the other side of a ReLU6 kink."""
+    return lm.family == "pooled-linear" and len(getattr(lm.model, "local", ())) > 0
+
+
+def _gradients_at(lm: LoadedModel, act: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """explain.gradients' reference for such a model: torch autograd through the unmodified head modules at
+    the graph's own activations (the activations themselves are checked against the reference separately),
+    so the hand-written backward is compared where the kinks fall the same way."""
+    _, grad = head_autograd(lm, torch.from_numpy(np.ascontiguousarray(act)), None, torch.from_numpy(target))
+    return grad.numpy()
+
+
 def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SIZES, seed: int = 1234,
                     spin: bool = True) -> dict:
     """Run the written graphs with ORT-CPU against PyTorch; raise ValidationError listing all failures."""
@@ -269,8 +284,11 @@ def validate_graphs(lm: LoadedModel, paths: dict[str, Path], sizes=VALIDATION_SI
                                  "max_rel": float("inf"), "atol": 0, "rtol": 0,
                                  "reason": f"ORT run failed: {str(e).splitlines()[0][:200]}"})
                 continue
+            ref = refs[name]
+            if name == "explain" and _has_local_kinks(lm):
+                ref = {**ref, "gradients": _gradients_at(lm, outs["activations"], feeds[name]["target"])}
             for out_name, tol in spec.tolerances.items():
-                r = compare(outs[out_name], refs[name][out_name], tol.atol, tol.rtol)
+                r = compare(outs[out_name], ref[out_name], tol.atol, tol.rtol)
                 row = {"graph": name, "output": out_name, "batch": b, "L": l, "atol": tol.atol, "rtol": tol.rtol, **r}
                 rows.append(row)
                 if not r["ok"]:

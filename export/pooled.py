@@ -3,16 +3,24 @@ followed by a small MLP, with the head's backward written by hand.
 
 Most CNN classifiers people deploy end this way (torchvision ResNet/EfficientNet/MobileNetV3/ConvNeXt,
 timm, EfficientNet-Lite): target layer A [B, C, h, w] -> p = mean_hw(A) [B, C] -> head ops -> logits [B, K].
-The head ops supported here, each with its vector-Jacobian product in plain torch ops:
+A target layer one block earlier puts a position-wise part before the pooling (the 1x1 conv head of
+EfficientNet and MobileNetV3: Conv2d 1x1 -> BatchNorm -> activation at every position), and then the head is
+not linear in A: A -> local ops at each of the h w positions -> mean over positions -> head ops -> logits.
+The ops supported here, each with its vector-Jacobian product in plain torch ops:
 
     Linear      y = x W^T + b                     g_x = g_y W
     ReLU        y = max(x, 0)                     g_x = g_y * (x > 0)
     Hardswish   y = x relu6(x + 3) / 6            g_x = g_y * (0 | x / 3 + 1/2 | 1)   (torch's backward)
+    ReLU6       y = min(max(x, 0), 6)             g_x = g_y * (0 < x < 6)             (local ops only)
+    SiLU        y = x sigmoid(x)                  g_x = g_y * s (1 + x (1 - s))       (local ops only)
+    Conv2d 1x1  a Linear over channels at every position (no padding, stride 1, one group)
+    BatchNorm2d y = x k + t (eval statistics)     g_x = g_y * k                       (local ops only)
     LayerNorm   y = (x - mu) / s * w + b          g_x = (g^ - mean(g^) - x^ mean(g^ x^)) / s,  g^ = g_y w
     Dropout, Flatten, Identity                    no-ops in eval
 
 and the pooling's backward broadcasts: dy/dA[b, c, i, j] = g_p[b, c] / (h w). For a single Linear head this is
-the design card's dy/dA = W[target] / (h w). The classes are fixed (the Linear's K outputs): the graphs have
+the design card's dy/dA = W[target] / (h w). With local ops the pooling's backward comes first and the local
+ops' backward then runs at every position (on [B, h w, C] rows). The classes are fixed (the Linear's K outputs): the graphs have
 no `text` input and the labels live in the export.
 
 `PooledModel` wraps an unmodified classifier with three declarations (trunk, head modules, target layer) so
@@ -21,7 +29,7 @@ the export can build its graphs and validate them against torch autograd on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,6 +41,7 @@ class HeadError(ValueError):
 
 
 SUPPORTED_HEAD_MODULES = ("Linear", "ReLU", "Hardswish", "LayerNorm", "LayerNorm2d", "Dropout", "Flatten", "Identity")
+SUPPORTED_LOCAL_MODULES = ("Conv2d 1x1", "BatchNorm2d", "ReLU", "ReLU6", "Hardswish", "SiLU", "Dropout", "Identity")
 
 
 class _Op(nn.Module):
@@ -40,10 +49,11 @@ class _Op(nn.Module):
 
 
 class _Linear(_Op):
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear | nn.Conv2d):
         super().__init__()
-        self.register_buffer("w", lin.weight.detach().clone())  # [out, in]
-        b = lin.bias.detach().clone() if lin.bias is not None else torch.zeros(lin.out_features)
+        w = lin.weight.detach().clone()
+        self.register_buffer("w", w.reshape(w.shape[0], -1))  # [out, in] (a 1x1 conv's [out, in, 1, 1] too)
+        b = lin.bias.detach().clone() if lin.bias is not None else torch.zeros(w.shape[0])
         self.register_buffer("b", b)
 
     def forward(self, x):
@@ -72,6 +82,47 @@ class _Hardswish(_Op):
         return g * d
 
 
+class _ReLU6(_Op):
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 6.0), x
+
+    def backward(self, g, x):
+        # torch's hardtanh_backward: the gradient passes strictly inside (0, 6)
+        return g * ((x > 0.0) & (x < 6.0)).to(g.dtype)
+
+
+class _SiLU(_Op):
+    def forward(self, x):
+        return x * torch.sigmoid(x), x
+
+    def backward(self, g, x):
+        s = torch.sigmoid(x)
+        return g * (s * (1.0 + x * (1.0 - s)))
+
+
+class _BatchNorm(_Op):
+    """BatchNorm2d in eval: a per-channel affine map with the running statistics."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise HeadError("a BatchNorm2d without running statistics has no fixed eval map")
+        k = 1.0 / torch.sqrt(bn.running_var.detach() + bn.eps)
+        if bn.weight is not None:
+            k = k * bn.weight.detach()
+        t = -bn.running_mean.detach() * k
+        if bn.bias is not None:
+            t = t + bn.bias.detach()
+        self.register_buffer("k", k.clone())
+        self.register_buffer("t", t.clone())
+
+    def forward(self, x):
+        return x * self.k + self.t, None
+
+    def backward(self, g, cache):
+        return g * self.k
+
+
 class _LayerNorm(_Op):
     def __init__(self, ln: nn.Module):
         super().__init__()
@@ -95,13 +146,17 @@ class _LayerNorm(_Op):
         return (gh - gh.mean(-1, keepdim=True) - xh * (gh * xh).mean(-1, keepdim=True)) * rstd
 
 
-def head_ops(modules: list[nn.Module]) -> list[_Op]:
-    """The classifier's modules after the pooling -> ops with a hand-written backward (HeadError otherwise)."""
-    ops: list[_Op] = []
+def _flatten(modules: list[nn.Module]) -> list[nn.Module]:
     flat: list[nn.Module] = []
     for m in modules:
         flat.extend(m if isinstance(m, nn.Sequential) else [m])
-    for m in flat:
+    return flat
+
+
+def head_ops(modules: list[nn.Module]) -> list[_Op]:
+    """The classifier's modules after the pooling -> ops with a hand-written backward (HeadError otherwise)."""
+    ops: list[_Op] = []
+    for m in _flatten(modules):
         kind = type(m).__name__
         if isinstance(m, nn.Linear):
             ops.append(_Linear(m))
@@ -121,32 +176,87 @@ def head_ops(modules: list[nn.Module]) -> list[_Op]:
     return ops
 
 
-class PooledHead(nn.Module):
-    """Global average pooling + head ops, with the explicit backward of one logit per image."""
+def _is_1x1_conv(m: nn.Module) -> bool:
+    if not isinstance(m, nn.Conv2d):
+        return False
+    pad = getattr(m, "static_padding", None)      # EfficientNet-Lite's Conv2dStaticSamePadding
+    same_pad = (pad is None or type(pad).__name__ == "Identity"
+                or (isinstance(pad, nn.ZeroPad2d) and not any(pad.padding)))
+    return (tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1) and m.groups == 1
+            and tuple(m.dilation) == (1, 1) and m.padding in ((0, 0), 0, "valid") and same_pad)
 
-    def __init__(self, ops: list[_Op]):
+
+def local_ops(modules: list[nn.Module]) -> list[_Op]:
+    """The position-wise modules between the target layer and the pooling -> ops with a hand-written backward
+    (HeadError naming the module otherwise)."""
+    ops: list[_Op] = []
+    for m in _flatten(modules):
+        kind = type(m).__name__
+        if isinstance(m, nn.Conv2d):
+            if not _is_1x1_conv(m):
+                raise HeadError(f"local head module {kind} {tuple(m.kernel_size)} is not a position-wise 1x1 "
+                                f"convolution (stride 1, one group, no padding)")
+            ops.append(_Linear(m))
+        elif isinstance(m, nn.BatchNorm2d):
+            ops.append(_BatchNorm(m))
+        elif isinstance(m, nn.ReLU6):
+            ops.append(_ReLU6())
+        elif isinstance(m, nn.ReLU):
+            ops.append(_ReLU())
+        elif isinstance(m, nn.Hardswish):
+            ops.append(_Hardswish())
+        elif isinstance(m, nn.SiLU):
+            ops.append(_SiLU())
+        elif isinstance(m, (nn.Dropout, nn.Identity)):
+            continue
+        else:
+            raise HeadError(f"local head module {kind} has no hand-written backward; supported: "
+                            f"{', '.join(SUPPORTED_LOCAL_MODULES)}")
+    return ops
+
+
+class PooledHead(nn.Module):
+    """[local ops at every position] + global average pooling + head ops, with the explicit backward of one
+    logit per image."""
+
+    def __init__(self, ops: list[_Op], local: list[_Op] = ()):
         super().__init__()
         self.ops = nn.ModuleList(ops)
+        self.local = nn.ModuleList(local)
 
     def forward_cache(self, a: torch.Tensor):
-        x = a.mean((2, 3))                                   # [B, C]
+        local_caches = []
+        if len(self.local):
+            x = a.flatten(2).transpose(1, 2)                 # [B, h w, C]: one row per position
+            for op in self.local:
+                x, c = op(x)
+                local_caches.append(c)
+            x = x.mean(1)                                    # [B, C']
+        else:
+            x = a.mean((2, 3))                               # [B, C]
         caches = []
         for op in self.ops:
             x, c = op(x)
             caches.append(c)
-        return x, caches                                     # logits [B, K]
+        return x, (caches, local_caches)                     # logits [B, K]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.forward_cache(a)[0]
 
     def backward(self, a: torch.Tensor, caches, target: torch.Tensor) -> torch.Tensor:
         """d logits[b, target[b]] / d a, shape [B, C, h, w]."""
+        caches, local_caches = caches
         last = self.ops[-1]
         g = last.w[target]                                   # [B, n_in]: one-hot through the last Linear
         for op, c in zip(reversed(self.ops[:-1]), reversed(caches[:-1])):
             g = op.backward(g, c)
         n = a.shape[2] * a.shape[3]
-        return g[:, :, None, None].expand_as(a) / n          # [B, C, h, w]: the mean's backward
+        if not len(self.local):
+            return g[:, :, None, None].expand_as(a) / n      # [B, C, h, w]: the mean's backward
+        g = (g / n)[:, None, :].expand(-1, n, -1)            # [B, h w, C']: the mean's backward
+        for op, c in zip(reversed(list(self.local)), reversed(local_caches)):
+            g = op.backward(g, c)
+        return g.transpose(1, 2).reshape(a.shape)            # [B, C, h, w]
 
 
 @dataclass
@@ -158,6 +268,7 @@ class PooledParts:
     target_module: nn.Module                        # module whose output (call `target_call`) is the target layer
     target_call: int = -1                           # which call of target_module in one forward (-1: the last)
     name: str = ""                                  # the target layer, as the manifest names it
+    local_modules: list = field(default_factory=list)  # position-wise modules between the layer and the pooling
 
 
 class PooledModel(nn.Module):
@@ -168,6 +279,10 @@ class PooledModel(nn.Module):
         self.model = model
         self.parts = parts
         self.ops = head_ops(parts.head_modules)
+        self.local = local_ops(parts.local_modules)
+
+    def head(self) -> PooledHead:
+        return PooledHead(self.ops, self.local)
 
     def forward(self, image):
         return self.model(image)
@@ -177,8 +292,12 @@ class PooledModel(nn.Module):
         return int(self.ops[-1].w.shape[0])
 
     def head_eager(self, act: torch.Tensor) -> torch.Tensor:
-        """The unmodified head modules on activations: global average pooling, then each module."""
-        x = act.mean((2, 3), keepdim=True)                   # [B, C, 1, 1] as AdaptiveAvgPool2d(1)
+        """The unmodified head modules on activations: the local modules, global average pooling, then each
+        module."""
+        x = act
+        for m in self.parts.local_modules:
+            x = m(x)
+        x = x.mean((2, 3), keepdim=True)                     # [B, C, 1, 1] as AdaptiveAvgPool2d(1)
         for m in self.parts.head_modules:
             if isinstance(m, nn.Linear) and x.ndim > 2:
                 x = torch.flatten(x, 1)
@@ -210,7 +329,7 @@ class PooledExplain(nn.Module):
     def __init__(self, pm: PooledModel):
         super().__init__()
         self.trunk = PooledTrunk(pm)
-        self.head = PooledHead(pm.ops)
+        self.head = pm.head()
 
     def forward(self, image, target):
         a = self.trunk(image)
@@ -225,7 +344,7 @@ class PooledClassify(nn.Module):
     def __init__(self, pm: PooledModel):
         super().__init__()
         self.trunk = PooledTrunk(pm)
-        self.head = PooledHead(pm.ops)
+        self.head = pm.head()
 
     def forward(self, image):
         return self.head(self.trunk(image))
@@ -237,7 +356,7 @@ class PooledFeatures(nn.Module):
     def __init__(self, pm: PooledModel):
         super().__init__()
         self.trunk = PooledTrunk(pm)
-        self.head = PooledHead(pm.ops)
+        self.head = pm.head()
 
     def forward(self, image):
         a = self.trunk(image)
@@ -249,7 +368,7 @@ class PooledHeadGraph(nn.Module):
 
     def __init__(self, pm: PooledModel):
         super().__init__()
-        self.head = PooledHead(pm.ops)
+        self.head = pm.head()
 
     def forward(self, activations):
         return self.head(activations)
@@ -261,7 +380,7 @@ class PooledHeadGrad(nn.Module):
 
     def __init__(self, pm: PooledModel):
         super().__init__()
-        self.head = PooledHead(pm.ops)
+        self.head = pm.head()
 
     def forward(self, activations, target):
         logits, caches = self.head.forward_cache(activations)

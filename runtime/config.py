@@ -56,7 +56,8 @@ Integration "ig" (method `decomcam-ig`) decomposes a different evidence map and 
   sum(S_IG) = y(A) - y(0) up to the rule's error (completeness). The gradients at alpha_k A come from
   head_grad.onnx (the head after the target layer and its explicit backward), m head passes per image and no
   pass through the trunk. For a head that is linear in A (global average pooling + one Linear) the gradient
-  does not depend on A and S_IG = S*; for CLIP's attention pool and for pooled MLP heads it does.
+  does not depend on A and S_IG = S*; for CLIP's attention pool, for pooled MLP heads and for a 1x1 conv
+  head before the pooling (the `-lastblock` exports) it does.
 - Decomposition: the paper's, of S_IG instead of S* (top-p feature maps F_i, the same sign convention).
 - Integration: the rank-p part of S_IG's channel sum, sum_{i<=p} a_i F_i with a_i = <F_i, g> / sigma_i^2 and
   g = sum_c S_IG[c] (every share weight 1; no gains, no forwards), then the CAM finish with the authors'

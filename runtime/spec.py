@@ -8,7 +8,8 @@ runtime/ reads them (through the manifest) to bind inputs and outputs. Nothing h
 Two model families share the five graph names (see FAMILIES):
     clip            open_clip's CLIP ResNets: the classes are data, a `text` input of class embeddings [L, D]
     pooled-linear   CNN classifiers whose head is global average pooling + a small MLP (Linear, elementwise
-                    activations, LayerNorm): the classes are fixed, logits [batch, K], no `text` input
+                    activations, LayerNorm), optionally after a position-wise 1x1 conv head (Conv 1x1, BatchNorm,
+                    activation at every position): the classes are fixed, logits [batch, K], no `text` input
 
 Axis names:
     batch  dynamic, images per call

@@ -287,8 +287,10 @@ def main_real(args, argv) -> int:
                          "as the boxes are scaled with it")
     load_start = load_average()
     ex = _explainer(args)
+    from .evaluate import parse_method_spec
+
     for m in methods:        # every graph each method runs, before any photo (an older export lacks head_grad)
-        ex.check_graphs(m)
+        ex.check_graphs(parse_method_spec(m)[0])
     res = evaluate_real(ex, items, methods, cfg, progress=not args.no_progress)
     machine = machine_info(args.threads)
     machine["load_average"] = {"start": load_start, "end": load_average()}

@@ -48,6 +48,9 @@ from .voc import VocItem
 __all__ = [
     "DEFAULT_METHODS",
     "METHOD_ALIASES",
+    "METHOD_OPTIONS",
+    "parse_method_spec",
+    "method_call",
     "POINT_BASELINES",
     "SALIENCY_BASELINES",
     "PAPER_STEP",
@@ -94,9 +97,60 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+#: Options a --methods entry may carry after its name, "NAME:key=value[:key=value]" (benchmark controls):
+#: kernel   the CAM family's final upsampling, bilinear (default) or bicubic (Decom-CAM's kernel)
+#: top_p    the Decom-CAM methods' number of components (an integer >= 1)
+METHOD_OPTIONS = {"kernel": ("bilinear", "bicubic"), "top_p": int}
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """"gradcam:kernel=bicubic" -> ("gradcam", {"kernel": "bicubic"}); a bare name has no options. Unknown
+    keys, bad values and options the method does not take are ValueErrors naming the entry."""
+    name, *opts = spec.split(":")
+    name = METHOD_ALIASES.get(name, name)
+    out: dict = {}
+    for o in opts:
+        key, sep, val = o.partition("=")
+        if not sep or key not in METHOD_OPTIONS:
+            raise ValueError(f"method '{spec}': option '{o}' is not key=value with a key among "
+                             f"{', '.join(METHOD_OPTIONS)}")
+        allowed = METHOD_OPTIONS[key]
+        if allowed is int:
+            if not val.isdigit() or int(val) < 1:
+                raise ValueError(f"method '{spec}': {key} must be an integer >= 1, got '{val}'")
+            out[key] = int(val)
+        elif val not in allowed:
+            raise ValueError(f"method '{spec}': {key} must be one of {', '.join(allowed)}, got '{val}'")
+        else:
+            out[key] = val
+    decom = name.startswith("decomcam")
+    if "top_p" in out and not decom:
+        raise ValueError(f"method '{spec}': top_p applies to the Decom-CAM methods only")
+    if "kernel" in out and decom:
+        raise ValueError(f"method '{spec}': kernel applies to the CAM baselines (Decom-CAM's kernel is fixed)")
+    return name, out
+
+
+def method_call(explainer, spec: str):
+    """(method for Explainer.explain_arrays, its config or None) for a --methods entry."""
+    name, opts = parse_method_spec(spec)
+    if not opts:
+        return name, None
+    from runtime.methods import get_method
+
+    meth = get_method(name)
+    if "kernel" in opts:
+        if not hasattr(meth, "kernel"):
+            raise ValueError(f"method '{spec}': {name} has no upsampling kernel to choose")
+        meth.kernel = opts["kernel"]
+    cfg = explainer.config.with_(top_p=opts["top_p"]) if "top_p" in opts else None
+    return meth, cfg
+
+
 def resolve_methods(spec: str | Sequence[str] | None, registered: Sequence[str] | None = None) -> list[str]:
-    """Method names to evaluate: ``spec`` (comma-separated or a list; aliases as ``METHOD_ALIASES``), or
-    the registered ones among ``DEFAULT_METHODS`` when None. An unknown name lists the registered ones."""
+    """Method names to evaluate: ``spec`` (comma-separated or a list; aliases as ``METHOD_ALIASES``; options
+    as ``METHOD_OPTIONS``), or the registered ones among ``DEFAULT_METHODS`` when None. An unknown name lists
+    the registered ones."""
     if registered is None:
         from runtime.methods import list_methods
 
@@ -109,9 +163,11 @@ def resolve_methods(spec: str | Sequence[str] | None, registered: Sequence[str] 
         name = raw.strip().lower()
         if not name:
             continue
-        name = METHOD_ALIASES.get(name, name)
-        if name not in registered:
+        base, opts = parse_method_spec(name)
+        base = METHOD_ALIASES.get(base, base)
+        if base not in registered:
             raise ValueError(f"unknown method '{raw.strip()}'; registered methods: {', '.join(registered)}")
+        name = ":".join([base, *(f"{k}={v}" for k, v in opts.items())])
         if name not in out:
             out.append(name)
     if not out:
@@ -181,8 +237,9 @@ def explain_maps(explainer, rgbs: list[np.ndarray], targets: list[int], method: 
             todo.append(i)
     for s in range(0, len(todo), _GROUP):
         idx = todo[s:s + _GROUP]
+        meth, cfg = method_call(explainer, method)
         res = explainer.explain_arrays([rgbs[i] for i in idx], target=[int(targets[i]) for i in idx],
-                                       method=method)
+                                       method=meth, **({} if cfg is None else {"config": cfg}))
         for i, e in zip(idx, res):
             sal = np.asarray(e.saliency, np.float32)
             if not np.all(np.isfinite(sal)):

@@ -50,6 +50,7 @@ from .evaluate import (
     center_saliency,
     class_indices,
     explain_maps,
+    parse_method_spec,
     log,
     random_saliency,
 )
@@ -265,11 +266,14 @@ def evaluate_real(explainer, items: Sequence[BoxedItem], methods: Sequence[str],
     targets, mapping = map_targets(labels, class_set, usable, cfg.targets)
     log(f"targets: {mapping['note']} (class set '{mapping['class_set']}', {mapping['n_classes']} classes; "
         f"{mapping['names_agree']}/{mapping['n']} manifest names equal the class set's label)")
-    slow = [m for m in methods if m in SLOW_METHODS]
+    def is_slow(m: str) -> bool:
+        return parse_method_spec(m)[0] in SLOW_METHODS
+
+    slow = [m for m in methods if is_slow(m)]
     subset = None
     if cfg.score_subset is not None and slow:
         subset = {"methods": slow, "n_first_images": int(cfg.score_subset),
-                  "reason": "; ".join(f"{m}: {SLOW_METHODS[m]}" for m in slow)}
+                  "reason": "; ".join(f"{m}: {SLOW_METHODS[parse_method_spec(m)[0]]}" for m in slow)}
         log(f"{', '.join(slow)} run on the first {cfg.score_subset} images only ({subset['reason']})")
     names = [*methods, *SALIENCY_BASELINES]
     seconds = {m: {"explain": 0.0, "pointing": 0.0, "curves": 0.0, "images": 0} for m in methods}
@@ -326,7 +330,7 @@ def evaluate_real(explainer, items: Sequence[BoxedItem], methods: Sequence[str],
         subs = {(j, mode): _substrate(x[j], cfg.substrates[mode])
                 for j, r in enumerate(rows) if r["correct"] for mode in _CURVES}
         for m in names:
-            sel = [j for j, r in enumerate(rows) if r["in_subset"] or m not in SLOW_METHODS or subset is None]
+            sel = [j for j, r in enumerate(rows) if r["in_subset"] or not is_slow(m) or subset is None]
             if not sel:
                 continue
             if bar is not None:
@@ -364,7 +368,7 @@ def evaluate_real(explainer, items: Sequence[BoxedItem], methods: Sequence[str],
         raise ValueError("no image could be read")
 
     def runs(m: str, rows: list[dict]) -> list[dict]:
-        return [r for r in rows if m not in SLOW_METHODS or subset is None or r["in_subset"]]
+        return [r for r in rows if not is_slow(m) or subset is None or r["in_subset"]]
 
     def summarise(rows: list[dict]) -> dict:
         return {

@@ -6,6 +6,7 @@
          or the whole low-resolution map [B, h, w] `cam(ctx)`                (EigenCAM)
     cam = sum_c W_c * A_c                          [B, h, w]
     ReLU, bilinear upsampling (backend.resize, half-pixel centres) to S x S, per-map min-max to [0, 1]
+    (`kernel = "bicubic"` on an instance: OpenCV's cubic kernel instead, the kernel Decom-CAM's maps use)
 
 This is pytorch-grad-cam's order up to an affine map: it ReLUs, min-max scales, resizes with cv2 and
 min-max scales again; bilinear resizing commutes with x -> a x + b, so the final maps are the same.
@@ -27,7 +28,7 @@ import numpy as np
 from ..decomcam import minmax
 from .base import Method, MethodContext, MethodOutput
 
-UPSAMPLE_MODES = ("bilinear", "align_corners")
+UPSAMPLE_MODES = ("bilinear", "align_corners", "bicubic")
 EPS = 1e-12  # guards divisions by sums that are exactly zero only for all-zero inputs
 
 
@@ -49,11 +50,12 @@ def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def upsample(be, maps, size: int, mode: str = "bilinear"):
-    """maps [N, h, w] -> [N, size, size] float32; "bilinear" is the backend's (OpenCV, half-pixel
-    centres), "align_corners" is torch's UpsamplingBilinear2d (pytorch-grad-cam's Score-CAM)."""
+    """maps [N, h, w] -> [N, size, size] float32; "bilinear" / "bicubic" are the backend's (OpenCV
+    INTER_LINEAR / INTER_CUBIC, half-pixel centres), "align_corners" is torch's UpsamplingBilinear2d
+    (pytorch-grad-cam's Score-CAM)."""
     xp = be.xp
-    if mode == "bilinear":
-        return be.resize(maps.astype(xp.float32), size, "bilinear")
+    if mode in ("bilinear", "bicubic"):
+        return be.resize(maps.astype(xp.float32), size, mode)
     if mode != "align_corners":
         raise ValueError(f"unknown upsampling '{mode}'; valid: {', '.join(UPSAMPLE_MODES)}")
     _, h, w = maps.shape
@@ -77,6 +79,7 @@ class BaseCam(Method):
     name = "basecam"
     needs_activations = True
     needs_gradients = True
+    kernel = "bilinear"   # the final upsampling: "bilinear" (every published CAM) or "bicubic"
 
     def __init__(self):
         self.forwards = 0  # extra graph forwards in the current call, all images together
@@ -110,7 +113,7 @@ class BaseCam(Method):
         ctx.timings["weights"] = time.perf_counter() - t - (sum(ctx.timings.values()) - before)
         t = time.perf_counter()
         cam = xp.maximum(cam, 0)
-        sal = minmax(xp, upsample(be, cam, size)).astype(xp.float32)     # [B, S, S]
+        sal = minmax(xp, upsample(be, cam, size, self.kernel)).astype(xp.float32)  # [B, S, S]
         be.synchronize()
         ctx.timings["upsample"] = time.perf_counter() - t
         return MethodOutput(sal, forwards=math.ceil(self.forwards / max(b, 1)))

