@@ -23,8 +23,8 @@ the design card's dy/dA = W[target] / (h w). With local ops the pooling's backwa
 ops' backward then runs at every position (on [B, h w, C] rows). The classes are fixed (the Linear's K outputs): the graphs have
 no `text` input and the labels live in the export.
 
-`PooledModel` wraps an unmodified classifier with three declarations (trunk, head modules, target layer) so
-the export can build its graphs and validate them against torch autograd on the unmodified module.
+`PooledModel` wraps an unmodified classifier with its declarations (trunk, local modules, head modules, target
+layer) so the export can build its graphs and validate them against torch autograd on the unmodified module.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ SUPPORTED_LOCAL_MODULES = ("Conv2d 1x1", "BatchNorm2d", "ReLU", "ReLU6", "Hardsw
 
 
 class _Op(nn.Module):
-    """One head op: forward(x) -> (y, cache); backward(g_y, cache) -> g_x. x, y [B, n]."""
+    """One head op: forward(x) -> (y, cache); backward(g_y, cache) -> g_x. x, y [B, n] after the pooling,
+    [B, h w, n] for the local ops (every op acts on the last axis)."""
 
 
 class _Linear(_Op):

@@ -198,8 +198,8 @@ FAMILIES: dict[str, Family] = {
     "clip": Family("clip", True, GRAPHS,
                    "open_clip ModifiedResNet + attention pool; cosine logits against class embeddings"),
     "pooled-linear": Family("pooled-linear", False, {n: _fixed_classes(g) for n, g in GRAPHS.items()},
-                            "CNN trunk + global average pooling + a small head (Linear, ReLU/Hardswish, "
-                            "LayerNorm); fixed classes"),
+                            "CNN trunk + [a position-wise 1x1 conv head] + global average pooling + a small "
+                            "head (Linear, ReLU/Hardswish, LayerNorm); fixed classes"),
 }
 DEFAULT_FAMILY = "clip"  # a manifest without a `family` field was written before families existed
 

@@ -103,20 +103,26 @@ def log(msg: str) -> None:
 METHOD_OPTIONS = {"kernel": ("bilinear", "bicubic"), "top_p": int}
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """"gradcam:kernel=bicubic" -> ("gradcam", {"kernel": "bicubic"}); a bare name has no options. Unknown
-    keys, bad values and options the method does not take are ValueErrors naming the entry."""
+def parse_method_spec(spec: str, registered: Sequence[str] | None = None) -> tuple[str, dict]:
+    """"gradcam:kernel=bicubic" -> ("gradcam", {"kernel": "bicubic"}); a bare name has no options, and an
+    option at its default (kernel=bilinear) is dropped so that it names the same run as the bare name. An
+    unknown name (when `registered` is given), unknown or repeated keys, bad values and options the method
+    does not take are ValueErrors naming the entry."""
     name, *opts = spec.split(":")
     name = METHOD_ALIASES.get(name, name)
+    if registered is not None and name not in registered:
+        raise ValueError(f"unknown method '{spec}'; registered methods: {', '.join(registered)}")
     out: dict = {}
     for o in opts:
         key, sep, val = o.partition("=")
         if not sep or key not in METHOD_OPTIONS:
             raise ValueError(f"method '{spec}': option '{o}' is not key=value with a key among "
                              f"{', '.join(METHOD_OPTIONS)}")
+        if key in out:
+            raise ValueError(f"method '{spec}': {key} is given twice")
         allowed = METHOD_OPTIONS[key]
         if allowed is int:
-            if not val.isdigit() or int(val) < 1:
+            if not (val.isascii() and val.isdigit()) or int(val) < 1:
                 raise ValueError(f"method '{spec}': {key} must be an integer >= 1, got '{val}'")
             out[key] = int(val)
         elif val not in allowed:
@@ -128,6 +134,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
         raise ValueError(f"method '{spec}': top_p applies to the Decom-CAM methods only")
     if "kernel" in out and decom:
         raise ValueError(f"method '{spec}': kernel applies to the CAM baselines (Decom-CAM's kernel is fixed)")
+    if out.get("kernel") == "bilinear":
+        del out["kernel"]
     return name, out
 
 
@@ -163,10 +171,7 @@ def resolve_methods(spec: str | Sequence[str] | None, registered: Sequence[str] 
         name = raw.strip().lower()
         if not name:
             continue
-        base, opts = parse_method_spec(name)
-        base = METHOD_ALIASES.get(base, base)
-        if base not in registered:
-            raise ValueError(f"unknown method '{raw.strip()}'; registered methods: {', '.join(registered)}")
+        base, opts = parse_method_spec(name, registered)
         name = ":".join([base, *(f"{k}={v}" for k, v in opts.items())])
         if name not in out:
             out.append(name)

@@ -2,9 +2,10 @@
 
     python -m benchmarks.quality.kernel_check {gain-share|baselines} [--out DIR] [--json FILE] [--quick]
 
-A measurement for the integration study (benchmarks/README.md, "Third round"), not a runtime option. The
-runtime upsamples every CAM map bilinearly (OpenCV, half-pixel centres), as pytorch-grad-cam does. Here
-`bicubic(...)` switches that, for one process, to OpenCV's bicubic kernel:
+A measurement for the integration study (benchmarks/README.md, "Third round"). The runtime upsamples every
+CAM map bilinearly by default (OpenCV, half-pixel centres), as pytorch-grad-cam does; one method instance can
+take the bicubic kernel (`BaseCam.kernel`, the quality benchmark's `--methods gradcam:kernel=bicubic`). Here
+`bicubic(...)` switches the default, for one process and every CAM at once, to OpenCV's bicubic kernel:
 - "gain-share": the final upsampling of Decom-CAM's gain-share integration (runtime.decomcam.integrate_share),
   run with Grad-CAM and LayerCAM left bilinear;
 - "baselines": the upsampling of every gradient CAM (runtime.methods.base_cam.upsample, bilinear mode):

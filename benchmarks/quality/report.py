@@ -23,7 +23,14 @@ _DISPLAY = {
 
 
 def display_name(name: str) -> str:
-    return _DISPLAY.get(name, name)
+    """The table label: "gradcam:kernel=bicubic" -> "GradCAM (bicubic)", "decomcam-ig:top_p=5" ->
+    "Decom-CAM (IG) (p = 5)" (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
+    base, *opts = name.split(":")
+    label = _DISPLAY.get(base, base)
+    for o in opts:
+        key, _, val = o.partition("=")
+        label += f" ({val})" if key == "kernel" else f" (p = {val})" if key == "top_p" else f" ({o})"
+    return label
 
 
 def _rows(result: dict) -> list[tuple[str, dict]]:

@@ -14,7 +14,8 @@ class AblationCam(BaseCam):
 
     One head forward per channel, chunked. A channel whose map is already all zero is not run: ablating
     it changes nothing (y_c = y, w_c = 0). pytorch-grad-cam zeroes the channel too when the layer's minimum
-    is 0 (always, after layer4's ReLU)."""
+    is 0 (always, after layer4's ReLU); on a signed layer (the -lastblock exports' last MBConv block, no
+    activation) it sets the channel to min(A) - 1e7 instead, and the two differ there."""
 
     name = "ablationcam"
     doc = "Ablation-CAM: relative drop of the target logit when each channel is zeroed"

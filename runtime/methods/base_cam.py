@@ -28,7 +28,8 @@ import numpy as np
 from ..decomcam import minmax
 from .base import Method, MethodContext, MethodOutput
 
-UPSAMPLE_MODES = ("bilinear", "align_corners", "bicubic")
+UPSAMPLE_MODES = ("bilinear", "align_corners")   # Score-CAM's mask upsampling (its `upsample` option)
+KERNELS = ("bilinear", "bicubic")                 # the CAM's final upsampling (BaseCam.kernel)
 EPS = 1e-12  # guards divisions by sums that are exactly zero only for all-zero inputs
 
 
@@ -54,10 +55,10 @@ def upsample(be, maps, size: int, mode: str = "bilinear"):
     INTER_LINEAR / INTER_CUBIC, half-pixel centres), "align_corners" is torch's UpsamplingBilinear2d
     (pytorch-grad-cam's Score-CAM)."""
     xp = be.xp
-    if mode in ("bilinear", "bicubic"):
+    if mode in KERNELS:
         return be.resize(maps.astype(xp.float32), size, mode)
     if mode != "align_corners":
-        raise ValueError(f"unknown upsampling '{mode}'; valid: {', '.join(UPSAMPLE_MODES)}")
+        raise ValueError(f"unknown upsampling '{mode}'; valid: {', '.join(sorted(set(UPSAMPLE_MODES + KERNELS)))}")
     _, h, w = maps.shape
     rh = xp.asarray(align_corners_matrix(h, size), dtype=xp.float32)
     rw = xp.asarray(align_corners_matrix(w, size), dtype=xp.float32)

