@@ -68,10 +68,12 @@ follow mask area (above). Measured (benchmarks/README.md, "Ninth round", on the 
 `ig-rank-p-bicubic` that this integration implements; "Tenth round": the runtime reproduces it photo by
 photo): on the attention-pool synthetic benchmark the same share map gains 9.5 points of pointing and 6.4
 of insertion - deletion on S_IG over S*; the map is level with LayerCAM on pointing and ahead of every
-baseline on insertion - deletion on four trained models; on the real photos (a linear head, S_IG = S*) it
-is the rank-p Grad-CAM map with the bicubic kernel, 93.4% pointing and 41.2 insertion - deletion, the
-highest of the methods run (margins: +1.1 [-0.8, 3.0] pointing over LayerCAM, not resolved; +0.3
-[0.05, 0.59] insertion - deletion over Grad-CAM).
+baseline on insertion - deletion on four trained models. On real photos with a linear head (S_IG = S*:
+EfficientNet-Lite0/1/2 after their conv head) it is the rank-p Grad-CAM map with the bicubic kernel, level
+with Grad-CAM ("Eleventh round"). On the same real models one block earlier (the `-lastblock` exports, a
+1x1 conv -> BN -> ReLU6 head before the pooling, so S_IG != S*) it leads every baseline on insertion -
+deletion and Grad-CAM, Grad-CAM++, LayerCAM and Ablation-CAM on pointing, pooled over the three models
+("Twelfth round").
 
 The authors' public code differs; `variant="authors"` (method `decomcam-authors`) follows their 2023
 library (GitHub CapricornGuang/DecomCAM, commit 6272700, `src/cam/decom_cam.py`, `base_cam.py`,

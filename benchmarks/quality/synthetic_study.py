@@ -342,6 +342,33 @@ def run_records(run: dict) -> tuple[list[dict], list[dict]]:
     return run["pointing_game"]["trials"], [r for r in run["deletion_insertion"]["images"] if r["correct"]]
 
 
+def merge_real_runs(runs: list[dict], names: list[str]) -> dict:
+    """Several real-data runs of one model on the same photos (e.g. the methods, then controls run later) as
+    one run: each photo's record gets every run's methods, so that pairs may cross runs. The runs must share
+    the model export (path and weights), the data folder and the photo list; a method in two runs is an
+    error (which one would count?), the model-free baselines are taken from the first."""
+    base = json.loads(json.dumps(runs[0]))
+    for run, name in zip(runs[1:], names[1:]):
+        if run.get("benchmark") != "quality-real" or base.get("benchmark") != "quality-real":
+            raise ValueError(f"{name}: only real-data runs (python -m benchmarks.quality real) merge with '+'")
+        same = [(k, base.get(k), run.get(k)) for k in ("data",)] + \
+            [(f"artifacts.{k}", base["artifacts"].get(k), run["artifacts"].get(k)) for k in ("path", "model", "pretrained")]
+        for what, a, b in same:
+            if a != b:
+                raise ValueError(f"{name}: {what} is {b!r}, the first run's is {a!r}: not the same model and photos")
+        if [r["file"] for r in run["images"]] != [r["file"] for r in base["images"]]:
+            raise ValueError(f"{name}: not the same photos, in the same order, as {names[0]}")
+        for mine, other in zip(base["images"], run["images"]):
+            for field in ("pointing", "auc"):
+                for m, v in other.get(field, {}).items():
+                    if m in ("center_point", "random_point", "random_saliency", "center_saliency"):
+                        continue
+                    if m in mine[field]:
+                        raise ValueError(f"{name}: method '{m}' is in more than one of the merged runs")
+                    mine[field][m] = v
+    return base
+
+
 def _dataset(run: dict) -> str | None:
     """What a run's images are, so that records of different image sets never share a unit: a real run's
     data folder (as a path: a trailing slash does not matter), a synthetic run's generated-data settings
@@ -458,7 +485,8 @@ def main(argv=None) -> int:
     p.add_argument("--components", action="store_true",
                    help="also report the pointing game of each component alone and of the largest-gain one")
     p.add_argument("--pairs", default="",
-                   help="A:B,... paired bootstrap differences (pointing, ins - del) printed after the run")
+                   help="A:B,... paired bootstrap differences (pointing, ins - del) printed after the run; "
+                        "A~B where a name has a colon (gradcam:kernel=bicubic)")
     p.add_argument("--ig-steps", type=int, default=IG_STEPS,
                    help="midpoints of the path integral of the ig-* variants (default %(default)s)")
     p.add_argument("--train-seed", type=int, default=None,
@@ -466,16 +494,22 @@ def main(argv=None) -> int:
                         "(a second, independently trained model; cached like the first)")
     p.add_argument("--from-json", default=None,
                    help="no run: read a run's --json (or several, comma-separated, pooled; a real-data run's "
-                        "`python -m benchmarks.quality real --json` too) and print --pairs")
+                        "`python -m benchmarks.quality real --json` too) and print --pairs; A.json+B.json "
+                        "merges two real-data runs of one model on the same photos into one run")
     args = p.parse_args(argv)
     try:
-        pairs = [tuple(x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]
+        # A~B when a name has a colon itself (a benchmark method option, gradcam:kernel=bicubic)
+        pairs = [tuple(x.split("~", 1) if "~" in x else x.split(":", 1)) for x in args.pairs.split(",") if x.strip()]
         if any(len(x) != 2 for x in pairs):
-            raise ValueError(f"--pairs wants A:B,...; got '{args.pairs}'")
+            raise ValueError(f"--pairs wants A:B,... (or A~B); got '{args.pairs}'")
         if args.from_json:
             if not pairs:
                 raise ValueError("--from-json needs --pairs")
-            runs = [json.loads(Path(f.strip()).read_text()) for f in args.from_json.split(",") if f.strip()]
+            runs = []
+            for entry in (f.strip() for f in args.from_json.split(",") if f.strip()):
+                names = [x.strip() for x in entry.split("+")]
+                parts = [json.loads(Path(x).read_text()) for x in names]
+                runs.append(parts[0] if len(parts) == 1 else merge_real_runs(parts, names))
             print(pairs_table(paired(runs if len(runs) > 1 else runs[0], pairs)))
             return 0
         variants = parse_variants(args.variants)

@@ -58,7 +58,7 @@ def upsample(be, maps, size: int, mode: str = "bilinear"):
     if mode in KERNELS:
         return be.resize(maps.astype(xp.float32), size, mode)
     if mode != "align_corners":
-        raise ValueError(f"unknown upsampling '{mode}'; valid: {', '.join(sorted(set(UPSAMPLE_MODES + KERNELS)))}")
+        raise ValueError(f"unknown upsampling '{mode}'; valid: {', '.join(UPSAMPLE_MODES + ('bicubic',))}")
     _, h, w = maps.shape
     rh = xp.asarray(align_corners_matrix(h, size), dtype=xp.float32)
     rw = xp.asarray(align_corners_matrix(w, size), dtype=xp.float32)

@@ -341,3 +341,43 @@ def test_ig_pieces_integrate_the_heads_gradient(explainer, tiny):
         assert np.abs(z - zc).max() > 1e-3
     with pytest.raises(ValueError, match="needs the model's head gradient"):
         ss.study_method("ig-rank-p", {})
+
+
+def test_merged_real_runs_pair_across_runs(tmp_path, capsys):
+    """A+B merges two real-data runs of one model on the same photos (methods, then controls): a pair across
+    them equals the pair computed on one run holding both; A~B separates names that carry a colon; runs of
+    another model, other photos or a method run twice are refused."""
+    import json
+
+    rng = np.random.default_rng(3)
+    n = 24
+    hit, auc = rng.random((n, 3)) < 0.7, rng.random((n, 3, 2))
+    correct = np.arange(n) % 5 != 0
+    names = ["decomcam-ig", "gradcam", "gradcam:kernel=bicubic"]
+
+    def images(cols):
+        return [{"file": f"images/{i:03d}.JPEG", "correct": bool(correct[i]),
+                 "pointing": {names[j]: {"0": bool(hit[i, j])} for j in cols} | {"center_point": {"0": True}},
+                 "auc": ({names[j]: {"insertion": auc[i, j, 0], "deletion": auc[i, j, 1]} for j in cols}
+                         if correct[i] else {})} for i in range(n)]
+
+    head = {"benchmark": "quality-real", "data": "/photos", "artifacts": {"path": "a/lb", "model": "m", "pretrained": "p"}}
+    whole, first, second = ({**head, "images": images(c)} for c in ((0, 1, 2), (0, 1), (2,)))
+    files = {}
+    for k, run in (("whole", whole), ("first", first), ("second", second)):
+        files[k] = tmp_path / f"{k}.json"
+        files[k].write_text(json.dumps(run))
+    merged = ss.merge_real_runs([first, second], ["first", "second"])
+    ref = ss.paired(whole, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)
+    assert ss.paired(merged, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300) == ref
+    assert ss.main(["--from-json", f"{files['first']}+{files['second']}",
+                    "--pairs", "decomcam-ig~gradcam:kernel=bicubic,gradcam:kernel=bicubic~gradcam"]) == 0
+    out = capsys.readouterr().out
+    assert "| decomcam-ig - gradcam:kernel=bicubic |" in out and "| gradcam:kernel=bicubic - gradcam |" in out
+    other = {**second, "artifacts": {**head["artifacts"], "path": "a/other"}}
+    with pytest.raises(ValueError, match="artifacts.path is 'a/other'.*not the same model and photos"):
+        ss.merge_real_runs([first, other], ["first", "other"])
+    with pytest.raises(ValueError, match="not the same photos"):
+        ss.merge_real_runs([first, {**second, "images": second["images"][1:]}], ["first", "short"])
+    with pytest.raises(ValueError, match="method 'decomcam-ig' is in more than one"):
+        ss.merge_real_runs([first, whole], ["first", "whole"])

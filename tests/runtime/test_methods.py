@@ -211,10 +211,11 @@ def test_align_corners_upsampling():
     maps = np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)
     up = upsample(get_backend("numpy"), maps, 7, "align_corners")
     np.testing.assert_allclose(up[:, [0, -1]][:, :, [0, -1]], maps[:, [0, -1]][:, :, [0, -1]], atol=1e-6)
-    with pytest.raises(ValueError, match="unknown upsampling 'nearest'; valid: bilinear, align_corners"):
+    with pytest.raises(ValueError, match="unknown upsampling 'nearest'; valid: bilinear, align_corners, bicubic"):
         upsample(get_backend("numpy"), maps, 7, "nearest")
-    with pytest.raises(ValueError, match="unknown upsampling"):
-        ScoreCam(upsample="nearest")
+    for bad in ("nearest", "bicubic"):   # Score-CAM's masks: bilinear or align_corners only
+        with pytest.raises(ValueError, match="unknown upsampling"):
+            ScoreCam(upsample=bad)
 
 
 def test_unknown_method_names_the_valid_ones():
