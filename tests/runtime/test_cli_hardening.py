@@ -143,9 +143,12 @@ def test_interrupt_is_one_line_and_leaves_no_temporaries(tiny_artifacts, tmp_pat
 
 
 def test_real_sigint_in_a_subprocess(tiny_artifacts, tmp_path):
-    """A real Ctrl-C (SIGINT) while the CLI runs: exit 130, one line, no traceback."""
+    """A real Ctrl-C (SIGINT) while the CLI runs: exit 130, one line, no traceback. The child starts with
+    Python's own SIGINT handler, as under an interactive shell: a suite launched in the background (nohup,
+    `&` without job control) inherits SIGINT ignored, and Python keeps it ignored."""
     imgs = write_good(tmp_path / "in", 2)
-    code = ("import os, signal, sys\nimport runtime.render as r\n"
+    code = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import runtime.render as r\n"
             "r.write_payloads = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
             "from runtime.explain import main\nsys.exit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", code, *map(str, imgs), *art(tiny_artifacts), "--out", str(tmp_path / "o")],
