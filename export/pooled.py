@@ -154,24 +154,33 @@ def _flatten(modules: list[nn.Module]) -> list[nn.Module]:
     return flat
 
 
-def head_ops(modules: list[nn.Module]) -> list[_Op]:
-    """The classifier's modules after the pooling -> ops with a hand-written backward (HeadError otherwise)."""
+def _convert(modules: list[nn.Module], table, skip: tuple, what: str, supported: tuple) -> list[_Op]:
+    """Modules -> ops by the first matching (test, make) row of `table`; `skip` types are no-ops in eval;
+    anything else is a HeadError naming the module (`what`: "head" or "local head")."""
     ops: list[_Op] = []
     for m in _flatten(modules):
-        kind = type(m).__name__
-        if isinstance(m, nn.Linear):
-            ops.append(_Linear(m))
-        elif isinstance(m, nn.ReLU):
-            ops.append(_ReLU())
-        elif isinstance(m, nn.Hardswish):
-            ops.append(_Hardswish())
-        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:  # torchvision's LayerNorm2d too
-            ops.append(_LayerNorm(m))
-        elif isinstance(m, (nn.Dropout, nn.Flatten, nn.Identity)):
+        if isinstance(m, skip):
             continue
-        else:
-            raise HeadError(f"head module {kind} has no hand-written backward; supported: "
-                            f"{', '.join(SUPPORTED_HEAD_MODULES)}")
+        make = next((mk for test, mk in table if test(m)), None)
+        if make is None:
+            raise HeadError(f"{what} module {type(m).__name__} has no hand-written backward; supported: "
+                            f"{', '.join(supported)}")
+        ops.append(make(m))
+    return ops
+
+
+_HEAD_TABLE = (
+    (lambda m: isinstance(m, nn.Linear), _Linear),
+    (lambda m: isinstance(m, nn.ReLU), lambda m: _ReLU()),
+    (lambda m: isinstance(m, nn.Hardswish), lambda m: _Hardswish()),
+    # torchvision's LayerNorm2d too
+    (lambda m: isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1, _LayerNorm),
+)
+
+
+def head_ops(modules: list[nn.Module]) -> list[_Op]:
+    """The classifier's modules after the pooling -> ops with a hand-written backward (HeadError otherwise)."""
+    ops = _convert(modules, _HEAD_TABLE, (nn.Dropout, nn.Flatten, nn.Identity), "head", SUPPORTED_HEAD_MODULES)
     if not ops or not isinstance(ops[-1], _Linear):
         raise HeadError("the head must end in a Linear layer (the logits)")
     return ops
@@ -187,33 +196,27 @@ def _is_1x1_conv(m: nn.Module) -> bool:
             and tuple(m.dilation) == (1, 1) and m.padding in ((0, 0), 0, "valid") and same_pad)
 
 
+def _local_conv(m: nn.Conv2d) -> _Op:
+    if not _is_1x1_conv(m):
+        raise HeadError(f"local head module {type(m).__name__} {tuple(m.kernel_size)} is not a position-wise 1x1 "
+                        f"convolution (stride 1, one group, no padding)")
+    return _Linear(m)
+
+
+_LOCAL_TABLE = (
+    (lambda m: isinstance(m, nn.Conv2d), _local_conv),
+    (lambda m: isinstance(m, nn.BatchNorm2d), _BatchNorm),
+    (lambda m: isinstance(m, nn.ReLU6), lambda m: _ReLU6()),
+    (lambda m: isinstance(m, nn.ReLU), lambda m: _ReLU()),
+    (lambda m: isinstance(m, nn.Hardswish), lambda m: _Hardswish()),
+    (lambda m: isinstance(m, nn.SiLU), lambda m: _SiLU()),
+)
+
+
 def local_ops(modules: list[nn.Module]) -> list[_Op]:
     """The position-wise modules between the target layer and the pooling -> ops with a hand-written backward
     (HeadError naming the module otherwise)."""
-    ops: list[_Op] = []
-    for m in _flatten(modules):
-        kind = type(m).__name__
-        if isinstance(m, nn.Conv2d):
-            if not _is_1x1_conv(m):
-                raise HeadError(f"local head module {kind} {tuple(m.kernel_size)} is not a position-wise 1x1 "
-                                f"convolution (stride 1, one group, no padding)")
-            ops.append(_Linear(m))
-        elif isinstance(m, nn.BatchNorm2d):
-            ops.append(_BatchNorm(m))
-        elif isinstance(m, nn.ReLU6):
-            ops.append(_ReLU6())
-        elif isinstance(m, nn.ReLU):
-            ops.append(_ReLU())
-        elif isinstance(m, nn.Hardswish):
-            ops.append(_Hardswish())
-        elif isinstance(m, nn.SiLU):
-            ops.append(_SiLU())
-        elif isinstance(m, (nn.Dropout, nn.Identity)):
-            continue
-        else:
-            raise HeadError(f"local head module {kind} has no hand-written backward; supported: "
-                            f"{', '.join(SUPPORTED_LOCAL_MODULES)}")
-    return ops
+    return _convert(modules, _LOCAL_TABLE, (nn.Dropout, nn.Identity), "local head", SUPPORTED_LOCAL_MODULES)
 
 
 class PooledHead(nn.Module):

