@@ -108,12 +108,15 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     return comps, sv[:p], evr, null
 
 
-def path_gradient(clip_model, act: torch.Tensor, text: torch.Tensor, target: torch.Tensor, steps: int) -> torch.Tensor:
-    """mean_k d y_target / d A at alpha_k A, alpha_k = (k + 1/2) / steps, by torch autograd through the
-    unmodified head after the target layer -> [B, C, h, w] float64 (the "ig" integration's gradient)."""
+def path_gradient(clip_model, act: torch.Tensor, text: torch.Tensor, target: torch.Tensor, steps: int,
+                  base: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_k d y_target / d A at A0 + alpha_k (A - A0), alpha_k = (k + 1/2) / steps (A0 = base, or 0), by
+    torch autograd through the unmodified head after the target layer -> [B, C, h, w] float64 (the "ig"
+    integration's gradient)."""
     total = torch.zeros(act.shape, dtype=torch.float64, device=act.device)
+    a0 = torch.zeros_like(act) if base is None else base
     for k in range(steps):
-        a = ((k + 0.5) / steps * act).detach().requires_grad_(True)
+        a = (a0 + (k + 0.5) / steps * (act - a0)).detach().requires_grad_(True)
         with torch.enable_grad():
             y = head_logits(clip_model, a, text)
             (g,) = torch.autograd.grad(y.gather(1, target[:, None]).sum(), a)
@@ -180,8 +183,20 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     clock.lap("explain")
     c, h, w = act.shape[1:]
     p = config.effective_p(c, h * w)
-    if config.integration == "ig":                                  # S_IG = A * the path-averaged gradient
-        grad = path_gradient(clip_model, act, text, target, int(config.ig_steps))
+    if config.integration == "ig":                                  # S_IG = (A - A0) * the path-averaged gradient
+        base = None
+        if config.ig_baseline != "zero":                            # A0: the trunk's activations of a reference
+            ref = torch.zeros_like(image)                           # "mean": the mean colour (0 normalised)
+            if config.ig_baseline == "blur":
+                mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+                std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+                sg, rd = config.sigma(size), config.radius(size)
+                ref = (gaussian_blur(image * std_t + mean_t, sg, rd) - mean_t) / std_t if \
+                    config.blend_space == "pixel" else gaussian_blur(image, sg, rd)
+            base = autograd_reference(clip_model, ref, text, target)[1]
+        grad = path_gradient(clip_model, act, text, target, int(config.ig_steps), base)
+        if base is not None:
+            act = act - base
         clock.lap("head_grad")
 
     fmaps, svals, evrs, nulls, shares = [], [], [], [], []

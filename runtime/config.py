@@ -58,6 +58,12 @@ Integration "ig" (method `decomcam-ig`) decomposes a different evidence map and 
   pass through the trunk. For a head that is linear in A (global average pooling + one Linear) the gradient
   does not depend on A and S_IG = S*; for CLIP's attention pool, for pooled MLP heads and for a 1x1 conv
   head before the pooling (the `-lastblock` exports) it does.
+- Baseline (`ig_baseline`): where the path starts. "zero" (default): the zero activation, as above. "blur":
+  A0 = the trunk's activations of blur(P), the paper's reference image of eq. 11 (the same blur and blend
+  space as the masks); "mean": of the mean-colour image (0 in normalised space, the deletion metric's
+  substrate). Then S_IG = (A - A0) * mean_k dy/dA(A0 + alpha_k (A - A0)), which sums to y(A) - y(A0); one
+  more trunk pass per image (features.onnx). Measured on six real models and the synthetic benchmark
+  (benchmarks/README.md, "Thirteenth round"): neither is better than the zero activation.
 - Decomposition: the paper's, of S_IG instead of S* (top-p feature maps F_i, the same sign convention).
 - Integration: the rank-p part of S_IG's channel sum, sum_{i<=p} a_i F_i with a_i = <F_i, g> / sigma_i^2 and
   g = sum_c S_IG[c] (every share weight 1; no gains, no forwards), then the CAM finish with the authors'
@@ -102,6 +108,7 @@ from dataclasses import dataclass, replace
 
 VARIANTS = ("paper", "authors")
 INTEGRATIONS = ("paper", "gain-share", "ig")
+IG_BASELINES = ("zero", "blur", "mean")
 BLEND_SPACES = ("pixel", "normalized")
 
 NORM_EPS = 1e-7
@@ -118,6 +125,8 @@ class DecomCamConfig:
     authors_top_k: int = 100         # channels kept by the authors' variant (by Grad-CAM weight)
     integration: str = "paper"       # "paper" (eqs. 11-12, default), "gain-share" or "ig" (paper variant only)
     ig_steps: int = 16               # "ig": midpoints of the path alpha * A, alpha_k = (k + 1/2) / ig_steps
+    ig_baseline: str = "zero"        # "ig": where the path starts: the zero activation, or the activations of
+                                     # blur(P) ("blur") or of the mean-colour image ("mean")
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -137,6 +146,8 @@ class DecomCamConfig:
             raise ValueError(f"authors_top_k must be >= 1, got {self.authors_top_k}")
         if int(self.ig_steps) < 1:
             raise ValueError(f"ig_steps must be >= 1, got {self.ig_steps}")
+        if self.ig_baseline not in IG_BASELINES:
+            raise ValueError(f"unknown ig_baseline '{self.ig_baseline}'; valid: {', '.join(IG_BASELINES)}")
 
     def sigma(self, size: int) -> float:
         return float(self.blur_sigma) if self.blur_sigma is not None else 10.0 * size / 224.0

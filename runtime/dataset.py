@@ -149,6 +149,7 @@ class Job:
     blur_sigma: float | None = None
     blend_space: str = "pixel"
     ig_steps: int = 16               # decomcam-ig's path midpoints
+    ig_baseline: str = "zero"        # decomcam-ig's path start (zero, blur, mean)
     resize: str | None = None
     class_set: str | None = None
     batch_size: int = 32             # images per graph call inside an explanation
@@ -195,7 +196,7 @@ class ExplainActor:
         self.out_dir = Path(job.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         config = DecomCamConfig(top_p=job.top_p, blur_sigma=job.blur_sigma, blend_space=job.blend_space,
-                                ig_steps=job.ig_steps)
+                                ig_steps=job.ig_steps, ig_baseline=job.ig_baseline)
         opts = EngineOptions(device_id=job.device_id, intra_op_threads=job.threads)
         self.ex = Explainer.from_artifacts(job.artifacts, engine=job.engine, class_set=job.class_set,
                                            batch_size=job.batch_size, engine_options=opts, resize_mode=job.resize,
@@ -475,7 +476,7 @@ def main(argv=None) -> int:
                             gpus_per_worker=args.gpus_per_worker, images_per_batch=args.images_per_batch,
                             progress=args.progress, engine=args.engine, method=args.method, target=target,
                             top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space,
-                            ig_steps=args.ig_steps, resize=args.resize,
+                            ig_steps=args.ig_steps, ig_baseline=args.ig_baseline, resize=args.resize,
                             class_set=args.classes, batch_size=args.batch_size, threads=args.threads,
                             device_id=args.device_id, precision=args.precision, overwrite=args.overwrite)
     except (DatasetError, ArtifactsError, EngineError, TargetError, ValueError) as e:

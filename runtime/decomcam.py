@@ -172,22 +172,36 @@ def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: i
     return normalise_components(be, upsample(be, dec, h, w, size, config), dec.null)
 
 
+def _blur_input(be: Backend, x, mean, std, config: DecomCamConfig):
+    """x [B, 3, S, S] normalised -> (blend image P, blur(P), blur(P) normalised): P is x in [0, 1] pixels for
+    blend_space "pixel", x itself for "normalized"."""
+    xp = be.xp
+    size = x.shape[-1]
+    sigma, radius = config.sigma(size), config.radius(size)
+    if config.blend_space == "pixel":
+        m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
+        sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
+        pix = x * sd + m
+        pix_b = be.blur(pix, sigma, radius)
+        return pix, pix_b, (pix_b - m) / sd
+    pix_b = be.blur(x, sigma, radius)
+    return x, pix_b, pix_b
+
+
+def blurred_input(be: Backend, x, mean, std, config: DecomCamConfig):
+    """x [B, 3, S, S] normalised -> the paper's reference image blur(P) [B, 3, S, S] float32, normalised (the
+    image y(blur(P)) of eq. 11 is the logit of; the "blur" baseline of the "ig" integration)."""
+    return _blur_input(be, x, mean, std, config)[2].astype(be.xp.float32)
+
+
 def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig, timings: dict | None = None):
     """x [B, 3, S, S] normalised, comps H [B, p, S, S] -> (masked [B, p, 3, S, S], blurred [B, 3, S, S]),
     both normalised, ready for classify. `timings`, when given, gets the seconds of the "blur"."""
     xp = be.xp
     t = time.perf_counter()
-    size = x.shape[-1]
     m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
     sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
-    sigma, radius = config.sigma(size), config.radius(size)
-    if config.blend_space == "pixel":
-        pix = x * sd + m
-        pix_b = be.blur(pix, sigma, radius)
-        blurred = (pix_b - m) / sd
-    else:
-        pix = x
-        pix_b = blurred = be.blur(x, sigma, radius)
+    pix, pix_b, blurred = _blur_input(be, x, mean, std, config)
     if timings is not None:
         be.synchronize()
         timings["blur"] = time.perf_counter() - t
@@ -230,10 +244,11 @@ def integrate_share(be: Backend, y_masked, y_blur, dec: Decomposition, h: int, w
 
 
 def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_size: int,
-                  fixed_chunks: bool = False):
-    """mean_k dy/dA(alpha_k A), alpha_k = (k + 1/2) / steps -> [B, C, h, w] float64: the path-averaged
-    gradient, so that A * path_gradient(...) is the integrated-gradient evidence S_IG from 0 to A (midpoint
-    rule). head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
+                  fixed_chunks: bool = False, base=None):
+    """mean_k dy/dA(A0 + alpha_k (A - A0)), alpha_k = (k + 1/2) / steps -> [B, C, h, w] float64: the
+    path-averaged gradient, so that (A - A0) * path_gradient(...) is the integrated-gradient evidence S_IG from
+    the baseline A0 to A (midpoint rule). base: A0 [B, C, h, w], None for the zero activation.
+    head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
 
     The steps x B rows (alpha_k A_b, step-major) are built and run in calls of batch_size rows, so memory stays
     at one call's activation maps whatever B and steps are. fixed_chunks: the last call is padded to
@@ -242,6 +257,11 @@ def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_siz
     b = act.shape[0]
     tgt = be.asarray(target, dtype=np.int64)
     n, bs = steps * b, max(int(batch_size), 1)
+    diff = act if base is None else act - base
+
+    def point(k, b0, b1):
+        row = diff[b0:b1] * xp.float32((k + 0.5) / steps)
+        return row if base is None else base[b0:b1] + row
     total = xp.zeros(act.shape, xp.float64)
     for start in range(0, n, bs):
         stop = min(start + bs, n)
@@ -252,7 +272,7 @@ def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_siz
             b1 = min(b, b0 + stop - r)
             segs.append((k, b0, b1))
             r += b1 - b0
-        rows = [act[b0:b1] * xp.float32((k + 0.5) / steps) for k, b0, b1 in segs]
+        rows = [point(k, b0, b1) for k, b0, b1 in segs]
         tgts = [tgt[b0:b1] for _, b0, b1 in segs]
         pad = bs - (stop - start) if fixed_chunks and n > bs else 0
         if pad:

@@ -104,6 +104,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend-space", default="pixel", choices=("pixel", "normalized"))
     g.add_argument("--ig-steps", type=int_range(1, 1024), default=16,
                    help="decomcam-ig: midpoints of the path alpha * A, 1..1024 (default 16; one head pass each)")
+    g.add_argument("--ig-baseline", default="zero", choices=("zero", "blur", "mean"),
+                   help="decomcam-ig: where the path starts: the zero activation (default), or the activations of "
+                        "the blurred image blur(P) or of the mean-colour image (one more trunk pass)")
     g.add_argument("--resize", default=None, choices=("crop", "stretch"),
                    help="default: the export's policy (manifest); crop: shortest-side resize + centre crop; "
                         "stretch: whole image to S x S")
@@ -358,7 +361,7 @@ def run(args) -> int:
         return 2
     try:
         config = DecomCamConfig(top_p=args.top_p, blur_sigma=args.blur_sigma, blend_space=args.blend_space,
-                                ig_steps=args.ig_steps)
+                                ig_steps=args.ig_steps, ig_baseline=args.ig_baseline)
         # with the pipeline, ORT's idle intra-op threads do not spin: the loader and writer threads need the cores
         opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads,
                              allow_spinning=args.no_pipeline)

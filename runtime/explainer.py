@@ -13,7 +13,6 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -209,6 +208,15 @@ class Explainer:
         """activations [N, C, h, w] -> logits [N, L], through head.onnx in chunks of batch_size."""
         return self._chunked("head", "activations", acts)
 
+    def features(self, images, target=None) -> object:
+        """images [N, 3, S, S] -> activations of the target layer [N, C, h, w], through features.onnx in chunks
+        of batch_size (explain.onnx, with `target` or top-1, in an export without features.onnx)."""
+        if "features" in self.artifacts.manifest["graphs"]:
+            return self._rows("features", {"image": images}, ["activations"])["activations"]
+        n = images.shape[0]
+        tgt = self.backend.asarray(np.full(n, -1, np.int64) if target is None else target, dtype=np.int64)
+        return self._rows("explain", {"image": images, "target": tgt}, ["activations"])["activations"]
+
     def head_gradient(self, acts, target) -> object:
         """activations [N, C, h, w], target [N] int64 -> d logits[n, target[n]] / d activations [N, C, h, w] at
         those activations, through head_grad.onnx in chunks of batch_size."""
@@ -281,7 +289,7 @@ class Explainer:
         if top_p is not None:
             cfg = cfg.with_(top_p=top_p)
         meth = method if isinstance(method, Method) else get_method(method)
-        be, xp = self.backend, self.backend.xp
+        be = self.backend
         n = len(rgbs)
         sources = sources or [None] * n
         targets = list(target) if isinstance(target, (list, tuple)) else [target] * n
@@ -324,6 +332,7 @@ class Explainer:
             backend=be, x=x, text=self.text, target=tgt, logits=logits, activations=acts, gradients=grads,
             classify=self.classify, head=self.head if meth.needs_head else None,
             head_gradient=self.head_gradient if meth.needs_head_grad else None,
+            features=self.features if meth.needs_activations else None,
             mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
             batch_size=self.batch_size, fixed_chunks=self.fixed_chunks,
         )

@@ -24,12 +24,13 @@ _DISPLAY = {
 
 def display_name(name: str) -> str:
     """The table label: "gradcam:kernel=bicubic" -> "GradCAM (bicubic)", "decomcam-ig:top_p=5" ->
-    "Decom-CAM (IG) (p = 5)" (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
+    "Decom-CAM (IG) (p = 5)", "decomcam-ig:ig_baseline=blur" -> "Decom-CAM (IG) (blur baseline)" (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
     base, *opts = name.split(":")
     label = _DISPLAY.get(base, base)
     for o in opts:
         key, _, val = o.partition("=")
-        label += f" ({val})" if key == "kernel" else f" (p = {val})" if key == "top_p" else f" ({o})"
+        label += (f" ({val})" if key == "kernel" else f" (p = {val})" if key == "top_p"
+                  else f" ({val} baseline)" if key == "ig_baseline" else f" ({o})")
     return label
 
 

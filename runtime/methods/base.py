@@ -33,6 +33,8 @@ class MethodContext:
                                   # Explainer sets it for cuda and trt, EngineOptions.fixed_chunks)
     head_gradient: Callable | None = None  # (activations [N, C, h, w], target [N]) -> d logit_target / d
                                   # activations [N, C, h, w] at those activations, batched through head_grad.onnx
+    features: Callable | None = None  # images [N, 3, S, S] -> activations [N, C, h, w] of the target layer,
+                                  # batched through features.onnx (explain.onnx in an export without it)
 
 
 @dataclass

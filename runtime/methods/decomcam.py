@@ -77,9 +77,10 @@ class DecomCamGainShare(DecomCam):
 
 @register
 class DecomCamIG(Method):
-    """Decom-CAM on the path-integrated evidence S_IG = A * mean_k dy/dA(alpha_k A) (runtime/config.py,
-    integration "ig"): the paper's decomposition of S_IG, the rank-p part of its channel sum, ReLU, bicubic,
-    min-max. ig_steps head passes (head_grad.onnx) per image and no masked forward."""
+    """Decom-CAM on the path-integrated evidence S_IG = (A - A0) * mean_k dy/dA(A0 + alpha_k (A - A0))
+    (runtime/config.py, integration "ig"; A0 = 0 by default, ig_baseline): the paper's decomposition of S_IG,
+    the rank-p part of its channel sum, ReLU, bicubic, min-max. ig_steps head passes (head_grad.onnx) per
+    image, one trunk pass for a baseline image, and no masked forward."""
 
     name = "decomcam-ig"
     needs_gradients = False    # the local gradient is not used: features.onnx (or explain.onnx) gives A
@@ -94,13 +95,24 @@ class DecomCamIG(Method):
             raise ValueError("decomcam-ig needs the head's gradient (head_grad.onnx): MethodContext.head_gradient")
         b, _, h, w = ctx.activations.shape
         size = ctx.x.shape[-1]
+        act, base = ctx.activations, None
+        if cfg.ig_baseline != "zero":
+            if ctx.features is None:
+                raise ValueError(f"decomcam-ig with ig_baseline '{cfg.ig_baseline}' needs the trunk "
+                                 "(features.onnx): MethodContext.features")
+            t = time.perf_counter()
+            ref = (dc.blurred_input(be, ctx.x, ctx.mean, ctx.std, cfg) if cfg.ig_baseline == "blur"
+                   else be.xp.zeros_like(ctx.x))                       # "mean": 0 in normalised space
+            base = ctx.features(ref, ctx.target).astype(act.dtype)     # A0 [B, C, h, w]
+            be.synchronize()
+            ctx.timings["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
-        grad = dc.path_gradient(be, ctx.head_gradient, ctx.activations, ctx.target, int(cfg.ig_steps),
-                                ctx.batch_size, ctx.fixed_chunks)
+        grad = dc.path_gradient(be, ctx.head_gradient, act, ctx.target, int(cfg.ig_steps),
+                                ctx.batch_size, ctx.fixed_chunks, base=base)
         be.synchronize()
         ctx.timings["head_grad"] = time.perf_counter() - t
         t = time.perf_counter()
-        dec = dc.decompose(be, ctx.activations, grad, cfg)
+        dec = dc.decompose(be, act if base is None else act - base, grad, cfg)   # S_IG = (A - A0) * grad
         be.synchronize()
         ctx.timings["decompose"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -113,4 +125,4 @@ class DecomCamIG(Method):
         be.synchronize()
         ctx.timings["integrate"] = time.perf_counter() - t
         return MethodOutput(sal, comps, wts, None, dec.explained_variance, dec.singular_values,
-                            forwards=int(cfg.ig_steps))
+                            forwards=int(cfg.ig_steps) + (base is not None))

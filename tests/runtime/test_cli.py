@@ -318,3 +318,25 @@ def test_render_many_in_the_pool_equals_one_by_one(tiny_artifacts, monkeypatch):
     assert next(it) == want[0] and next(it) == want[1]
     with pytest.raises(ValueError, match="a bug"):
         next(it)
+
+
+def test_ig_baseline_reaches_the_method(tiny_artifacts, tmp_path, capsys):
+    """--ig-baseline blur: the written saliency is the API's decomcam-ig from the blurred image's activations
+    (not the default path's); an unknown baseline is a usage error."""
+    from runtime.config import DecomCamConfig
+    from runtime.explainer import Explainer
+
+    img = write_good(tmp_path / "in", 1, seed=4)[0]
+    out = tmp_path / "out"
+    code, _, err = run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out, "--method", "decomcam-ig",
+                            "--ig-baseline", "blur", "--ig-steps", "4"], capsys)
+    assert code == 0, err
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    blur = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=4, ig_baseline="blur"))
+    zero = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=4))
+    got = np.load(out / f"{img.stem}.npz")["saliency"]
+    np.testing.assert_allclose(got, blur.saliency, atol=1e-6)
+    assert np.abs(got - zero.saliency).max() > 1e-3
+    with pytest.raises(SystemExit) as e:
+        run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out, "--ig-baseline", "black"], capsys)
+    assert e.value.code == 2 and "--ig-baseline: invalid choice: 'black'" in capsys.readouterr().err

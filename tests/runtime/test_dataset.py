@@ -216,11 +216,12 @@ def test_actor_carries_the_method_options(photos, tiny_artifacts, tmp_path):
     from runtime.explainer import Explainer
 
     actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), top_p=3,
-                             method="decomcam-ig", ig_steps=3, blend_space="normalized"))
-    assert actor.ex.config == DecomCamConfig(top_p=3, ig_steps=3, blend_space="normalized")
+                             method="decomcam-ig", ig_steps=3, ig_baseline="blur", blend_space="normalized"))
+    assert actor.ex.config == DecomCamConfig(top_p=3, ig_steps=3, ig_baseline="blur", blend_space="normalized")
     out = actor({"source": [str(photos / "p01.png")], "stem": ["p01"]})
     assert [str(s) for s in out["status"]] == ["ok"]
     ref = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(
-        str(photos / "p01.png"), method="decomcam-ig", config=DecomCamConfig(top_p=3, ig_steps=3))
+        str(photos / "p01.png"), method="decomcam-ig",
+        config=DecomCamConfig(top_p=3, ig_steps=3, ig_baseline="blur", blend_space="normalized"))
     side = int(out["saliency_side"][0])
     np.testing.assert_allclose(np.asarray(out["saliency"][0], np.float32).reshape(side, side), ref.saliency, atol=1e-6)

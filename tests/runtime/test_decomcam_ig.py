@@ -103,11 +103,42 @@ def test_path_gradient_is_the_midpoint_rule_and_chunking_free():
     np.testing.assert_allclose(s_ig.sum((1, 2, 3)), y, rtol=1e-5)
 
 
+def test_path_gradient_from_a_baseline():
+    """The same analytic head from a baseline A0: mean_k grad(A0 + alpha_k (A - A0)) = w + v (A + A0) / 2
+    exactly, and completeness is against the baseline: sum((A - A0) * that) = y(A) - y(A0)."""
+    rng = np.random.default_rng(4)
+    b, c, h, w = 2, 5, 3, 3
+    act = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    base = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    wt, v = rng.standard_normal((4, c, h, w)), rng.standard_normal((4, c, h, w))
+    target = np.array([3, 1])
+
+    def head_gradient(rows, tgt):
+        return (wt[tgt] + rows.astype(np.float64) * v[tgt]).astype(np.float32)
+
+    def y(a):
+        a = a.astype(np.float64)
+        return (wt[target] * a + v[target] * a ** 2 / 2).sum((1, 2, 3))
+
+    be = NumpyBackend()
+    want = wt[target] + v[target] * (act.astype(np.float64) + base) / 2
+    for steps, batch_size, fixed in ((16, 32, False), (3, 4, True), (1, 1, False)):
+        got = path_gradient(be, head_gradient, act, target, steps, batch_size, fixed, base=base)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    s_ig = (act - base) * path_gradient(be, head_gradient, act, target, 8, 32, base=base)
+    np.testing.assert_allclose(s_ig.sum((1, 2, 3)), y(act) - y(base), rtol=1e-5)
+    # a zero baseline is the default path
+    np.testing.assert_allclose(path_gradient(be, head_gradient, act, target, 4, 32, base=np.zeros_like(act)),
+                               path_gradient(be, head_gradient, act, target, 4, 32), atol=1e-12)
+
+
 def test_ig_config_checks():
     with pytest.raises(ValueError, match="needs variant 'paper'"):
         DecomCamConfig(variant="authors", integration="ig")
     with pytest.raises(ValueError, match="ig_steps must be >= 1"):
         DecomCamConfig(integration="ig", ig_steps=0)
+    with pytest.raises(ValueError, match="unknown ig_baseline 'black'; valid: zero, blur, mean"):
+        DecomCamConfig(integration="ig", ig_baseline="black")
 
 
 def _inputs(lm, explainer, images):
@@ -116,16 +147,18 @@ def _inputs(lm, explainer, images):
     return x, text
 
 
-def _check_against_reference(lm, explainer, images, steps, batch_sizes=(1, 32), targets=None):
+def _check_against_reference(lm, explainer, images, steps, batch_sizes=(1, 32), targets=None, baseline="zero",
+                             blend_space="pixel"):
     """targets: explicit classes (a random tiny model's top-1 can be a near-tie between ORT and eager torch)."""
     x, text = _inputs(lm, explainer, images)
-    cfg = DecomCamConfig(integration="ig", ig_steps=steps)
+    cfg = DecomCamConfig(integration="ig", ig_steps=steps, ig_baseline=baseline, blend_space=blend_space)
     ref = decomcam_reference(lm.model, x, text, lm.mean, lm.std, config=cfg,
                              target=None if targets is None else torch.tensor(targets))
     grad = explainer.explain(images, method="gradcam", target=targets)
     for bs in batch_sizes:
         explainer.batch_size = bs
-        exps = explainer.explain(images, method="decomcam-ig", config=DecomCamConfig(ig_steps=steps), target=targets)
+        exps = explainer.explain(images, method="decomcam-ig", target=targets,
+                                 config=DecomCamConfig(ig_steps=steps, ig_baseline=baseline, blend_space=blend_space))
         for i, e in enumerate(exps):
             assert e.method == "decomcam-ig" and e.target == ref.target[i]
             assert np.ptp(ref.saliency[i]) > 0
@@ -136,6 +169,7 @@ def _check_against_reference(lm, explainer, images, steps, batch_sizes=(1, 32), 
             np.testing.assert_allclose(e.singular_values, ref.singular_values[i], rtol=1e-3)
             assert e.scores is None                       # no gains are measured
             assert e.timings["head_grad"] >= 0
+            assert ("baseline" in e.timings) == (baseline != "zero")
     return exps, grad, ref
 
 
@@ -182,6 +216,47 @@ def test_runtime_ig_matches_eager_reference_pooled(mobilenet_tiny):
     lm, out = mobilenet_tiny
     explainer = Explainer.from_artifacts(out)
     _check_against_reference(lm, explainer, make_images(4, seed=5), steps=8, batch_sizes=(3,), targets=[0, 3, 6, 9])
+
+
+@pytest.mark.parametrize("baseline,blend_space", [("blur", "pixel"), ("blur", "normalized"), ("mean", "pixel")])
+def test_runtime_ig_baseline_matches_eager_reference(tiny, tiny_artifacts, mobilenet_tiny, baseline, blend_space):
+    """ig_baseline blur / mean: the path starts at the trunk's activations of blur(P) (the paper's reference
+    image, blurred in the blend space) or of the mean-colour image; the runtime (features.onnx once more,
+    OpenCV's blur) equals the eager reference (torch's trunk, blur and autograd) on both families, and the
+    map is not the zero baseline's."""
+    explainer = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    images = make_images(3, seed=23)
+    exps, _, _ = _check_against_reference(tiny, explainer, images, steps=8, batch_sizes=(2,), baseline=baseline,
+                                          blend_space=blend_space)
+    zero = explainer.explain(images, method="decomcam-ig", config=DecomCamConfig(ig_steps=8))
+    assert max(float(np.abs(e.saliency - z.saliency).max()) for e, z in zip(exps, zero)) > 0.05
+    fresh = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=32)
+    fresh.explain(images, method="decomcam-ig", config=DecomCamConfig(ig_steps=8, ig_baseline=baseline))
+    assert fresh._sessions["features"].calls == 2 and fresh._sessions["head_grad"].calls == 1
+    lm, out = mobilenet_tiny
+    _check_against_reference(lm, Explainer.from_artifacts(out), make_images(3, seed=6), steps=6, batch_sizes=(4,),
+                             targets=[1, 5, 8], baseline=baseline, blend_space=blend_space)
+
+
+def test_ig_baseline_completeness_through_the_graphs(tiny_artifacts):
+    """The evidence the runtime decomposes sums to y(A) - y(A0), A0 the trunk's activations of the blurred
+    image, with both logits from head.onnx (not from the gradient graph), on the attention pool."""
+    from runtime.decomcam import blurred_input
+
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
+    be = NumpyBackend()
+    x = ex.preprocess(make_images(3, seed=9))[0]
+    cfg = DecomCamConfig(integration="ig", ig_baseline="blur")
+    acts = ex.features(x)
+    base = ex.features(blurred_input(be, x, ex.artifacts.mean, ex.artifacts.std, cfg))
+    tgt = np.array([2, 4, 7])
+    g = path_gradient(be, ex.head_gradient, acts, tgt, 64, 32, base=base)
+    s_ig = (acts.astype(np.float64) - base) * g
+    rows = np.arange(3)
+    dy = ex.head(acts)[rows, tgt].astype(np.float64) - ex.head(base)[rows, tgt]
+    assert np.abs(dy).min() > 0.1                           # blurring moves the logit (0.7-3.7 here)
+    # the signed terms cancel (sum |S_IG| is 30-150 times |dy|), so the sum is a sharp check
+    np.testing.assert_allclose(s_ig.sum((1, 2, 3)), dy, rtol=1e-3)
 
 
 def test_linear_head_path_gradient_is_the_local_gradient():

@@ -20,6 +20,7 @@ import pytest
 
 import runtime.engines as eng
 from runtime.backend import MatrixBackend, TransferLog
+from runtime.config import DecomCamConfig
 from runtime.engines import EngineError, EngineOptions
 from runtime.explainer import Explainer
 from runtime.runner import GraphRunner, make_runner, profile_shapes
@@ -214,18 +215,24 @@ def test_device_backend_through_a_cpu_session_round_trips_and_counts(tiny_artifa
     assert tot["d2h"]["bytes"] == sum(r["bytes"] for r in tr if r["direction"] == "d2h") > 0
 
 
-def test_decomcam_ig_on_a_device_backend(tiny_artifacts, rgbs):
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_decomcam_ig_on_a_device_backend(tiny_artifacts, rgbs, baseline):
     """decomcam-ig's path (alpha_k A stacked on the device, head_grad.onnx through the host, the mean gradient
-    and the decomposition on the device) equals the numpy back end's; no host array mixes in."""
+    and the decomposition on the device; for the blur baseline also the blur on the device and features.onnx
+    once more) equals the numpy back end's; no host array mixes in."""
     be = MatrixBackend(FakeCupy(), name="fake-cupy", device_id=0)
-    got = Explainer.from_artifacts(tiny_artifacts.out_dir, backend=be, batch_size=4).explain(rgbs, method="decomcam-ig")
-    ref = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=4).explain(rgbs, method="decomcam-ig")
+    cfg = DecomCamConfig(ig_baseline=baseline)
+    got = Explainer.from_artifacts(tiny_artifacts.out_dir, backend=be, batch_size=4).explain(
+        rgbs, method="decomcam-ig", config=cfg)
+    ref = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=4).explain(rgbs, method="decomcam-ig", config=cfg)
     for a, b in zip(got, ref):
         assert a.target == b.target and np.ptp(b.saliency) > 0
         np.testing.assert_allclose(a.saliency, b.saliency, atol=2e-4)
         np.testing.assert_allclose(a.weights, b.weights, atol=1e-5)
     by = {(r["name"], r["direction"]) for r in got[0].transfers}
     assert ("head_grad.activations", "d2h") in by and ("head_grad.gradients", "h2d") in by
+    if baseline == "blur":
+        assert ("features.image", "d2h") in by
 
 
 def test_host_backend_logs_no_transfers(tiny_artifacts, rgbs):
