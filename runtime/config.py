@@ -59,10 +59,11 @@ Integration "ig" (method `decomcam-ig`) decomposes a different evidence map and 
   does not depend on A and S_IG = S*; for CLIP's attention pool, for pooled MLP heads and for a 1x1 conv
   head before the pooling (the `-lastblock` exports) it does.
 - Baseline (`ig_baseline`): where the path starts. "zero" (default): the zero activation, as above. "blur":
-  A0 = the trunk's activations of blur(P), the paper's reference image of eq. 11 (the same blur and blend
-  space as the masks); "mean": of the mean-colour image (0 in normalised space, the deletion metric's
-  substrate). Then S_IG = (A - A0) * mean_k dy/dA(A0 + alpha_k (A - A0)), which sums to y(A) - y(A0); one
-  more trunk pass per image (features.onnx). Measured on six real models and the synthetic benchmark
+  A0 = the trunk's activations of blur(P), the paper's reference image of eq. 11 (the masks' blur; the blend
+  space does not change it, a Gaussian blur commutes with the per-channel normalisation); "mean": of the
+  mean-colour image (0 in normalised space, the deletion metric's substrate). Then S_IG = (A - A0) *
+  mean_k dy/dA(A0 + alpha_k (A - A0)), which sums to y(A) - y(A0); one more trunk pass per image
+  (features.onnx, or explain.onnx in an export without it). Measured on six real models and the synthetic benchmark
   (benchmarks/README.md, "Thirteenth round"): neither is better than the zero activation.
 - Decomposition: the paper's, of S_IG instead of S* (top-p feature maps F_i, the same sign convention).
 - Integration: the rank-p part of S_IG's channel sum, sum_{i<=p} a_i F_i with a_i = <F_i, g> / sigma_i^2 and

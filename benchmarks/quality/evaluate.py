@@ -178,7 +178,7 @@ def resolve_methods(spec: str | Sequence[str] | None, registered: Sequence[str] 
         if not name:
             continue
         base, opts = parse_method_spec(name, registered)
-        name = ":".join([base, *(f"{k}={v}" for k, v in opts.items())])
+        name = ":".join([base, *(f"{k}={opts[k]}" for k in METHOD_OPTIONS if k in opts)])   # one name per run
         if name not in out:
             out.append(name)
     if not out:

@@ -226,6 +226,9 @@ def test_method_options_parse_and_refuse():
     assert display_name("decomcam-ig:ig_baseline=blur") == "Decom-CAM (IG) (blur baseline)"
     assert resolve_methods("decomcam-ig:ig_baseline=mean,decomcam-ig:ig_baseline=zero", reg) == \
         ["decomcam-ig:ig_baseline=mean", "decomcam-ig"]
+    # one name per run, whatever the order of its options
+    assert resolve_methods("decomcam-ig:ig_baseline=blur:top_p=5,decomcam-ig:top_p=5:ig_baseline=blur", reg) == \
+        ["decomcam-ig:top_p=5:ig_baseline=blur"]
     for bad, msg in (("gradcam:kernel=lanczos", "kernel must be one of bilinear, bicubic"),
                      ("gradcam:kernel=bicubic:kernel=bilinear", "kernel is given twice"),
                      ("decomcam:top_p=\u00b2", "top_p must be an integer >= 1"),

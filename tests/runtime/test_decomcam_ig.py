@@ -147,18 +147,17 @@ def _inputs(lm, explainer, images):
     return x, text
 
 
-def _check_against_reference(lm, explainer, images, steps, batch_sizes=(1, 32), targets=None, baseline="zero",
-                             blend_space="pixel"):
+def _check_against_reference(lm, explainer, images, steps, batch_sizes=(1, 32), targets=None, baseline="zero"):
     """targets: explicit classes (a random tiny model's top-1 can be a near-tie between ORT and eager torch)."""
     x, text = _inputs(lm, explainer, images)
-    cfg = DecomCamConfig(integration="ig", ig_steps=steps, ig_baseline=baseline, blend_space=blend_space)
+    cfg = DecomCamConfig(integration="ig", ig_steps=steps, ig_baseline=baseline)
     ref = decomcam_reference(lm.model, x, text, lm.mean, lm.std, config=cfg,
                              target=None if targets is None else torch.tensor(targets))
     grad = explainer.explain(images, method="gradcam", target=targets)
     for bs in batch_sizes:
         explainer.batch_size = bs
         exps = explainer.explain(images, method="decomcam-ig", target=targets,
-                                 config=DecomCamConfig(ig_steps=steps, ig_baseline=baseline, blend_space=blend_space))
+                                 config=DecomCamConfig(ig_steps=steps, ig_baseline=baseline))
         for i, e in enumerate(exps):
             assert e.method == "decomcam-ig" and e.target == ref.target[i]
             assert np.ptp(ref.saliency[i]) > 0
@@ -218,16 +217,15 @@ def test_runtime_ig_matches_eager_reference_pooled(mobilenet_tiny):
     _check_against_reference(lm, explainer, make_images(4, seed=5), steps=8, batch_sizes=(3,), targets=[0, 3, 6, 9])
 
 
-@pytest.mark.parametrize("baseline,blend_space", [("blur", "pixel"), ("blur", "normalized"), ("mean", "pixel")])
-def test_runtime_ig_baseline_matches_eager_reference(tiny, tiny_artifacts, mobilenet_tiny, baseline, blend_space):
+@pytest.mark.parametrize("baseline", ["blur", "mean"])
+def test_runtime_ig_baseline_matches_eager_reference(tiny, tiny_artifacts, mobilenet_tiny, baseline):
     """ig_baseline blur / mean: the path starts at the trunk's activations of blur(P) (the paper's reference
     image, blurred in the blend space) or of the mean-colour image; the runtime (features.onnx once more,
     OpenCV's blur) equals the eager reference (torch's trunk, blur and autograd) on both families, and the
     map is not the zero baseline's."""
     explainer = Explainer.from_artifacts(tiny_artifacts.out_dir)
     images = make_images(3, seed=23)
-    exps, _, _ = _check_against_reference(tiny, explainer, images, steps=8, batch_sizes=(2,), baseline=baseline,
-                                          blend_space=blend_space)
+    exps, _, _ = _check_against_reference(tiny, explainer, images, steps=8, batch_sizes=(2,), baseline=baseline)
     zero = explainer.explain(images, method="decomcam-ig", config=DecomCamConfig(ig_steps=8))
     assert max(float(np.abs(e.saliency - z.saliency).max()) for e, z in zip(exps, zero)) > 0.05
     fresh = Explainer.from_artifacts(tiny_artifacts.out_dir, batch_size=32)
@@ -235,7 +233,40 @@ def test_runtime_ig_baseline_matches_eager_reference(tiny, tiny_artifacts, mobil
     assert fresh._sessions["features"].calls == 2 and fresh._sessions["head_grad"].calls == 1
     lm, out = mobilenet_tiny
     _check_against_reference(lm, Explainer.from_artifacts(out), make_images(3, seed=6), steps=6, batch_sizes=(4,),
-                             targets=[1, 5, 8], baseline=baseline, blend_space=blend_space)
+                             targets=[1, 5, 8], baseline=baseline)
+
+
+def test_ig_baseline_without_features_graph_uses_explain(tiny_artifacts, tmp_path):
+    """An export without features.onnx: the baseline image's activations come from explain.onnx (its forward
+    part), with the same maps; the method counts the extra trunk pass."""
+    old = tmp_path / "nofeatures"
+    shutil.copytree(tiny_artifacts.out_dir, old)
+    man = json.loads((old / "manifest.json").read_text())
+    del man["graphs"]["features"]
+    (old / "features.onnx").unlink()
+    (old / "manifest.json").write_text(json.dumps(man))
+    images = make_images(2, seed=31)
+    cfg = DecomCamConfig(ig_steps=4, ig_baseline="blur")
+    ex = Explainer.from_artifacts(old)
+    got = ex.explain(images, method="decomcam-ig", config=cfg, target=[2, 5])
+    assert "features" not in ex._sessions and ex._sessions["explain"].calls == 2
+    want = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(images, method="decomcam-ig", config=cfg,
+                                                                   target=[2, 5])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.saliency, b.saliency, atol=1e-5)
+    from runtime.methods import get_method
+    from runtime.methods.base import MethodContext
+
+    x = ex.preprocess(images)[0]
+    acts = ex.features(x)
+    logits = ex.classify(x)
+    be = NumpyBackend()
+    for baseline, forwards in (("zero", 4), ("blur", 5), ("mean", 5)):
+        ctx = MethodContext(backend=be, x=x, text=None, target=np.array([2, 5]), logits=logits, activations=acts,
+                            gradients=None, classify=ex.classify, head=None, mean=ex.artifacts.mean,
+                            std=ex.artifacts.std, logit_scale=1.0, config=cfg.with_(ig_baseline=baseline),
+                            head_gradient=ex.head_gradient, features=ex.features)
+        assert get_method("decomcam-ig")(ctx).forwards == forwards
 
 
 def test_ig_baseline_completeness_through_the_graphs(tiny_artifacts):
