@@ -250,8 +250,8 @@ def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_siz
     the baseline A0 to A (midpoint rule). base: A0 [B, C, h, w], None for the zero activation.
     head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
 
-    The steps x B rows (A0_b + alpha_k (A_b - A0_b), step-major) are built and run in calls of batch_size rows, so memory stays
-    at one call's activation maps whatever B and steps are. fixed_chunks: the last call is padded to
+    The steps x B rows (A0_b + alpha_k (A_b - A0_b), step-major) are built and run in calls of batch_size
+    rows, so memory stays at one call's activation maps whatever B and steps are. fixed_chunks: the last call is padded to
     batch_size with zero rows (dropped) when there is more than one call, so every call has one shape."""
     xp = be.xp
     b = act.shape[0]

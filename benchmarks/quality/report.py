@@ -24,7 +24,8 @@ _DISPLAY = {
 
 def display_name(name: str) -> str:
     """The table label: "gradcam:kernel=bicubic" -> "GradCAM (bicubic)", "decomcam-ig:top_p=5" ->
-    "Decom-CAM (IG) (p = 5)", "decomcam-ig:ig_baseline=blur" -> "Decom-CAM (IG) (blur baseline)" (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
+    "Decom-CAM (IG) (p = 5)", "decomcam-ig:ig_baseline=blur" -> "Decom-CAM (IG) (blur baseline)"
+    (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
     base, *opts = name.split(":")
     label = _DISPLAY.get(base, base)
     for o in opts:
