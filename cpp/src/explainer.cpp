@@ -22,13 +22,15 @@ std::string lower(std::string s) {
 }  // namespace
 
 Explainer::Explainer(const std::string& dir, const std::string& class_set, bool verify, int threads, int batch_size,
-                     const std::string& method, int ig_steps)
-    : art_(dir), batch_size_(batch_size), method_(method), ig_steps_(ig_steps),
+                     const std::string& method, int ig_steps, const std::string& ig_baseline)
+    : art_(dir), batch_size_(batch_size), method_(method), ig_steps_(ig_steps), ig_baseline_(ig_baseline),
       env_(ORT_LOGGING_LEVEL_ERROR, "decomcam"), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
   const Manifest& m = art_.manifest();
   if (method != "decomcam" && method != "decomcam-ig")
     throw std::invalid_argument("unknown method '" + method + "'; valid: decomcam, decomcam-ig");
   if (ig_steps < 1) throw std::invalid_argument("ig_steps must be >= 1");
+  if (ig_baseline != "zero" && ig_baseline != "blur" && ig_baseline != "mean")
+    throw std::invalid_argument("unknown ig_baseline '" + ig_baseline + "'; valid: zero, blur, mean");
   if (batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
   if (!class_set.empty() && !m.text_input())
     throw ArtifactsError(dir + ": " + m.model + " has fixed classes ('" + m.default_class_set +
@@ -110,7 +112,7 @@ std::vector<float> Explainer::classify(const std::vector<float>& images, int n) 
   return logits;
 }
 
-std::vector<double> Explainer::path_gradient(const float* act, int target) {
+std::vector<double> Explainer::path_gradient(const float* act, const float* base, int target) {
   const Manifest& m = art_.manifest();
   const int64_t c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
   const size_t per = size_t(c) * h * w;
@@ -124,7 +126,11 @@ std::vector<double> Explainer::path_gradient(const float* act, int target) {
     std::vector<float> rows(size_t(b) * per);
     for (int r = 0; r < b; ++r) {
       const float alpha = float((k0 + r + 0.5) / ig_steps_);
-      for (size_t j = 0; j < per; ++j) rows[size_t(r) * per + j] = act[j] * alpha;
+      float* row = rows.data() + size_t(r) * per;
+      if (base)
+        for (size_t j = 0; j < per; ++j) row[j] = base[j] + (act[j] - base[j]) * alpha;
+      else
+        for (size_t j = 0; j < per; ++j) row[j] = act[j] * alpha;
     }
     std::vector<int64_t> tgt(b, target);
     auto in = feed(rows, b, &tgt, {b, c, h, w});
@@ -139,11 +145,9 @@ std::vector<double> Explainer::path_gradient(const float* act, int target) {
   return total;
 }
 
-void Explainer::explain_ig(Explanation& e, std::vector<float>& x, int target, int top_p) {
+std::vector<float> Explainer::features(std::vector<float>& x, std::vector<float>* logits) {
   const Manifest& m = art_.manifest();
-  const int size = m.input_size, c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
-  const size_t l = classes_.labels.size();
-  auto t = Clock::now();
+  const int c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
   std::vector<std::string> in_names = art_.expected_inputs("features");
   std::vector<const char*> inn;
   for (auto& s : in_names) inn.push_back(s.c_str());
@@ -152,18 +156,38 @@ void Explainer::explain_ig(Explanation& e, std::vector<float>& x, int target, in
   auto out = features_->Run(Ort::RunOptions{nullptr}, inn.data(), in.data(), in.size(), outn, 2);
   if (out[1].GetTensorTypeAndShapeInfo().GetShape() != std::vector<int64_t>{1, c, h, w})
     throw ArtifactsError(art_.dir() + "/features.onnx: output 'activations' shape differs from the manifest's dims");
-  const float* lg = out[0].GetTensorData<float>();
-  e.logits.assign(lg, lg + l);
+  if (logits) {
+    const float* lg = out[0].GetTensorData<float>();
+    logits->assign(lg, lg + classes_.labels.size());
+  }
+  const float* a = out[1].GetTensorData<float>();
+  return std::vector<float>(a, a + size_t(c) * h * w);
+}
+
+void Explainer::explain_ig(Explanation& e, std::vector<float>& x, int target, int top_p) {
+  const Manifest& m = art_.manifest();
+  const int size = m.input_size, c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
+  auto t = Clock::now();
+  std::vector<float> act = features(x, &e.logits);
   e.timings.push_back({"explain", since(t)});
   e.target = target >= 0 ? target : int(std::max_element(e.logits.begin(), e.logits.end()) - e.logits.begin());
   e.target_name = classes_.labels[e.target];
-  const float* act = out[1].GetTensorData<float>();
 
+  std::vector<float> base;  // A0: the trunk's activations of blur(P) or of the mean-colour image (0 normalised)
+  if (ig_baseline_ != "zero") {
+    t = Clock::now();
+    std::vector<float> ref = ig_baseline_ == "blur" ? build_masks(x, {}, 0, size, m.mean, m.std)  // blur(P) only
+                                                    : std::vector<float>(x.size(), 0.0f);
+    base = features(ref, nullptr);
+    e.timings.push_back({"baseline", since(t)});
+  }
   t = Clock::now();
-  std::vector<double> grad = path_gradient(act, e.target);
+  std::vector<double> grad = path_gradient(act.data(), base.empty() ? nullptr : base.data(), e.target);
   e.timings.push_back({"head_grad", since(t)});
   t = Clock::now();
-  Decomposition dec = decompose(act, grad.data(), c, h, w, top_p);
+  if (!base.empty())
+    for (size_t j = 0; j < act.size(); ++j) act[j] -= base[j];  // S_IG = (A - A0) * the path gradient
+  Decomposition dec = decompose(act.data(), grad.data(), c, h, w, top_p);
   e.timings.push_back({"decompose", since(t)});
   t = Clock::now();
   e.components = upsample_components(dec, h, w, size, true);

@@ -123,17 +123,20 @@ def test_decomcam_ig_parity(cpp_binary, artifacts_dir, tmp_path):
     for i, im in enumerate(imgs):
         np.save(tmp_path / f"t{i}.npy", ex.artifacts.preprocess_image(im)[0])
         paths.append(tmp_path / f"t{i}.npy")
-    for steps, target in ((16, None), (5, "2"), (40, None)):
+    for steps, target, baseline in ((16, None, "zero"), (5, "2", "zero"), (40, None, "zero"), (8, None, "blur"),
+                                    (6, "3", "mean")):
         out = tmp_path / f"out-{steps}"
         code, lines, err = run(cpp_binary, artifacts_dir, out, paths, "--method", "decomcam-ig", "--ig-steps",
-                               str(steps), "--top-p", "6", *(["--target", target] if target else []))
+                               str(steps), "--top-p", "6", *(["--target", target] if target else []),
+                               *(["--ig-baseline", baseline] if baseline != "zero" else []))
         assert code == 0 and err == [], err
         for i, (im, line) in enumerate(zip(imgs, lines)):
             e = ex.explain(im, method="decomcam-ig", top_p=6, target=None if target is None else int(target),
-                           config=ex.config.with_(ig_steps=steps))
+                           config=ex.config.with_(ig_steps=steps, ig_baseline=baseline))
             compare(out, f"t{i}", line, e)
             assert line["method"] == "decomcam-ig" and line["scores"] is None
             assert set(line["timings_ms"]) >= {"explain", "head_grad", "decompose", "upsample", "integrate"}
+            assert ("baseline" in line["timings_ms"]) == (baseline != "zero")
             assert "classify" not in line["timings_ms"]
             np.testing.assert_allclose(line["singular_values"], e.singular_values, rtol=1e-5)
 
@@ -157,7 +160,9 @@ def test_decomcam_ig_needs_head_grad(cpp_binary, tiny_artifacts, tmp_path):
     code, lines, err = run(cpp_binary, only, tmp_path / "out", [img], "--method", "decomcam-ig")
     assert code == 0 and err == [] and lines[0]["method"] == "decomcam-ig"
     for bad, problem in ((["--method", "gradcam"], "unknown method 'gradcam'"),
-                         (["--method", "decomcam-ig", "--ig-steps", "0"], "--ig-steps must be in 1..1024")):
+                         (["--method", "decomcam-ig", "--ig-steps", "0"], "--ig-steps must be in 1..1024"),
+                         (["--method", "decomcam-ig", "--ig-baseline", "black"],
+                          "--ig-baseline must be zero, blur or mean, got 'black'")):
         code, _, err = run(cpp_binary, art, tmp_path / "out", [img], *bad)
         assert code == 2 and problem in err[0], err
 
