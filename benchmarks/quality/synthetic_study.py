@@ -342,11 +342,22 @@ def run_records(run: dict) -> tuple[list[dict], list[dict]]:
     return run["pointing_game"]["trials"], [r for r in run["deletion_insertion"]["images"] if r["correct"]]
 
 
+def _same_record(a, b) -> bool:
+    """One photo's pointing hits or AUCs of one method in two runs: equal (floats within 1e-9)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_record(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-9
+    return a == b
+
+
 def merge_real_runs(runs: list[dict], names: list[str]) -> dict:
     """Several real-data runs of one model on the same photos (e.g. the methods, then controls run later) as
     one run: each photo's record gets every run's methods, so that pairs may cross runs. The runs must share
-    the model export (path and weights), the data folder and the photo list; a method in two runs is an
-    error (which one would count?), the model-free baselines are taken from the first."""
+    the model export (path and weights), the data folder and the photo list. A method in two runs counts once
+    when both runs scored it the same on every photo (the same hits, AUCs within 1e-9: a deterministic
+    re-run, e.g. a reference method run beside each batch of new ones); otherwise it is an error (which one
+    would count?). The model-free baselines are taken from the first."""
     base = json.loads(json.dumps(runs[0]))
     for run, name in zip(runs[1:], names[1:]):
         if run.get("benchmark") != "quality-real" or base.get("benchmark") != "quality-real":
@@ -364,7 +375,10 @@ def merge_real_runs(runs: list[dict], names: list[str]) -> dict:
                     if m in ("center_point", "random_point", "random_saliency", "center_saliency"):
                         continue
                     if m in mine[field]:
-                        raise ValueError(f"{name}: method '{m}' is in more than one of the merged runs")
+                        if not _same_record(mine[field][m], v):
+                            raise ValueError(f"{name}: method '{m}' is in more than one of the merged runs and "
+                                             f"differs on {mine['file']}")
+                        continue
                     mine[field][m] = v
     return base
 

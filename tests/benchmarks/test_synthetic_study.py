@@ -379,5 +379,15 @@ def test_merged_real_runs_pair_across_runs(tmp_path, capsys):
         ss.merge_real_runs([first, other], ["first", "other"])
     with pytest.raises(ValueError, match="not the same photos"):
         ss.merge_real_runs([first, {**second, "images": second["images"][1:]}], ["first", "short"])
-    with pytest.raises(ValueError, match="method 'decomcam-ig' is in more than one"):
-        ss.merge_real_runs([first, whole], ["first", "whole"])
+    # a method scored in both runs counts once when the records agree photo by photo, and is refused otherwise
+    both = ss.merge_real_runs([first, whole], ["first", "whole"])
+    assert ss.paired(both, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300) == ref
+    moved = json.loads(json.dumps(whole))
+    moved["images"][5]["pointing"]["decomcam-ig"]["0"] = not moved["images"][5]["pointing"]["decomcam-ig"]["0"]
+    with pytest.raises(ValueError, match="method 'decomcam-ig' is in more than one of the merged runs and differs "
+                                         "on images/005.JPEG"):
+        ss.merge_real_runs([first, moved], ["first", "moved"])
+    drift = json.loads(json.dumps(whole))
+    drift["images"][1]["auc"]["gradcam"]["insertion"] += 1e-6
+    with pytest.raises(ValueError, match="method 'gradcam' .* differs on images/001.JPEG"):
+        ss.merge_real_runs([first, drift], ["first", "drift"])

@@ -236,15 +236,20 @@ def test_runtime_ig_baseline_matches_eager_reference(tiny, tiny_artifacts, mobil
                              targets=[1, 5, 8], baseline=baseline)
 
 
+def _without_graph(src, dest, graph: str):
+    """A copy of the export `src` at `dest` as written before `graph`.onnx existed (file and manifest entry)."""
+    shutil.copytree(src, dest)
+    man = json.loads((dest / "manifest.json").read_text())
+    del man["graphs"][graph]
+    (dest / f"{graph}.onnx").unlink()
+    (dest / "manifest.json").write_text(json.dumps(man))
+    return dest
+
+
 def test_ig_baseline_without_features_graph_uses_explain(tiny_artifacts, tmp_path):
     """An export without features.onnx: the baseline image's activations come from explain.onnx (its forward
     part), with the same maps; the method counts the extra trunk pass."""
-    old = tmp_path / "nofeatures"
-    shutil.copytree(tiny_artifacts.out_dir, old)
-    man = json.loads((old / "manifest.json").read_text())
-    del man["graphs"]["features"]
-    (old / "features.onnx").unlink()
-    (old / "manifest.json").write_text(json.dumps(man))
+    old = _without_graph(tiny_artifacts.out_dir, tmp_path / "nofeatures", "features")
     images = make_images(2, seed=31)
     cfg = DecomCamConfig(ig_steps=4, ig_baseline="blur")
     ex = Explainer.from_artifacts(old)
@@ -307,12 +312,7 @@ def test_export_without_head_grad_is_a_clear_error(tiny_artifacts, tmp_path, cap
     methods still run on it."""
     from runtime.explain import main
 
-    old = tmp_path / "old"
-    shutil.copytree(tiny_artifacts.out_dir, old)
-    man = json.loads((old / "manifest.json").read_text())
-    del man["graphs"]["head_grad"]
-    (old / "head_grad.onnx").unlink()
-    (old / "manifest.json").write_text(json.dumps(man))
+    old = _without_graph(tiny_artifacts.out_dir, tmp_path / "old", "head_grad")
     ex = Explainer.from_artifacts(old)
     with pytest.raises(ArtifactsError, match=r"manifest\.json: no 'head_grad' graph listed; re-export"):
         ex.check_graphs("decomcam-ig")
