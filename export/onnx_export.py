@@ -36,7 +36,8 @@ import onnx
 import torch
 
 from runtime.artifacts import sha256_path
-from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, temp_dir
+from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, stale_temporary_folders, temp_dir
+from runtime.names import show
 from runtime.manifest import ManifestError, validate_manifest
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, HEAD_GRAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
@@ -437,6 +438,8 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
     remove_stale_temporaries(out_dir)
+    for left in stale_temporary_folders(out_dir):  # never removed: only named
+        log(f"note: {show(left)} was left by an interrupted export; remove it by hand when no export is running")
     tmp_dir = temp_dir(out_dir)
     timings = {}
     try:

@@ -97,3 +97,29 @@ def tiny_artifacts(tiny, tmp_path_factory):
 @pytest.fixture(scope="session")
 def images():
     return make_images(4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """The registry of tiny exports: `tiny_export("resnet-tiny")` exports a tiny registry model once per
+    session (random weights, seed 0; fixed-class models get the voc10 labels) and returns its folder."""
+    done: dict[tuple, object] = {}
+
+    def get(name: str, seed: int = 0):
+        key = (name, seed)
+        if key not in done:
+            from export.models import load_model
+            from export.onnx_export import export_model
+
+            out = tmp_path_factory.mktemp("exports") / f"{name}-{seed}"
+            export_model(load_model(name, "none", seed=seed), [], out, labels_name="voc10")
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def resnet_tiny_artifacts(tiny_export):
+    """resnet-tiny (pooled-linear, random weights) exported once per session: its folder."""
+    return tiny_export("resnet-tiny")

@@ -157,17 +157,17 @@ def test_real_sigint_in_a_subprocess(tiny_artifacts, tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
 
 
-def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(tiny_artifacts, tmp_path, capsys):
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_and_nothing_else(tiny_artifacts, tmp_path, capsys):
     out = tmp_path / "out"
     code = ("import os, signal, sys\nfrom runtime.fsutil import atomic_open\n"
             "with atomic_open(sys.argv[1]) as f:\n    f.write(b'half'); os.kill(os.getpid(), signal.SIGKILL)\n")
     out.mkdir()
     subprocess.run([sys.executable, "-c", code, str(out / "good0.npz")], env={**os.environ, "PYTHONPATH": str(ROOT)})
-    (out / f".good0.json.part{4194303}").write_bytes(b"half")  # the earlier naming
+    (out / f".good0.json.part{4194303}").write_bytes(b"half")  # an earlier naming: not provably ours, kept
     assert len(os.listdir(out)) == 2
     img = write_good(tmp_path / "in", 1)[0]
     assert run_cli([img, *art(tiny_artifacts), "--out", out], capsys)[0] == 0
-    assert sorted(os.listdir(out)) == sorted(f"good0{s}" for s in OUTPUTS)
+    assert sorted(os.listdir(out)) == sorted([f".good0.json.part{4194303}"] + [f"good0{s}" for s in OUTPUTS])
 
 
 def test_long_input_names(tiny_artifacts, tmp_path, capsys):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,20 +57,126 @@ def test_temporary_name_has_a_fixed_short_length(tmp_path):
     assert len(fsutil.temp_name()) < 48 and fsutil.is_temp_name(fsutil.temp_name())
 
 
-def test_stale_temporaries_of_a_killed_process_are_removed_but_live_ones_kept(tmp_path):
+def _killed_writer(tmp_path) -> str:
+    """A subprocess killed with SIGKILL while writing tmp_path/x.png: the name of the temporary it left."""
     code = ("import os, signal, sys\nfrom runtime.fsutil import atomic_open\n"
             "with atomic_open(sys.argv[1]) as f:\n    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")], env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == -signal.SIGKILL
     left = [n for n in os.listdir(tmp_path) if fsutil.is_temp_name(n)]
     assert len(left) == 1 and not (tmp_path / "x.png").exists()
-    (tmp_path / ".old.json.part4194303").write_bytes(b"")      # the previous naming, pid beyond pid_max
+    return left[0]
+
+
+def test_stale_temporaries_of_a_killed_process_are_removed_but_live_ones_kept(tmp_path):
+    dead = _killed_writer(tmp_path)
     (tmp_path / fsutil.temp_dir(tmp_path).name / "g.onnx").write_bytes(b"")  # a live folder of this process
     mine = tmp_path / fsutil.temp_name()
     mine.write_bytes(b"")                                       # a live file of this process
     removed = {p.name for p in fsutil.remove_stale_temporaries(tmp_path)}
-    assert removed == {left[0], ".old.json.part4194303"}
+    assert removed == {dead}
     assert mine.exists() and len([n for n in os.listdir(tmp_path) if fsutil.is_temp_name(n)]) == 2
+
+
+def test_the_users_files_and_folders_are_never_removed(tmp_path):
+    """Names of earlier schemes (`.NAME.partPID`, `.NAME.tmpPID`), folders, symlinks and look-alikes are not
+    this tool's provable temporaries: the clean-up leaves every one of them, whatever their pid."""
+    (tmp_path / ".thesis.part99999").mkdir()
+    (tmp_path / ".thesis.part99999" / "ch1.tex").write_text("work")
+    (tmp_path / ".notes.tmp4000000").write_text("n")
+    (tmp_path / ".old.json.part4194303").write_bytes(b"")
+    dead_pid = 4194303  # beyond the default pid_max: no such process
+    folder = tmp_path / f"{fsutil.TEMP_PREFIX}{fsutil.node_id()}-{dead_pid}-0123456789abcdef{fsutil.TEMP_SUFFIX}"
+    folder.mkdir()
+    (folder / "kept").write_text("k")
+    target = tmp_path / "precious.txt"
+    target.write_text("p")
+    link = tmp_path / f"{fsutil.TEMP_PREFIX}{fsutil.node_id()}-{dead_pid}-fedcba9876543210{fsutil.TEMP_SUFFIX}"
+    link.symlink_to(target)
+    (tmp_path / f"{fsutil.TEMP_PREFIX}{dead_pid}-0123456789abcdef{fsutil.TEMP_SUFFIX}").write_text("x")  # no node
+    before = sorted(os.listdir(tmp_path))
+    assert fsutil.remove_stale_temporaries(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / ".thesis.part99999" / "ch1.tex").read_text() == "work" and target.read_text() == "p"
+    assert fsutil.stale_temporary_folders(tmp_path) == [folder]  # named to the user, not removed
+
+
+def test_the_cli_leaves_the_users_files_in_out(tmp_path, resnet_tiny_artifacts):
+    """The probe's case: a folder and a file of the user's in --out, named like an earlier temporary scheme."""
+    out = tmp_path / "o"
+    (out / ".thesis.part99999").mkdir(parents=True)
+    (out / ".thesis.part99999" / "ch1.tex").write_text("work")
+    (out / ".notes.tmp4000000").write_text("n")
+    img = tmp_path / "img.png"
+    import cv2
+    cv2.imwrite(str(img), np.full((40, 50, 3), 90, np.uint8))
+    r = subprocess.run([sys.executable, "-m", "runtime.explain", str(img), "--artifacts", str(resnet_tiny_artifacts),
+                        "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / ".thesis.part99999" / "ch1.tex").read_text() == "work"
+    assert (out / ".notes.tmp4000000").read_text() == "n"
+
+
+def _foreign(tmp_path, age_s: float) -> Path:
+    """A temporary named by a writer of another node or PID namespace, last modified age_s ago."""
+    other = "0" * 8 if fsutil.node_id() != "0" * 8 else "1" * 8
+    p = tmp_path / f"{fsutil.TEMP_PREFIX}{other}-{os.getpid()}-{secrets.token_hex(8)}{fsutil.TEMP_SUFFIX}"
+    p.write_bytes(b"half")
+    t = time.time() - age_s
+    os.utime(p, (t, t))
+    return p
+
+
+def test_a_foreign_writers_temporary_is_kept_until_old_and_unlocked(tmp_path):
+    """A writer in another PID namespace or on another node: its pid means nothing here, so only an old
+    (FOREIGN_STALE_AFTER_S) and unlocked temporary is removed."""
+    recent = _foreign(tmp_path, 60)
+    old = _foreign(tmp_path, fsutil.FOREIGN_STALE_AFTER_S + 60)
+    old_locked = _foreign(tmp_path, fsutil.FOREIGN_STALE_AFTER_S + 60)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)", str(old_locked)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        removed = fsutil.remove_stale_temporaries(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == [old]
+    assert recent.exists() and old_locked.exists() and not old.exists()
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
+                              timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare --pid (root or user namespaces)")
+def test_a_live_run_in_another_pid_namespace_keeps_its_temporary(tmp_path):
+    """The probe's case: a live writer, and a clean-up run in a new PID namespace (a container, or a Ray
+    worker on another node) where the writer's pid does not exist or is another process."""
+    code = ("import sys, time\nfrom runtime.fsutil import atomic_open\n"
+            "with atomic_open(sys.argv[1]) as f:\n    f.write(b'half'); f.flush(); print('writing', flush=True); "
+            "time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x.png")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        live = [n for n in os.listdir(tmp_path) if fsutil.is_temp_name(n)]
+        clean = ("import sys\nfrom runtime.fsutil import remove_stale_temporaries\n"
+                 "print(len(remove_stale_temporaries(sys.argv[1])))")
+        r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", clean, str(tmp_path)],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "0"
+        assert [n for n in os.listdir(tmp_path) if fsutil.is_temp_name(n)] == live
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 _RAW_WRITE = re.compile(
