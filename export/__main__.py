@@ -3,13 +3,14 @@
     python -m export --model RN50 --pretrained openai|none|PATH --classes voc|imagenet|FILE --out DIR
     python -m export --model efficientnet-lite0 --pretrained package|none|PATH [--labels FILE] --out DIR
     python -m export classes --artifacts DIR (--names "cat,dog" | --file F) [--name SET] [--template T]
-    python -m export quantize --artifacts DIR [--images DIR] [--graphs classify,features] [--explain-trunk]
+    python -m export quantize --artifacts DIR --images PHOTOS [--graphs classify,features] [--explain-trunk]
     python -m export list
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -87,17 +88,30 @@ def check_out(out: Path) -> str | None:
 
 
 def main_export(argv) -> int:
-    from .classes import get_class_set
-    from .models import ModelError, load_model, model_info
-    from .onnx_export import export_model, format_parity_table, ops_used
+    from .models import model_info
 
     args = build_parser().parse_args(argv)
     info = model_info(args.model)  # an unknown model is named before anything is created
-    problem = check_out(Path(args.out))
+    out = Path(args.out)
+    created = not out.exists() and not out.is_symlink()
+    problem = check_out(out)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    info = model_info(args.model)
+    try:
+        return _export(args, info)
+    except BaseException:
+        if created:  # the folder this run made, still empty: a failed export leaves nothing behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _export(args, info) -> int:
+    from .classes import get_class_set
+    from .models import ModelError, load_model
+    from .onnx_export import export_model, format_parity_table, ops_used
+
     if info.family == "clip":
         if args.labels is not None:
             raise ModelError(f"--labels applies to fixed-class models; {args.model} is a CLIP model (use --classes)")
@@ -171,7 +185,16 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export quantize",
                                 description="Write int8 (QDQ) versions of an export's graphs, validated against fp32.")
     p.add_argument("--artifacts", required=True, help="folder written by `python -m export`")
-    p.add_argument("--images", default=None, help="folder of photos to calibrate on (default: generated photo-like images)")
+    p.add_argument("--images", default=None,
+                   help="folder of your photos to calibrate and validate on (required: --n-calibration + --n-check "
+                        "of them are read)")
+    p.add_argument("--generated-calibration", action="store_true",
+                   help="calibrate on generated photo-like images instead of --images (for tests: not calibrated "
+                        "for real photos)")
+    p.add_argument("--force", action="store_true",
+                   help="write graphs that keep fp32's top-1 class on fewer than --min-top1 of the held-out images")
+    p.add_argument("--min-top1", type=float, default=0.99,
+                   help="top-1 agreement with fp32 on the held-out images required to write a graph (default 0.99)")
     p.add_argument("--graphs", default="classify,features", help="graphs to quantize (default classify,features)")
     p.add_argument("--explain-trunk", action="store_true", help="also explain.onnx: int8 trunk, fp32 head backward")
     p.add_argument("--n-calibration", type=int, default=32, help="calibration images (default 32)")
@@ -188,7 +211,9 @@ def main_quantize(argv) -> int:
     args = build_quantize_parser().parse_args(argv)
     report = quantize_export(args.artifacts, [g for g in args.graphs.split(",") if g], images=args.images,
                              n_calibration=args.n_calibration, n_check=args.n_check, calibration=args.calibration,
-                             explain_trunk=args.explain_trunk, min_cosine=args.min_cosine)
+                             explain_trunk=args.explain_trunk, min_cosine=args.min_cosine,
+                             generated_calibration=args.generated_calibration, min_top1=args.min_top1,
+                             force=args.force)
     print(format_report(report))
     return 0
 

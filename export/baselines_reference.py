@@ -103,17 +103,15 @@ def _channel_masks(a: torch.Tensor, size: int, upsample: str) -> torch.Tensor:
 
 def _blur_blend(image: torch.Tensor, masks: torch.Tensor, mean, std, config: DecomCamConfig):
     """One image [3, S, S] normalised, masks [k, S, S] -> (max(P*H, blur(P)*(1-H)) [k, 3, S, S], blurred
-    [1, 3, S, S]), both normalised, as the Decom-CAM paper's eq. 10 with the config's blur and blend space."""
+    [1, 3, S, S]), both normalised, as the Decom-CAM paper's eq. 10 with the config's blur, in pixel space."""
     size = image.shape[-1]
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    pix = image[None] * s + m if config.blend_space == "pixel" else image[None]
+    pix = image[None] * s + m
     pix_b = gaussian_blur(pix, config.sigma(size), config.radius(size))
     hm = masks[:, None]
     out = torch.maximum(pix * hm, pix_b * (1 - hm))
-    if config.blend_space == "pixel":
-        return (out - m) / s, (pix_b - m) / s
-    return out, pix_b
+    return (out - m) / s, (pix_b - m) / s
 
 
 def scorecam(act, grad, *, model, image, text, target, batch_size, upsample="bilinear", **_):

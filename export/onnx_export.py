@@ -39,7 +39,7 @@ from runtime.artifacts import sha256_path
 from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, stale_temporary_folders, temp_dir
 from runtime.names import show
 from runtime.manifest import ManifestError, validate_manifest
-from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, GRAPHS, HEAD, HEAD_GRAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
+from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, HEAD, HEAD_GRAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
 from .classes import ClassSet, check_set_name, text_embeddings
 from .graphs import (ClassifyModule, ExplainModule, FeaturesModule, HeadGradModule, HeadModule, autograd_reference,

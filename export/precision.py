@@ -33,7 +33,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from runtime.artifacts import sha256_path
 from runtime.fsutil import atomic_write, temp_dir
@@ -167,10 +166,10 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default=None, help="checkpoint path, for an export made from a checkpoint")
     p.add_argument("--json", default=None, help="also write the fp16 entry here")
     args = p.parse_args(argv)
-    from benchmarks.common import load_torch_model
+    from .models import load_exported_model
 
     manifest = json.loads((Path(args.artifacts) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    lm = load_torch_model(manifest, args.pretrained)
+    lm = load_exported_model(manifest, args.pretrained)
     from .onnx_export import ExportError
 
     try:

@@ -3,8 +3,8 @@
 Written independently of runtime/: gradients by torch autograd on the unmodified open_clip module, a full
 SVD (torch.linalg.svd, float64) with the paper's projection F* = U_p^T S*, torch interpolation, a
 conv2d Gaussian blur, and the eager CLIP model for the masked forwards. The open choices (sign, rank,
-epsilon, blur, blend space) and the integrations (the paper's, "gain-share", "ig") are the ones
-runtime/config.py documents; "ig" integrates the gradient of the unmodified head by torch autograd.
+epsilon, blur) are docs/method.md's; `decomcam-ig` integrates the gradient of the unmodified head by torch
+autograd.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from runtime.config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
 
 from .graphs import autograd_reference, head_logits
+
+
+METHODS = ("decomcam", "decomcam-authors", "decomcam-ig")
 
 
 @dataclass
@@ -108,15 +111,12 @@ def decompose_authors(act: torch.Tensor, grad: torch.Tensor, p: int, top_k: int)
     return comps, sv[:p], evr, null
 
 
-def path_gradient(clip_model, act: torch.Tensor, text: torch.Tensor, target: torch.Tensor, steps: int,
-                  base: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_k d y_target / d A at A0 + alpha_k (A - A0), alpha_k = (k + 1/2) / steps (A0 = base, or 0), by
-    torch autograd through the unmodified head after the target layer -> [B, C, h, w] float64 (the "ig"
-    integration's gradient)."""
+def path_gradient(clip_model, act: torch.Tensor, text: torch.Tensor, target: torch.Tensor, steps: int) -> torch.Tensor:
+    """mean_k d y_target / d A at alpha_k A, alpha_k = (k + 1/2) / steps, by torch autograd through the
+    unmodified head after the target layer -> [B, C, h, w] float64 (decomcam-ig's gradient)."""
     total = torch.zeros(act.shape, dtype=torch.float64, device=act.device)
-    a0 = torch.zeros_like(act) if base is None else base
     for k in range(steps):
-        a = (a0 + (k + 0.5) / steps * (act - a0)).detach().requires_grad_(True)
+        a = ((k + 0.5) / steps * act).detach().requires_grad_(True)
         with torch.enable_grad():
             y = head_logits(clip_model, a, text)
             (g,) = torch.autograd.grad(y.gather(1, target[:, None]).sum(), a)
@@ -160,13 +160,18 @@ class _StageClock:
 @torch.no_grad()
 def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean, std,
                        target: torch.Tensor | None = None, config: DecomCamConfig = DecomCamConfig(),
-                       batch_size: int = 32, grads=None, timings: dict | None = None) -> ReferenceResult:
+                       batch_size: int = 32, grads=None, timings: dict | None = None,
+                       method: str = "decomcam") -> ReferenceResult:
     """Eager Decom-CAM. image [B, 3, S, S] normalised, text [L, D] unit rows; target [B] or None for top-1.
+    method: "decomcam" (the paper), "decomcam-authors" or "decomcam-ig".
 
     `grads` may pass precomputed (logits, activations, gradients) from `autograd_reference`. Works on any
     device (the result comes back as numpy). `timings`, when given, is filled with seconds per stage, under
-    the runtime's stage names: explain, head_grad ("ig" only), decompose, upsample, masks (= upsample + blur +
-    blend), classify, integrate, postprocess ("ig" has no blur, blend, masks or classify)."""
+    the runtime's stage names: explain, head_grad (decomcam-ig only), decompose, upsample, blur, blend,
+    classify, integrate, postprocess (decomcam-ig has no blur, blend or classify)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown reference method '{method}'; valid: {', '.join(METHODS)}")
+    authors, ig = method == "decomcam-authors", method == "decomcam-ig"
     clip_model.eval()
     b, _, size, _ = image.shape
     dev = image.device
@@ -182,26 +187,14 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     target = torch.where(target < 0, top1, target)                   # a negative target: the top-1 class
     clock.lap("explain")
     c, h, w = act.shape[1:]
-    p = config.effective_p(c, h * w)
-    if config.integration == "ig":                                  # S_IG = (A - A0) * the path-averaged gradient
-        base = None
-        if config.ig_baseline != "zero":                            # A0: the trunk's activations of a reference
-            ref = torch.zeros_like(image)                           # "mean": the mean colour (0 normalised)
-            if config.ig_baseline == "blur":
-                mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-                std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-                sg, rd = config.sigma(size), config.radius(size)
-                ref = (gaussian_blur(image * std_t + mean_t, sg, rd) - mean_t) / std_t if \
-                    config.blend_space == "pixel" else gaussian_blur(image, sg, rd)
-            base = autograd_reference(clip_model, ref, text, target)[1]
-        grad = path_gradient(clip_model, act, text, target, int(config.ig_steps), base)
-        if base is not None:
-            act = act - base
+    p = config.effective_p(c, h * w, authors=authors)
+    if ig:                                                          # S_IG = A * the path-averaged gradient
+        grad = path_gradient(clip_model, act, text, target, int(config.ig_steps))
         clock.lap("head_grad")
 
     fmaps, svals, evrs, nulls, shares = [], [], [], [], []
     for i in range(b):
-        if config.variant == "paper":
+        if not authors:
             fm, sv, evr, null = decompose_paper(act[i], grad[i], p)
             g = (grad[i].double() * act[i].double()).reshape(c, -1).sum(0)    # channel sum of S* [n]
             sv2 = sv ** 2
@@ -216,13 +209,13 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     fmaps = torch.stack(fmaps)                                       # [B, p, h, w] float64
     null = torch.stack(nulls)                                        # [B, p]
     clock.lap("decompose")
-    mode = "bilinear" if config.variant == "paper" and config.integration != "ig" else "bicubic"
+    mode = "bicubic" if authors or ig else "bilinear"
     up = F.interpolate(fmaps.float(), size=(size, size), mode=mode, align_corners=False)  # [B, p, S, S]
     up = torch.where(null[:, :, None, None], torch.zeros_like(up), up)
     comps = minmax(up)                                               # [B, p, S, S]
     comps = torch.where(null[:, :, None, None], torch.zeros_like(comps), comps)
     clock.lap("upsample")
-    if config.integration == "ig":                                  # rank-p share map, bicubic; no forwards
+    if ig:                                                          # rank-p share map, bicubic; no forwards
         coef = torch.stack(shares)                                            # [B, p]
         cam = torch.einsum("bp,bpij->bij", coef, fmaps)                      # [B, h, w] float64
         sal = minmax(F.interpolate(torch.relu(cam).float()[:, None], size=(size, size), mode="bicubic",
@@ -236,22 +229,15 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     sigma, radius = config.sigma(size), config.radius(size)
-    if config.blend_space == "pixel":
-        pix = image * std_t + mean_t
-        pix_b = gaussian_blur(pix, sigma, radius)
-        blurred = (pix_b - mean_t) / std_t
-    else:
-        pix = image
-        pix_b = blurred = gaussian_blur(image, sigma, radius)
+    pix = image * std_t + mean_t                                     # blending in [0, 1] pixel space
+    pix_b = gaussian_blur(pix, sigma, radius)
+    blurred = (pix_b - mean_t) / std_t
     clock.lap("blur")
     hm = comps[:, :, None]                                           # [B, p, 1, S, S]
     masked = torch.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))  # [B, p, 3, S, S]
-    if config.blend_space == "pixel":
-        masked = (masked - mean_t[:, None]) / std_t[:, None]
+    masked = (masked - mean_t[:, None]) / std_t[:, None]
     batch = torch.cat([masked.reshape(b * p, 3, size, size), blurred])
     clock.lap("blend")
-    if timings is not None:
-        timings["masks"] = timings["upsample"] + timings["blur"] + timings["blend"]
     lg = eager_logits(clip_model, batch, text, batch_size)
     clock.lap("classify")
     lg_masked = lg[: b * p].reshape(b, p, -1)
@@ -259,20 +245,7 @@ def decomcam_reference(clip_model, image: torch.Tensor, text: torch.Tensor, mean
     tsel = target[:, None, None].expand(b, p, 1)
     y_masked = lg_masked.gather(2, tsel).squeeze(2)                   # [B, p]
     y_blur = lg_blur.gather(1, target[:, None])                       # [B, 1]
-    if config.integration == "gain-share":
-        scores = (y_masked - y_blur).double()
-        pos = torch.where(null, torch.zeros_like(scores), scores.clamp_min(0))
-        mean = pos.sum(1, keepdim=True) / (~null).sum(1, keepdim=True).clamp_min(1)
-        ones = (~null).double()
-        r = torch.where(mean > 0, pos / torch.where(mean > 0, mean, torch.ones_like(mean)), ones)
-        coef = r * torch.stack(shares)                                        # [B, p]
-        cam = torch.einsum("bp,bpij->bij", coef, fmaps)                      # [B, h, w] float64
-        up = F.interpolate(torch.relu(cam).float()[:, None], size=(size, size), mode="bilinear",
-                           align_corners=False)[:, 0]
-        sal = minmax(up)
-        tot = coef.sum(1, keepdim=True)
-        wts = coef / torch.where(tot != 0, tot, torch.ones_like(tot))
-    elif config.variant == "paper":
+    if not authors:
         scores = y_masked - y_blur
         z = torch.where(null, torch.full_like(scores, -torch.inf), scores.double())
         wts = torch.softmax(z, dim=1)

@@ -115,24 +115,26 @@ class Artifacts:
         pre.update(self.manifest.get("preprocess") or {})
         return pre
 
-    def preprocess_image(self, rgb: np.ndarray, mode: str | None = None):
+    def preprocess_image(self, rgb: np.ndarray, mode: str | None = None, max_aspect: float | None = None):
         """uint8 RGB [H, W, 3] -> (x [3, S, S] float32, Geometry) with this export's policy (`mode` overrides
-        the resize: "crop" or "stretch")."""
-        from .images import preprocess
+        the resize: "crop" or "stretch"); an empty image or one past max_aspect is a ValueError."""
+        from .images import DEFAULT_MAX_ASPECT, preprocess
 
         pre = self.preprocess
         return preprocess(rgb, self.input_size, self.mean, self.std, mode or pre["resize"],
-                          resize_size=int(pre["resize_size"]), interpolation=pre["interpolation"])
+                          resize_size=int(pre["resize_size"]), interpolation=pre["interpolation"],
+                          max_aspect=DEFAULT_MAX_ASPECT if max_aspect is None else max_aspect)
 
-    def preprocess_images(self, rgbs, mode: str | None = None, workers: int | None = None) -> tuple[np.ndarray, list]:
+    def preprocess_images(self, rgbs, mode: str | None = None, workers: int | None = None,
+                          max_aspect: float | None = None) -> tuple[np.ndarray, list]:
         """Several images -> (x [B, 3, S, S] float32, geometries), as preprocess_image. More than one image
         run in a shared thread pool (Pillow's resize and numpy release the GIL) of `workers` threads
         (None: one per CPU, at most 8; 1: in the calling thread)."""
         pool = None if len(rgbs) <= 1 else image_pool(workers)
         if pool is None:
-            pre = [self.preprocess_image(im, mode) for im in rgbs]
+            pre = [self.preprocess_image(im, mode, max_aspect) for im in rgbs]
         else:
-            pre = list(pool.map(lambda im: self.preprocess_image(im, mode), rgbs))
+            pre = list(pool.map(lambda im: self.preprocess_image(im, mode, max_aspect), rgbs))
         if not pre:
             return np.zeros((0, 3, self.input_size, self.input_size), np.float32), []
         return np.stack([p[0] for p in pre]), [p[1] for p in pre]
@@ -255,9 +257,13 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True, graphs=("explai
     if not mpath.is_file():
         raise ArtifactsError(f"{mpath}: manifest missing; not an artifacts folder written by `python -m export`")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactsError(f"{mpath}: not valid JSON ({e})") from e
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, too deep
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ArtifactsError(f"{mpath}: not valid JSON ({first})") from None
+    except OSError as e:
+        raise ArtifactsError(f"{mpath}: cannot read ({e.strerror or type(e).__name__})") from None
     try:
         validate_manifest(manifest, mpath)
     except ManifestError as e:

@@ -19,9 +19,8 @@ larger inputs) runs on the device (CuPy -> cuSOLVER syevjBatched). Measured on a
 numerics.py, batch 8, float64): 0.17 / 0.89 / 1.8 / 9.1 / 14 ms at n = 16 / 49 / 81 / 144 / 196 against
 0.46 / 2.0 / 4.5 / 11.7 / 21.6 ms for the host path with its copies, reconstruction errors 6e-15..6e-13
 (cupy#4847, wrong results in old CuPy versions, does not reproduce with CuPy 14). The component signs are
-fixed after the eigh (decomcam.py), so the two paths give the same components.
-`MatrixBackend.eigh_on_device = False` sends it through the host instead (B*n*n float64 each way, 19 KB
-per image at n = 49), for comparison.
+fixed after the eigh (decomcam.py), so the two paths give the same components. With a CuPy older than 14
+it goes through the host (B*n*n float64 each way, 19 KB per image at n = 49).
 """
 
 from __future__ import annotations
@@ -201,7 +200,7 @@ class MatrixBackend(Backend):
         self.on_device = xp is not np
         # the small batched eigh on the device (see the module docstring), with the CuPy measured there
         # (14) or later; an older CuPy sends it through the host
-        self.eigh_on_device = _major(getattr(xp, "__version__", "0")) >= DEVICE_EIGH_MIN_CUPY
+        self._device_eigh = _major(getattr(xp, "__version__", "0")) >= DEVICE_EIGH_MIN_CUPY
         self.device_id = int(device_id)
         self.xp = CountingModule(xp, self.transfers) if self.on_device else xp
         self.name = name or f"matrix-{xp.__name__}"
@@ -214,7 +213,7 @@ class MatrixBackend(Backend):
         return m
 
     def eigh(self, gram):
-        if not self.on_device or self.eigh_on_device:
+        if not self.on_device or self._device_eigh:
             return self.xp.linalg.eigh(gram)
         w, v = np.linalg.eigh(self.to_host(gram, name="eigh.gram"))
         return self.asarray(w, name="eigh.eigenvalues"), self.asarray(v, name="eigh.eigenvectors")

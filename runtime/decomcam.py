@@ -1,29 +1,27 @@
-"""Decom-CAM over an array back end (numpy on the CPU, cupy on the GPU).
+"""Decom-CAM's numerics over an array back end (numpy on the CPU, cupy on the GPU).
 
-Three steps around the two graphs (runtime/explainer.py runs them; the "ig" integration replaces the masks
-and the classify forwards by path_gradient over head_grad.onnx and integrate_rank_p):
+    decompose(act, grad, p)         S* = dy/dA * A -> top-p orthogonal feature maps F [B, p, h*w]
+    build_masks(x, H)               H = s(Up(F)); masked = max(P * H, blur(P) * (1 - H)) -> (p+1)B images
+    integrate(y_masked, y_blur, H)  C_i = y(masked_i) - y(blurred); saliency = sum softmax(C)_i H_i
 
-    decompose(act, grad)           S = dy/dA * A -> top-p orthogonal feature maps F [B, p, h*w]
-    build_masks(x, F)              H = s(Up(F)); masked = max(P * H, blur(P) * (1 - H)) -> (p+1)B images
-    integrate(logits, target, H)   C_i = y(masked_i) - y(blurred); saliency = sum softmax(C)_i H_i
-
-The decomposition uses the Gram matrix G = S*^T S* [h*w, h*w] (49 x 49 at 224 px) and its eigenvectors,
-batched over images in float64, instead of a full SVD of S* [C, h*w]: V_p and sigma_p = sqrt(lambda_p)
-give F* = Sigma_p V_p^T, which equals the paper's U_p^T S*. Every open choice (sign, rank, epsilon, blur,
-blend space) follows runtime/config.py, like the eager reference.
+plus the authors' variant (decompose_authors, integrate_authors) and decomcam-ig's path-averaged gradient
+and rank-p map (path_gradient, integrate_rank_p). The decomposition uses the Gram matrix G = S*^T S*
+[h*w, h*w] (49 x 49 at 224 px) and its eigenvectors, batched over images in float64, instead of a full SVD
+of S* [C, h*w]: V_p and sigma_p = sqrt(lambda_p) give F* = Sigma_p V_p^T, which equals the paper's U_p^T S*.
+The open choices (sign, null components, epsilon, blur) are docs/method.md's, as in the eager reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import Backend
-from .config import NORM_EPS, NULL_TOL, SIGN_TOL, DecomCamConfig
+from .config import NULL_TOL, SIGN_TOL
+from .numerics import fixed_shape, minmax, softmax
 
 
 @dataclass
@@ -32,7 +30,7 @@ class Decomposition:
     singular_values: object     # [B, p] float64
     explained_variance: object  # [B, p] float64, sigma_i^2 / sum of all sigma^2
     null: object                # [B, p] bool
-    share: object = None        # [B, p] float64, a_i = <F_i, g> / sigma_i^2 with g = sum_c S*[c] (paper variant)
+    share: object = None        # [B, p] float64, a_i = <F_i, g> / sigma_i^2 with g = sum_c S*[c] (paper's decomposition)
 
 
 def _orient(xp, fm, g):
@@ -99,19 +97,14 @@ def single_thread_blas(xp):
     return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
 
 
-def decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
+def decompose(be: Backend, act, grad, p: int) -> Decomposition:
     """act, grad [B, C, h, w] (float32, or float64 for grad; on the back end's device) -> the top-p feature
-    maps."""
+    maps of S* = grad * act, signed to agree with its channel sum g, with their shares a_i of g."""
     with single_thread_blas(be.xp):
-        return _decompose(be, act, grad, config)
-
-
-def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
-    xp = be.xp
-    b, c, h, w = act.shape
-    n = h * w
-    p = config.effective_p(c, n)
-    if config.variant == "paper":
+        xp = be.xp
+        b, c, h, w = act.shape
+        n = h * w
+        p = min(int(p), c, n)
         s = (grad.astype(xp.float64) * act.astype(xp.float64)).reshape(b, c, n)   # S* [B, C, n]
         gram = xp.matmul(s.transpose(0, 2, 1), s)                                  # [B, n, n]
         sigma, vec, total = _top_eig(be, gram, p)
@@ -123,40 +116,40 @@ def _decompose(be: Backend, act, grad, config: DecomCamConfig) -> Decomposition:
         share = xp.einsum("bpn,bn->bp", dec.feature_maps, g) / xp.where(sig2 > 0, sig2, 1.0)
         dec.share = xp.where(dec.null, 0.0, share)                                 # a_i, g = sum_i a_i F_i
         return dec
-    # authors' variant: top-K channels by alpha = mean(dy/dA), PCA of alpha*A centred over positions
-    k = min(int(config.authors_top_k), c)
-    alpha = grad.astype(xp.float64).reshape(b, c, n).mean(2)                       # [B, C]
-    keep = xp.argsort(-alpha, axis=1, kind="stable")[:, :k]                        # [B, K]
-    a64 = act.astype(xp.float64).reshape(b, c, n)
-    m = xp.take_along_axis(alpha, keep, 1)[:, :, None] * xp.take_along_axis(a64, keep[:, :, None], 1)  # [B, K, n]
-    x = m.transpose(0, 2, 1)
-    x = x - x.mean(1, keepdims=True)                                               # [B, n, K]
-    gram = xp.matmul(x.transpose(0, 2, 1), x) if k <= n else None
-    if gram is not None:                                                           # K x K covariance
-        sigma, vec, total = _top_eig(be, gram, p)
-        comps = xp.matmul(x, vec).transpose(0, 2, 1)                               # X V_p  [B, p, n]
-    else:                                                                          # n x n: X X^T = U S^2 U^T
-        sigma, vec, total = _top_eig(be, xp.matmul(x, x.transpose(0, 2, 1)), p)
-        comps = (vec * sigma[:, None, :]).transpose(0, 2, 1)                       # U_p Sigma_p
-    comps = _orient_peak(xp, comps)                                                # sklearn < 1.5 svd_flip
-    comps = xp.clip(comps, 0.0, None)
-    return _finish(xp, comps, sigma, total)
 
 
-def minmax(xp, maps):
-    """Per-map min-max over the last two axes to [0, 1]; constant maps -> 0."""
-    lo = maps.min(axis=(-2, -1), keepdims=True)
-    hi = maps.max(axis=(-2, -1), keepdims=True)
-    return (maps - lo) / xp.maximum(hi - lo, NORM_EPS)
+def decompose_authors(be: Backend, act, grad, p: int, top_k: int) -> Decomposition:
+    """The authors' 2023 decomposition: the top-K channels by alpha = mean(dy/dA), PCA of alpha * A centred
+    over positions, components signed as scikit-learn < 1.5 did and clamped at 0."""
+    with single_thread_blas(be.xp):
+        xp = be.xp
+        b, c, h, w = act.shape
+        n = h * w
+        k = min(int(top_k), c)
+        p = min(int(p), k, n)
+        alpha = grad.astype(xp.float64).reshape(b, c, n).mean(2)                   # [B, C]
+        keep = xp.argsort(-alpha, axis=1, kind="stable")[:, :k]                    # [B, K]
+        a64 = act.astype(xp.float64).reshape(b, c, n)
+        m = xp.take_along_axis(alpha, keep, 1)[:, :, None] * xp.take_along_axis(a64, keep[:, :, None], 1)  # [B, K, n]
+        x = m.transpose(0, 2, 1)
+        x = x - x.mean(1, keepdims=True)                                           # [B, n, K]
+        if k <= n:                                                                 # K x K covariance
+            sigma, vec, total = _top_eig(be, xp.matmul(x.transpose(0, 2, 1), x), p)
+            comps = xp.matmul(x, vec).transpose(0, 2, 1)                           # X V_p  [B, p, n]
+        else:                                                                      # n x n: X X^T = U S^2 U^T
+            sigma, vec, total = _top_eig(be, xp.matmul(x, x.transpose(0, 2, 1)), p)
+            comps = (vec * sigma[:, None, :]).transpose(0, 2, 1)                   # U_p Sigma_p
+        comps = _orient_peak(xp, comps)                                            # sklearn < 1.5 svd_flip
+        comps = xp.clip(comps, 0.0, None)
+        return _finish(xp, comps, sigma, total)
 
 
-def upsample(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
-    """F [B, p, n] -> Up(F) [B, p, S, S] float32, not normalised (bilinear for the paper, bicubic for the
-    authors' variant and the "ig" integration); null components are 0."""
+def upsample(be: Backend, dec: Decomposition, h: int, w: int, size: int, kernel: str = "bilinear"):
+    """F [B, p, n] -> Up(F) [B, p, S, S] float32, not normalised (the paper: bilinear; the authors' code and
+    decomcam-ig: bicubic); null components are 0."""
     xp = be.xp
     b, p, _ = dec.feature_maps.shape
-    interp = "bilinear" if config.variant == "paper" and config.integration != "ig" else "bicubic"
-    up = be.resize(dec.feature_maps.reshape(b * p, h, w).astype(xp.float32), size, interp).reshape(b, p, size, size)
+    up = be.resize(dec.feature_maps.reshape(b * p, h, w).astype(xp.float32), size, kernel).reshape(b, p, size, size)
     return xp.where(dec.null[:, :, None, None], xp.float32(0), up)
 
 
@@ -167,101 +160,46 @@ def normalise_components(be: Backend, up, null):
     return xp.where(null[:, :, None, None], xp.float32(0), comps)
 
 
-def upsample_components(be: Backend, dec: Decomposition, h: int, w: int, size: int, config: DecomCamConfig):
-    """F [B, p, n] -> H [B, p, S, S] float32 in [0, 1]; null components are 0."""
-    return normalise_components(be, upsample(be, dec, h, w, size, config), dec.null)
-
-
-def _blur_input(be: Backend, x, mean, std, config: DecomCamConfig):
-    """x [B, 3, S, S] normalised -> (blend image P, blur(P), blur(P) normalised): P is x in [0, 1] pixels for
-    blend_space "pixel", x itself for "normalized"."""
+def blur_reference(be: Backend, x, mean, std, sigma: float, radius: int):
+    """x [B, 3, S, S] normalised -> (P, blur(P)) in [0, 1] pixel space, float32: the image and the paper's
+    reference image of eq. 11 (Gaussian, reflect-101)."""
     xp = be.xp
-    size = x.shape[-1]
-    sigma, radius = config.sigma(size), config.radius(size)
-    if config.blend_space == "pixel":
-        m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
-        sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
-        pix = x * sd + m
-        pix_b = be.blur(pix, sigma, radius)
-        return pix, pix_b, (pix_b - m) / sd
-    pix_b = be.blur(x, sigma, radius)
-    return x, pix_b, pix_b
-
-
-def blurred_input(be: Backend, x, mean, std, config: DecomCamConfig):
-    """x [B, 3, S, S] normalised -> the paper's reference image blur(P) [B, 3, S, S] float32, normalised (the
-    image y(blur(P)) of eq. 11 is the logit of; the "blur" baseline of the "ig" integration)."""
-    return _blur_input(be, x, mean, std, config)[2].astype(be.xp.float32)
-
-
-def build_masks(be: Backend, x, comps, mean, std, config: DecomCamConfig, timings: dict | None = None):
-    """x [B, 3, S, S] normalised, comps H [B, p, S, S] -> (masked [B, p, 3, S, S], blurred [B, 3, S, S]),
-    both normalised, ready for classify. `timings`, when given, gets the seconds of the "blur"."""
-    xp = be.xp
-    t = time.perf_counter()
     m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
     sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
-    pix, pix_b, blurred = _blur_input(be, x, mean, std, config)
-    if timings is not None:
-        be.synchronize()
-        timings["blur"] = time.perf_counter() - t
-    hm = comps[:, :, None]                                               # [B, p, 1, S, S]
-    masked = xp.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))    # [B, p, 3, S, S]
-    if config.blend_space == "pixel":
+    pix = x * sd + m
+    return pix, be.blur(pix, sigma, radius)
+
+
+def build_masks(be: Backend, x, comps, mean, std, sigma: float, radius: int, stage=None):
+    """x [B, 3, S, S] normalised, comps H [B, p, S, S] -> (masked [B, p, 3, S, S], blurred [B, 3, S, S]),
+    both normalised, ready for classify: max(P * H, blur(P) * (1 - H)) in [0, 1] pixel space. `stage`
+    (a runtime.stages.Stages) times the "blur" and the "blend"."""
+    xp = be.xp
+    stage = stage or (lambda name: contextlib.nullcontext())
+    m = xp.asarray(mean, dtype=xp.float32).reshape(1, 3, 1, 1)
+    sd = xp.asarray(std, dtype=xp.float32).reshape(1, 3, 1, 1)
+    with stage("blur"):
+        pix, pix_b = blur_reference(be, x, mean, std, sigma, radius)
+    with stage("blend"):
+        hm = comps[:, :, None]                                               # [B, p, 1, S, S]
+        masked = xp.maximum(pix[:, None] * hm, pix_b[:, None] * (1 - hm))    # [B, p, 3, S, S]
         masked = (masked - m[:, None]) / sd[:, None]
+        blurred = (pix_b - m) / sd
     return masked.astype(xp.float32), blurred.astype(xp.float32)
 
 
-def _softmax_masked(xp, z, null):
-    z = xp.where(null, -xp.inf, z)
-    zmax = z.max(axis=1, keepdims=True)
-    zmax = xp.where(xp.isfinite(zmax), zmax, 0.0)
-    e = xp.where(null, 0.0, xp.exp(z - zmax))
-    tot = e.sum(axis=1, keepdims=True)
-    return e / xp.where(tot > 0, tot, 1.0)
+def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_size: int, fixed_chunks: bool = False):
+    """mean_k dy/dA(alpha_k A), alpha_k = (k + 1/2) / steps -> [B, C, h, w] float64: the path-averaged
+    gradient, so that A * path_gradient(...) is the integrated-gradient evidence S_IG from 0 to A (midpoint
+    rule). head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
 
-
-def integrate_share(be: Backend, y_masked, y_blur, dec: Decomposition, h: int, w: int, size: int):
-    """The "gain-share" integration (runtime/config.py): y_masked [B, p], y_blur [B] target logits ->
-    (saliency [B, S, S], weights [B, p], scores [B, p]).
-
-    r_i = relu(C_i) / mean_j relu(C_j) over the valid components (all 1 when no gain is positive);
-    M = sum_i r_i a_i F_i [B, h, w]; saliency = s(Up_bilinear(relu(M))). weights = r_i a_i / sum_j r_j a_j."""
-    xp = be.xp
-    null = dec.null
-    scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
-    pos = xp.where(null, 0.0, xp.maximum(scores, 0.0))
-    n_valid = xp.maximum((~null).sum(axis=1, keepdims=True), 1)
-    mean = pos.sum(axis=1, keepdims=True) / n_valid
-    r = xp.where(mean > 0, pos / xp.where(mean > 0, mean, 1.0), xp.where(null, 0.0, 1.0))   # [B, p]
-    coef = r * dec.share                                                          # [B, p]
-    b = coef.shape[0]
-    cam = xp.einsum("bp,bpn->bn", coef, dec.feature_maps).reshape(b, h, w)       # [B, h, w]
-    up = be.resize(xp.maximum(cam, 0.0).astype(xp.float32), size, "bilinear")    # [B, S, S]
-    tot = coef.sum(axis=1, keepdims=True)
-    wts = coef / xp.where(tot != 0, tot, 1.0)
-    return minmax(xp, up).astype(xp.float32), wts, scores
-
-
-def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_size: int,
-                  fixed_chunks: bool = False, base=None):
-    """mean_k dy/dA(A0 + alpha_k (A - A0)), alpha_k = (k + 1/2) / steps -> [B, C, h, w] float64: the
-    path-averaged gradient, so that (A - A0) * path_gradient(...) is the integrated-gradient evidence S_IG from
-    the baseline A0 to A (midpoint rule). base: A0 [B, C, h, w], None for the zero activation.
-    head_gradient(acts [N, C, h, w], target [N]) -> dy/dA at those activations (head_grad.onnx).
-
-    The steps x B rows (A0_b + alpha_k (A_b - A0_b), step-major) are built and run in calls of batch_size
-    rows, so memory stays at one call's activation maps whatever B and steps are. fixed_chunks: the last call is padded to
-    batch_size with zero rows (dropped) when there is more than one call, so every call has one shape."""
+    The steps x B rows (alpha_k A_b, step-major) are built and run in calls of batch_size rows, so memory
+    stays at one call's activation maps whatever B and steps are; with fixed_chunks a short last call is
+    padded (numerics.fixed_shape)."""
     xp = be.xp
     b = act.shape[0]
     tgt = be.asarray(target, dtype=np.int64)
     n, bs = steps * b, max(int(batch_size), 1)
-    diff = act if base is None else act - base
-
-    def point(k, b0, b1):
-        row = diff[b0:b1] * xp.float32((k + 0.5) / steps)
-        return row if base is None else base[b0:b1] + row
     total = xp.zeros(act.shape, xp.float64)
     for start in range(0, n, bs):
         stop = min(start + bs, n)
@@ -272,13 +210,10 @@ def path_gradient(be: Backend, head_gradient, act, target, steps: int, batch_siz
             b1 = min(b, b0 + stop - r)
             segs.append((k, b0, b1))
             r += b1 - b0
-        rows = [point(k, b0, b1) for k, b0, b1 in segs]
-        tgts = [tgt[b0:b1] for _, b0, b1 in segs]
-        pad = bs - (stop - start) if fixed_chunks and n > bs else 0
-        if pad:
-            rows.append(xp.zeros((pad,) + tuple(act.shape[1:]), act.dtype))
-            tgts.append(xp.zeros(pad, xp.int64))
-        g = head_gradient(xp.concatenate(rows), xp.concatenate(tgts)).astype(xp.float64)
+        rows = xp.concatenate([act[b0:b1] * xp.float32((k + 0.5) / steps) for k, b0, b1 in segs])
+        tgts = xp.concatenate([tgt[b0:b1] for _, b0, b1 in segs])
+        g = head_gradient(fixed_shape(xp, rows, bs, n, fixed_chunks),
+                          fixed_shape(xp, tgts, bs, n, fixed_chunks)).astype(xp.float64)
         r = 0
         for _, b0, b1 in segs:
             total[b0:b1] += g[r:r + b1 - b0]
@@ -298,21 +233,21 @@ def integrate_rank_p(be: Backend, dec: Decomposition, h: int, w: int, size: int)
     return minmax(xp, up).astype(xp.float32), coef / xp.where(tot != 0, tot, 1.0)
 
 
-def integrate(be: Backend, y_masked, y_blur, comps, null, config: DecomCamConfig, logit_scale: float, raw=None):
-    """y_masked [B, p], y_blur [B] target logits -> (saliency [B, S, S], weights [B, p], scores [B, p]).
-
-    comps: H [B, p, S, S] in [0, 1]. raw: Up(F) [B, p, S, S] before normalisation, which the authors'
-    variant sums (their weighted sum is over the raw clamped bicubic maps); required for that variant."""
+def integrate(be: Backend, y_masked, y_blur, comps, null):
+    """Eqs. 11-12: y_masked [B, p], y_blur [B] target logits, comps H [B, p, S, S] in [0, 1] ->
+    (saliency [B, S, S], weights [B, p] = softmax over the non-null C_i, scores C_i [B, p])."""
     xp = be.xp
     scores = y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]   # C_i
-    if config.variant == "paper":
-        wts = _softmax_masked(xp, scores, null)
-        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
-    else:
-        scores = scores / logit_scale                                             # cosine-similarity gains
-        if raw is None:
-            raise ValueError("the authors' integration sums the raw upsampled maps: pass raw=")
-        wts = xp.where(null, 0.0, scores * _softmax_masked(xp, scores, null))
-        sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), raw)
-        sal = minmax(xp, xp.maximum(sal, 0))
+    wts = softmax(xp, scores, ~null)
+    sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), comps)
     return sal.astype(xp.float32), wts, scores
+
+
+def integrate_authors(be: Backend, y_masked, y_blur, raw, null, logit_scale: float):
+    """The authors' integration: cosine-similarity gains w_i = C_i / logit_scale, weights w * softmax(w), the
+    saliency ReLU(sum_i weight_i * raw_i) min-max normalised; raw = Up(F) [B, p, S, S] before normalisation."""
+    xp = be.xp
+    scores = (y_masked.astype(xp.float64) - y_blur.astype(xp.float64)[:, None]) / logit_scale
+    wts = xp.where(null, 0.0, scores * softmax(xp, scores, ~null))
+    sal = xp.einsum("bp,bpij->bij", wts.astype(xp.float32), raw)
+    return minmax(xp, xp.maximum(sal, 0)).astype(xp.float32), wts, scores

@@ -22,10 +22,10 @@ from .config import DecomCamConfig
 from .engines import EngineOptions, providers_for
 from .images import Geometry, load_image, unnormalize
 from .methods import Method, MethodContext, get_method
+from .numerics import chunks, fixed_shape, softmax
 from .runner import GraphRunner, make_runner
-
-
-PRECISIONS = ("fp32", "fp16", "fp16-masks", "int8")
+from .settings import Settings
+from .stages import Stages
 
 
 class TargetError(ValueError):
@@ -81,41 +81,40 @@ class Explanation:
         }
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class Explainer:
-    """Sessions are created once per Explainer and reused for every call."""
+    """Sessions are created once per Explainer and reused for every call.
 
-    def __init__(self, artifacts: Artifacts, engine: str = "cpu", class_set: str | None = None,
-                 batch_size: int = 32, engine_options: EngineOptions | None = None,
-                 backend: Backend | str | None = None, resize_mode: str | None = None,
-                 config: DecomCamConfig | None = None, precision: str = "fp32"):
+    settings: a runtime.settings.Settings (method, p, target, engine, precision, batch size, threads,
+    limits, ...); keyword arguments named like its fields override it (`Explainer(art, engine="cpu",
+    top_p=5)`). engine_options / config / backend: lower-level overrides (ORT options such as tf32 or
+    fixed_chunks, DecomCamConfig fields such as authors_top_k, an array back end)."""
+
+    def __init__(self, artifacts: Artifacts, settings: Settings | None = None, *,
+                 engine_options: EngineOptions | None = None, backend: Backend | str | None = None,
+                 config: DecomCamConfig | None = None, **fields):
+        settings = settings or Settings()
+        if fields:
+            settings = settings.with_(**fields)   # an unknown field is a TypeError naming it
+        self.settings = settings
         self.artifacts = artifacts
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
         # "fp16": the export's fp16 graphs; "fp16-masks": its fp16 classify and head graphs, fp32 explain and
         # features (Artifacts.precision_for); "int8": its int8 graphs where it has them, fp32 for the others
-        self.precision = precision
-        artifacts.graph_entries(precision)  # an export without them fails here, in one line
+        self.precision = settings.precision
+        artifacts.graph_entries(self.precision)  # an export without them fails here, in one line
         self.graph_precisions: dict[str, str] = {}   # graph -> the precision it runs at
-        self.engine = engine
-        self.batch_size = int(batch_size)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.options = engine_options or EngineOptions()
-        if engine == "trt" and self.options.trt_cache_dir is None:
+        self.engine = settings.engine
+        self.batch_size = settings.batch_size
+        self.options = engine_options or settings.engine_options()
+        if self.engine == "trt" and self.options.trt_cache_dir is None:
             self.options.trt_cache_dir = str(artifacts.root / "trt-cache")
-        providers_for(engine, self.options)  # an engine this machine cannot run fails here, in one line
+        providers_for(self.engine, self.options)  # an engine this machine cannot run fails here, in one line
         if backend is None:
-            backend = "cupy" if engine in ("cuda", "trt") else "numpy"
+            backend = "cupy" if self.engine in ("cuda", "trt") else "numpy"
         self.backend = get_backend(backend, self.options.device_id) if isinstance(backend, str) else backend
         pre = artifacts.preprocess  # resize policy, size, interpolation: images are preprocessed as exported
-        self.resize_mode = resize_mode or pre["resize"]   # None: the export's own policy (manifest)
-        self.config = config or DecomCamConfig()
+        self.resize_mode = settings.resize or pre["resize"]   # None: the export's own policy (manifest)
+        self.config = config or settings.config()
+        class_set = settings.class_set
         if class_set is not None and not artifacts.text_input:
             raise ArtifactsError(
                 f"{artifacts.root}: {artifacts.model} has a fixed class set ('{artifacts.manifest.get('default_class_set')}'"
@@ -127,8 +126,9 @@ class Explainer:
         self._sessions: dict[str, GraphRunner] = {}
 
     @classmethod
-    def from_artifacts(cls, root: str | os.PathLike, engine: str = "cpu", verify: bool = True, **kw) -> "Explainer":
-        return cls(load_artifacts(root, verify=verify), engine=engine, **kw)
+    def from_artifacts(cls, root: str | os.PathLike, settings: Settings | None = None, verify: bool = True,
+                       **kw) -> "Explainer":
+        return cls(load_artifacts(root, verify=verify), settings, **kw)
 
     # -- graphs -----------------------------------------------------------------------------------------
     def runner(self, name: str) -> GraphRunner:
@@ -159,9 +159,12 @@ class Explainer:
         return names
 
     def check_graphs(self, method: "str | Method") -> None:
-        """Check (listed, present, contract, sha256) every graph `method` runs, at this precision."""
+        """Check every graph `method` runs, at this precision, before any image: listed, present, of the
+        contract, its sha256, and its own declared inputs and outputs against the manifest (the sessions are
+        created here; they are the ones the explanations use)."""
         for name in self.graphs_for(method):
             self.artifacts.check_graph(name, self.artifacts.precision_for(name, self.precision))
+            self.runner(name)
 
     @property
     def fixed_chunks(self) -> bool:
@@ -186,18 +189,16 @@ class Explainer:
                              f"{ {k: a.shape[0] for k, a in rows.items()} }")
         bs, xp = self.batch_size, self.backend.xp
         outs: dict[str, list] = {o: [] for o in outputs}
-        for i in range(0, n, bs):
-            k = min(bs, n - i)
+        for i, j in chunks(n, bs):
             feed = {}
             for name, arrays in rows.items():
-                part = arrays[i:i + bs]
-                if self.fixed_chunks and n > bs and k < bs:
+                part = arrays[i:j]
+                if self.fixed_chunks and n > bs and j - i < bs:
                     part = self.backend.asarray(part)   # a host array is uploaded here (the runner would have)
-                    part = xp.concatenate([part, xp.zeros((bs - k,) + tuple(part.shape[1:]), part.dtype)])
-                feed[name] = part
+                feed[name] = fixed_shape(xp, part, bs, n, self.fixed_chunks)
             res = r.run(self.feed(**feed), outputs=outputs)
             for o in outputs:
-                outs[o].append(res[o][:k])
+                outs[o].append(res[o][:j - i])
         return {o: v[0] if len(v) == 1 else xp.concatenate(v) for o, v in outs.items()}
 
     def classify(self, images) -> object:
@@ -229,6 +230,8 @@ class Explainer:
         labels = self.classes.labels
         if target is None:
             return -1
+        if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer, str)):
+            raise TargetError(f"target must be a class index, a class name or None, got {target!r}")
         if isinstance(target, (int, np.integer)):
             if not 0 <= int(target) < len(labels):
                 raise TargetError(f"target index {target} is out of range for class set "
@@ -248,13 +251,15 @@ class Explainer:
     def load(self, item) -> tuple[np.ndarray, str | None]:
         if isinstance(item, np.ndarray):
             return item, None
-        return load_image(item), str(item)
+        s = self.settings
+        return load_image(item, s.max_pixels, s.max_bytes, s.max_aspect), str(item)
 
-    def explain(self, inputs, target=None, top_p: int | None = None, method: "str | Method" = "decomcam",
+    def explain(self, inputs, target=None, top_p: int | None = None, method: "str | Method | None" = None,
                 config: DecomCamConfig | None = None):
         """Explain one image (path or uint8 RGB array) or a list of them.
 
-        target: None (each image's top-1 class), a class name, or an index; or a list, one per image.
+        target: None (the settings' target: by default each image's top-1 class), a class name, or an
+        index; or a list, one per image. method / top_p: None for the settings'.
         Returns an Explanation for a single input, a list for a list."""
         single = isinstance(inputs, (str, os.PathLike, np.ndarray))
         items = [inputs] if single else list(inputs)
@@ -270,10 +275,11 @@ class Explainer:
     def preprocess(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Decoded uint8 RGB images [H, W, 3] -> (x [B, 3, S, S] float32 on the host, geometries), as the
         export was made; `explain_arrays(prepared=...)` takes it (the CLI's loader thread runs this)."""
-        return self.artifacts.preprocess_images(rgbs, self.resize_mode, self.options.intra_op_threads)
+        return self.artifacts.preprocess_images(rgbs, self.resize_mode, self.options.intra_op_threads,
+                                                max_aspect=self.settings.max_aspect)
 
     def explain_arrays(self, rgbs: list[np.ndarray], sources: list[str | None] | None = None, target=None,
-                       top_p: int | None = None, method: "str | Method" = "decomcam",
+                       top_p: int | None = None, method: "str | Method | None" = None,
                        config: DecomCamConfig | None = None,
                        prepared: tuple[np.ndarray, list] | None = None,
                        components: bool = True) -> list[Explanation]:
@@ -288,6 +294,9 @@ class Explainer:
         cfg = config or self.config
         if top_p is not None:
             cfg = cfg.with_(top_p=top_p)
+        method = self.settings.method if method is None else method
+        if target is None:
+            target = self.settings.target
         meth = method if isinstance(method, Method) else get_method(method)
         be = self.backend
         n = len(rgbs)
@@ -297,34 +306,31 @@ class Explainer:
             raise TargetError(f"{len(targets)} targets given for {n} images")
         tgt = np.array([self.resolve_target(t) for t in targets], dtype=np.int64)
 
-        timings: dict[str, float] = {}
+        stage = Stages(be)
         be.transfers.take()  # what crossed before this call (class embeddings) is not this call's
-        t = time.perf_counter()
         if prepared is None:
-            x_host, geoms = self.preprocess(rgbs)
-            timings["preprocess"] = time.perf_counter() - t
+            with stage("preprocess"):
+                x_host, geoms = self.preprocess(rgbs)
         else:
             x_host, geoms = prepared
             if len(x_host) != n or len(geoms) != n:
                 raise ValueError(f"prepared holds {len(x_host)} images for {n} given")
 
-        t = time.perf_counter()
-        x = be.asarray(x_host)
-        acts = grads = None
-        if meth.needs_gradients:
-            out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)))
-            logits, acts, grads = out["logits"], out["activations"], out["gradients"]
-        elif meth.needs_activations and "features" in self.artifacts.manifest["graphs"]:
-            out = self.runner("features").run(self.feed(image=x))  # forward only, no backward
-            logits, acts = out["logits"], out["activations"]
-        elif meth.needs_activations:  # an export without features.onnx: explain.onnx, which also runs its backward
-            out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)),
-                                             outputs=["logits", "activations"])
-            logits, acts = out["logits"], out["activations"]
-        else:
-            logits = self.classify(x)
-        be.synchronize()
-        timings["explain"] = time.perf_counter() - t
+        with stage("explain"):
+            x = be.asarray(x_host)
+            acts = grads = None
+            if meth.needs_gradients:
+                out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)))
+                logits, acts, grads = out["logits"], out["activations"], out["gradients"]
+            elif meth.needs_activations and "features" in self.artifacts.manifest["graphs"]:
+                out = self.runner("features").run(self.feed(image=x))  # forward only, no backward
+                logits, acts = out["logits"], out["activations"]
+            elif meth.needs_activations:  # an export without features.onnx: explain.onnx, which also runs its backward
+                out = self.runner("explain").run(self.feed(image=x, target=be.asarray(tgt)),
+                                                 outputs=["logits", "activations"])
+                logits, acts = out["logits"], out["activations"]
+            else:
+                logits = self.classify(x)
         logits_host = be.to_host(logits)
         tgt = np.where(tgt < 0, logits_host.argmax(1), tgt).astype(np.int64)
 
@@ -334,44 +340,42 @@ class Explainer:
             head_gradient=self.head_gradient if meth.needs_head_grad else None,
             features=self.features if meth.needs_activations else None,
             mean=self.artifacts.mean, std=self.artifacts.std, logit_scale=self.artifacts.logit_scale, config=cfg,
-            batch_size=self.batch_size, fixed_chunks=self.fixed_chunks,
+            stage=stage, batch_size=self.batch_size, fixed_chunks=self.fixed_chunks,
         )
         mo = meth(ctx)
-        timings.update(ctx.timings)
 
-        t = time.perf_counter()
+        with stage("postprocess"):
+            def host(a):
+                return None if a is None else be.to_host(a)
 
-        def host(a):
-            return None if a is None else be.to_host(a)
+            sal = host(mo.saliency)
+            comps = host(mo.components) if components else None
+            wts, scores = host(mo.weights), host(mo.scores)
+            evr, sv = host(mo.explained_variance), host(mo.singular_values)
+            probs = softmax(np, logits_host.astype(np.float64))
+            mean, std = self.artifacts.mean, self.artifacts.std
 
-        sal = host(mo.saliency)
-        comps = host(mo.components) if components else None
-        wts, scores = host(mo.weights), host(mo.scores)
-        evr, sv = host(mo.explained_variance), host(mo.singular_values)
-        probs = _softmax(logits_host.astype(np.float64))
-        mean, std = self.artifacts.mean, self.artifacts.std
+            def finish(i):  # per image, on the host: the input as pixels, the saliency in original coordinates
+                pix = (unnormalize(x_host[i], mean, std) * 255).round().astype(np.uint8)
+                return np.ascontiguousarray(pix.transpose(1, 2, 0)), geoms[i].to_original(sal[i])
 
-        def finish(i):  # per image, on the host: the input as pixels, the saliency in original coordinates
-            pix = (unnormalize(x_host[i], mean, std) * 255).round().astype(np.uint8)
-            return np.ascontiguousarray(pix.transpose(1, 2, 0)), geoms[i].to_original(sal[i])
-
-        pool = image_pool(self.options.intra_op_threads) if n > 1 else None
-        finished = list(pool.map(finish, range(n))) if pool is not None else [finish(i) for i in range(n)]
-        results = []
-        for i in range(n):
-            top = np.argsort(-probs[i], kind="stable")[:5]
-            results.append(Explanation(
-                source=sources[i], method=meth.name, target=int(tgt[i]), target_name=self.classes.labels[tgt[i]],
-                saliency=sal[i], saliency_original=finished[i][1],
-                components=None if comps is None else comps[i],
-                weights=None if wts is None else wts[i].astype(np.float32),
-                scores=None if scores is None else scores[i].astype(np.float32),
-                explained_variance=None if evr is None else evr[i].astype(np.float32),
-                singular_values=None if sv is None else sv[i].astype(np.float32),
-                logits=logits_host[i], top5=[(self.classes.labels[j], float(probs[i, j])) for j in top],
-                geometry=geoms[i], input_rgb=finished[i][0], random_weights=self.artifacts.random_weights,
-            ))
-        timings["postprocess"] = time.perf_counter() - t
+            pool = image_pool(self.options.intra_op_threads) if n > 1 else None
+            finished = list(pool.map(finish, range(n))) if pool is not None else [finish(i) for i in range(n)]
+            results = []
+            for i in range(n):
+                top = np.argsort(-probs[i], kind="stable")[:5]
+                results.append(Explanation(
+                    source=sources[i], method=meth.name, target=int(tgt[i]), target_name=self.classes.labels[tgt[i]],
+                    saliency=sal[i], saliency_original=finished[i][1],
+                    components=None if comps is None else comps[i],
+                    weights=None if wts is None else wts[i].astype(np.float32),
+                    scores=None if scores is None else scores[i].astype(np.float32),
+                    explained_variance=None if evr is None else evr[i].astype(np.float32),
+                    singular_values=None if sv is None else sv[i].astype(np.float32),
+                    logits=logits_host[i], top5=[(self.classes.labels[j], float(probs[i, j])) for j in top],
+                    geometry=geoms[i], input_rgb=finished[i][0], random_weights=self.artifacts.random_weights,
+                ))
+        timings = stage.times
         transfers = be.transfers.take()
         for e in results:  # batch stages are shared: report each image's share
             e.timings = {k: v / n for k, v in timings.items()}

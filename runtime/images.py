@@ -40,11 +40,9 @@ what that saves.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import stat
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -55,8 +53,11 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from .names import show
+
 DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images before decoding
 DEFAULT_MAX_BYTES = 1 << 30      # refuse larger files before reading them (1 GiB; a 12 Mpx JPEG is ~5 MB)
+DEFAULT_MAX_ASPECT = 64          # refuse images whose long side is more than this many times the short side
 ALPHA_BACKGROUND = 128           # grey level that transparent pixels are composited over
 MODES = ("crop", "stretch")      # preprocess modes
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -67,7 +68,7 @@ class ImageError(ValueError):
 
 
 def _fail(name: str, problem: str) -> ImageError:
-    return ImageError(f"{name}: {problem}")
+    return ImageError(f"{show(name)}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,24 +78,37 @@ _FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # what Image.open may 
 _ORIENTATION = 0x0112
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Send file descriptor 2 to /dev/null meanwhile: the C libraries' own lines (libtiff, libwebp, ...)
-    carry no file name; the one-line ImageError says what went wrong instead."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (embedded, captured): nothing to silence
-        yield
+_TIFF_LOCK = threading.Lock()
+_TIFF_DONE = False
+
+
+def _silence_libtiff() -> None:
+    """Turn off libtiff's default error and warning handlers, which print lines without a file name to the
+    process's stderr (the one-line ImageError says what went wrong instead). Done once, through the handler
+    API of the libtiff that Pillow loaded; the process's stderr itself is never touched, so no other
+    thread's line is lost. Where that libtiff cannot be found, its lines stay (harmless, never lost)."""
+    global _TIFF_DONE
+    if _TIFF_DONE:
         return
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with _TIFF_LOCK:
+        if _TIFF_DONE:
+            return
+        _TIFF_DONE = True
+        try:
+            import ctypes
+
+            from PIL import _imaging  # noqa: F401  (links Pillow's libtiff into the process)
+
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                paths = {line.split()[-1] for line in f if "libtiff" in line and "/" in line}
+            for path in sorted(paths):
+                lib = ctypes.CDLL(path)  # the already loaded library: the same global handlers
+                for fn in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+                    setter = getattr(lib, fn)
+                    setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                    setter(None)
+        except (OSError, AttributeError, ImportError):
+            pass
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -183,43 +197,48 @@ def _orient(rgb: np.ndarray, orientation: int) -> np.ndarray:
     return rgb
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float = DEFAULT_MAX_ASPECT) -> np.ndarray:
     """Decode image file bytes to uint8 RGB [H, W, 3] (C-contiguous); ``name`` labels errors.
 
-    Raises ImageError for empty data, an unrecognised format, more than ``max_pixels`` pixels (checked
-    from the header, before decoding), a truncated or corrupt file (Pillow's strict decoding, plus
-    libjpeg's corrupt-data warnings for JPEG), and float samples that are not finite.
+    Raises ImageError for empty data, an unrecognised format, more than ``max_pixels`` pixels or a long
+    side more than ``max_aspect`` times the short side (both checked from the header, before decoding), a
+    truncated or corrupt file (Pillow's strict decoding, plus libjpeg's corrupt-data warnings for JPEG),
+    and float samples that are not finite.
     """
     data = bytes(data)  # bytearray / memoryview welcome; bytes pass through uncopied
     if len(data) == 0:
         raise _fail(name, "empty file (0 bytes)")
-    with _quiet_stderr():
-        im = _open(data)
-        if im is None:
-            raise _fail(name, "not an image (unrecognised format or unreadable header; "
-                              "PNG, JPEG, GIF, BMP, WebP and TIFF are supported)")
-        kind = im.format
-        width, height = im.size
-        if width * height > max_pixels:
-            raise _fail(name, f"{width} x {height} = {width * height:,} pixels is over the pixel limit "
-                              f"max_pixels={max_pixels:,}; refused before decoding")
-        if width == 0 or height == 0:
-            raise _fail(name, f"corrupt header: size {width} x {height}")
-        if kind == "JPEG":
-            _check_jpeg_scans(data, name)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                im.load()
-                orientation = im.getexif().get(_ORIENTATION, 1)
-                rgb = _to_rgb8(im, name)
-        except ImageError:
-            raise
-        except Exception as e:  # OSError (truncated, broken stream), SyntaxError, ValueError, ...
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            if "truncated" in msg:
-                raise _fail(name, f"truncated ({kind} data ends early: {msg})") from None
-            raise _fail(name, f"corrupt {kind} ({msg})") from None
+    _silence_libtiff()
+    im = _open(data)
+    if im is None:
+        raise _fail(name, "not an image (unrecognised format or unreadable header; "
+                          "PNG, JPEG, GIF, BMP, WebP and TIFF are supported)")
+    kind = im.format
+    width, height = im.size
+    if width * height > max_pixels:
+        raise _fail(name, f"{width} x {height} = {width * height:,} pixels is over the pixel limit "
+                          f"max_pixels={max_pixels:,}; refused before decoding")
+    if width == 0 or height == 0:
+        raise _fail(name, f"corrupt header: size {width} x {height}")
+    problem = aspect_problem(width, height, max_aspect)
+    if problem:
+        raise _fail(name, problem + "; refused before decoding")
+    if kind == "JPEG":
+        _check_jpeg_scans(data, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+            orientation = im.getexif().get(_ORIENTATION, 1)
+            rgb = _to_rgb8(im, name)
+    except ImageError:
+        raise
+    except Exception as e:  # OSError (truncated, broken stream), SyntaxError, ValueError, ...
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if "truncated" in msg:
+            raise _fail(name, f"truncated ({kind} data ends early: {msg})") from None
+        raise _fail(name, f"corrupt {kind} ({msg})") from None
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1
     return np.ascontiguousarray(_orient(rgb, orientation))
@@ -267,9 +286,21 @@ def read_file_capped(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+               max_bytes: int = DEFAULT_MAX_BYTES, max_aspect: float = DEFAULT_MAX_ASPECT) -> np.ndarray:
     """Read an image file to uint8 RGB [H, W, 3] (C-contiguous); see ``read_file_capped`` and ``decode_image``."""
-    return decode_image(read_file_capped(path, max_bytes), str(path), max_pixels)
+    return decode_image(read_file_capped(path, max_bytes), path, max_pixels, max_aspect)
+
+
+def aspect_problem(width: int, height: int, max_aspect: float = DEFAULT_MAX_ASPECT) -> str | None:
+    """Why an image of this size is refused for its shape, or None. The preprocessing resizes the short side
+    to the model's resize size, so memory grows with long / short: the limit bounds it."""
+    if width < 1 or height < 1:
+        return f"{width} x {height} pixels: an image needs at least one pixel on each side"
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect:
+        return (f"{width} x {height} pixels: the long side is {ratio:,.0f} times the short side, over the "
+                f"aspect-ratio limit max_aspect={max_aspect:g}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,14 +348,18 @@ def _channel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndar
 
 def preprocess(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float],
                mode: str = "crop", resize_size: int | None = None,
-               interpolation: str = "bicubic") -> tuple[np.ndarray, Geometry]:
+               interpolation: str = "bicubic", max_aspect: float = DEFAULT_MAX_ASPECT) -> tuple[np.ndarray, Geometry]:
     """uint8 RGB [H, W, 3] -> (x float32 [3, size, size] normalised, Geometry); modes in the module docstring.
 
     resize_size: crop mode's shortest side before the centre crop (None = size; at least size).
-    interpolation: "bicubic" or "bilinear", Pillow's filters (as torchvision's Resize on PIL images)."""
+    interpolation: "bicubic" or "bilinear", Pillow's filters (as torchvision's Resize on PIL images).
+    An empty image, or one past ``max_aspect`` (see ``aspect_problem``), is a ValueError."""
     if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
         raise ValueError(f"preprocess: expected uint8 RGB [H, W, 3], got {getattr(rgb, 'dtype', type(rgb))} "
                          f"{getattr(rgb, 'shape', '')}")
+    problem = aspect_problem(rgb.shape[1], rgb.shape[0], max_aspect)
+    if problem:
+        raise ValueError(f"preprocess: {problem}")
     if size < 1:
         raise ValueError(f"preprocess: size must be a positive number of pixels, got {size}")
     if interpolation not in INTERPOLATIONS:

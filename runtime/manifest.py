@@ -141,13 +141,14 @@ def _check(value, f: Field, where: str) -> None:
     if not ok:
         bad(f"expected {_TYPE_NAMES[k]}, got {type(value).__name__} {str(value)[:40]!r}")
     if k in ("int", "number"):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             bad(f"expected a finite number, got {value}")
         if (f.lo is not None and value < f.lo) or (f.hi is not None and value > f.hi) or \
-                (f.gt is not None and value <= f.gt):
+                (f.gt is not None and value <= f.gt):   # exact for integers of any size
             low = f"> {f.gt:g}" if f.gt is not None else f">= {f.lo:g}" if f.lo is not None else ""
             high = f"<= {f.hi:g}" if f.hi is not None else ""
-            bad(f"{value} is out of range (valid: {' and '.join(x for x in (low, high) if x)})")
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            bad(f"{shown} is out of range (valid: {' and '.join(x for x in (low, high) if x)})")
     if f.choices and value not in f.choices:
         bad(f"{value!r} is not one of {', '.join(map(repr, f.choices))}")
     if f.pattern is not None and not f.pattern.match(value):
@@ -194,6 +195,10 @@ def validate_manifest(manifest, path="manifest.json") -> dict:
         if rs is not None and rs < manifest["input_size"]:
             raise ManifestError(f"field 'preprocess.resize_size': {rs} is smaller than input_size "
                                 f"{manifest['input_size']}")
+        dims = manifest["dims"]
+        for axis in ("H", "W"):
+            if axis in dims and dims[axis] != manifest["input_size"]:
+                raise ManifestError(f"field 'dims.{axis}': {dims[axis]} differs from input_size {manifest['input_size']}")
         if family == "clip" and "D" not in manifest["dims"]:
             raise ManifestError("field 'dims.D': missing (needed by the clip family)")
         for name, entry in sets.items():
@@ -203,4 +208,6 @@ def validate_manifest(manifest, path="manifest.json") -> dict:
                 raise ManifestError(f"field 'class_sets.{name}.sha256': missing (the embeddings' checksum)")
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
+    except (RecursionError, OverflowError, TypeError, ValueError) as e:  # nesting or numbers no field allows
+        raise ManifestError(f"{path}: malformed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return manifest

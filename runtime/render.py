@@ -115,10 +115,12 @@ def render_outputs(rgb: np.ndarray, exp, extra: dict | None = None) -> list[byte
 
 
 def write_payloads(out_dir: Path, stem: str, payloads: list[bytes]) -> list[Path]:
-    """Write render_outputs' bytes to NAME.overlay.png, ... (each atomically)."""
+    """Write render_outputs' bytes to NAME.json, NAME.overlay.png, ... (each atomically; NAME.json first, so
+    that outputs on disk always have the record of what they are: runtime/batch.py's resume)."""
     files = [out_dir / f"{stem}{s}" for s in OUTPUT_SUFFIXES]
-    for f, data in zip(files, payloads):
-        atomic_write_bytes(f, data)
+    first = OUTPUT_SUFFIXES.index(".json")
+    for k in [first] + [k for k in range(len(files)) if k != first]:
+        atomic_write_bytes(files[k], payloads[k])
     return files
 
 
@@ -127,30 +129,32 @@ def write_outputs(out_dir: Path, stem: str, rgb: np.ndarray, exp, extra: dict | 
     return write_payloads(out_dir, stem, render_outputs(rgb, exp, extra))
 
 
-def render_many(jobs: list, extra: dict | None = None, workers: int | None = None):
+def render_many(jobs: list, extra: dict | list | None = None, workers: int | None = None):
     """[(rgb, exp), ...] -> an iterator, in order, of render_outputs' bytes or the OSError that rendering
     raised (reported like a failed write); rendered in the shared image pool (runtime.artifacts.image_pool)
-    when there is more than one. Any other exception is raised when its item is reached."""
+    when there is more than one. `extra`: JSON fields for every job, or a list of them, one per job. Any
+    other exception is raised when its item is reached."""
     from .artifacts import image_pool
 
     pool = image_pool(workers) if len(jobs) > 1 else None
+    extras = extra if isinstance(extra, list) else [extra] * len(jobs)
 
-    def one(job):
+    def one(k):
         try:
-            return render_outputs(job[0], job[1], extra)
+            return render_outputs(jobs[k][0], jobs[k][1], extras[k])
         except OSError as e:
             return e
 
     if pool is None:
-        yield from map(one, jobs)
+        yield from map(one, range(len(jobs)))
         return
     # at most one job per pool thread ahead of the writer: finished bytes do not pile up in memory, the
     # loader's and the engine's work in the same pool waits behind at most that much, and a writer that
     # stops (an error, a second Ctrl-C) leaves at most that much running
     pending = collections.deque()
     try:
-        for job in jobs:
-            pending.append(pool.submit(one, job))
+        for k in range(len(jobs)):
+            pending.append(pool.submit(one, k))
             if len(pending) >= pool.size:
                 yield pending.popleft().result()
         while pending:

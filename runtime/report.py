@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .fsutil import atomic_write
+from .names import one_line, show
 
 REPORT_NAME = "index.html"
 
@@ -32,11 +33,13 @@ td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}th{background:#eee}
 
 
 def _e(v) -> str:
-    return html.escape(str(v), quote=True)
+    text = str(v).encode("utf-8", "backslashreplace").decode("utf-8")   # no lone surrogate reaches the page
+    return html.escape(text, quote=True)
 
 
 def _src(name: str) -> str:
-    return _e(quote(name))  # a relative URL: '#', '?', '%' and spaces in file names are percent-encoded
+    # a relative URL of the file's bytes: '#', '?', '%', spaces and bytes that are not UTF-8 percent-encoded
+    return _e(quote(os.fsencode(name)))
 
 
 def _num(v, digits: int = 3) -> str:
@@ -67,21 +70,26 @@ def _card(stem: str, source: str, summary: dict) -> str:
     )
 
 
-def write_report(out_dir: str | os.PathLike, items, failures: dict[str, str], title: str = "") -> Path:
-    """Write out_dir/index.html for `items` (objects with .path and .stem; those with a NAME.json are
-    shown) and `failures` ({input: one-line reason}). Returns the path."""
+def write_report(out_dir: str | os.PathLike, outcomes, problems: list[tuple[str, str]] = (), title: str = "") -> Path:
+    """Write out_dir/index.html: a card per explained or skipped input (runtime.batch.Outcome: its NAME.json,
+    pictures and numbers) and the failures (failed Outcomes, and `problems`, [(input spec, one-line reason)]).
+    Every name is shown through runtime.names.show, so a name that is not UTF-8 or holds control characters
+    is displayed escaped and linked by its bytes. Returns the path."""
     out_dir = Path(out_dir)
-    cards, missing = [], 0
-    for it in items:
-        if str(it.path) in failures:
+    cards, missing, failures = [], 0, [(show(spec), msg) for spec, msg in problems]
+    for o in outcomes:
+        if o.status == "failed":
+            failures.append((show(o.item.source), o.error))
             continue
-        try:
-            summary = json.loads((out_dir / f"{it.stem}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            missing += 1
-            continue
-        cards.append(_card(it.stem, str(it.path), summary))
-    fails = "".join(f"<li><b>{_e(name)}</b>: {_e(reason)}</li>" for name, reason in failures.items())
+        summary = o.summary
+        if summary is None:
+            try:
+                summary = json.loads((out_dir / f"{o.stem}.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):
+                missing += 1
+                continue
+        cards.append(_card(o.stem, show(o.item.source), summary))
+    fails = "".join(f"<li><b>{_e(name)}</b>: {_e(one_line(reason))}</li>" for name, reason in failures)
     fails = f"<h2 class=fail>Failures</h2><ul class=fail>{fails}</ul>" if fails else ""
     page = (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"

@@ -16,13 +16,46 @@ How a graph runs follows the session, not the engine name:
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
+from .artifacts import ArtifactsError
 from .backend import Backend
 from .engines import EngineOptions, create_session, session_on_gpu
-from .spec import DYNAMIC_AXES, GraphSpec
+from .spec import DYNAMIC_AXES, MANIFEST_NAME, GraphSpec
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(double)": "float64", "tensor(int32)": "int32"}
+
+
+def check_session_io(session, spec: GraphSpec, dims: dict[str, int], path) -> None:
+    """The graph's own declared inputs and outputs against the contract and the manifest's dims (H, W, C, h,
+    w, K, D): an ArtifactsError naming the graph, the tensor and both values when they differ (a graph
+    swapped for another with its checksum updated, a manifest whose dims or input size were changed)."""
+    def compare(kind: str, got: dict, want) -> None:
+        for t in want:
+            if t.name not in got:
+                raise ArtifactsError(f"{path}: has no {kind} '{t.name}' (it has {', '.join(sorted(got))}); the graph "
+                                     f"does not match {MANIFEST_NAME}")
+            node = got[t.name]
+            dtype = _ORT_TYPES.get(node.type, node.type)
+            if dtype != t.dtype:
+                raise ArtifactsError(f"{path}: {kind} '{t.name}' is {dtype}, the contract says {t.dtype}")
+            shape = list(node.shape)
+            if len(shape) != len(t.axes):
+                raise ArtifactsError(f"{path}: {kind} '{t.name}' has {len(shape)} axes, the contract "
+                                     f"{len(t.axes)} {tuple(t.axes)}")
+            for size, axis in zip(shape, t.axes):
+                want_size = int(axis) if axis.isdigit() else dims.get(axis) if axis not in DYNAMIC_AXES else None
+                if isinstance(size, int) and want_size is not None and size != want_size:
+                    raise ArtifactsError(f"{path}: {kind} '{t.name}' axis {axis} is {size} in the graph and "
+                                         f"{want_size} in {MANIFEST_NAME}; the graph does not match its manifest")
+
+    ins = {i.name: i for i in session.get_inputs()}
+    extra = sorted(set(ins) - set(spec.input_names))
+    if extra:
+        raise ArtifactsError(f"{path}: unexpected input(s) {', '.join(extra)}; the graph does not match {MANIFEST_NAME}")
+    compare("input", ins, spec.inputs)
+    compare("output", {o.name: o for o in session.get_outputs()}, spec.outputs)
 
 
 def profile_shapes(spec: GraphSpec, dims: dict[str, int], max_batch: int, n_classes: int | None) -> dict:
@@ -46,12 +79,6 @@ class GraphRunner:
         self.max_batch = max_batch       # the TensorRT profile's largest batch (None: any)
         self.bound = backend.on_device and session_on_gpu(session)     # device buffers bound to the session
         self.round_trip = backend.on_device and not self.bound          # device arrays through a host session
-        self.calls = 0
-        self.seconds = 0.0
-
-    @property
-    def on_device(self) -> bool:
-        return self.bound
 
     def _out_shape(self, name: str, feed) -> tuple[int, ...]:
         t = next(o for o in self.spec.outputs if o.name == name)
@@ -70,7 +97,6 @@ class GraphRunner:
 
     def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
         names = outputs or self.spec.output_names
-        t0 = time.perf_counter()
         self._check_batch(feed)
         if self.bound:
             res = self._run_bound(feed, names)
@@ -81,8 +107,6 @@ class GraphRunner:
             res = dict(zip(names, self.session.run(names, host)))
             if self.round_trip:
                 res = {k: be.asarray(v, name=f"{g}.{k}") for k, v in res.items()}
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
         return res
 
     def _run_bound(self, feed: dict, names: list[str]) -> dict:
@@ -122,6 +146,8 @@ def make_runner(artifacts, name: str, engine: str, options: EngineOptions, backe
     1..max_batch."""
     spec = artifacts.spec(name)   # the family's contract (with or without a text input)
     profiles = profile_shapes(spec, artifacts.dims, max_batch, n_classes) if engine == "trt" else None
-    sess = create_session(artifacts.check_graph(name, precision), engine, options, profiles)
+    path = artifacts.check_graph(name, precision)
+    sess = create_session(path, engine, options, profiles)
+    check_session_io(sess, spec, {**artifacts.dims, "H": artifacts.input_size, "W": artifacts.input_size}, path)
     return GraphRunner(sess, spec, backend, artifacts.dims, options.device_id,
                        max_batch=max_batch if engine == "trt" else None)

@@ -123,3 +123,26 @@ def tiny_export(tmp_path_factory):
 def resnet_tiny_artifacts(tiny_export):
     """resnet-tiny (pooled-linear, random weights) exported once per session: its folder."""
     return tiny_export("resnet-tiny")
+
+
+def count_graph_calls(explainer):
+    """Count the explainer's graph calls from now on: {graph name: calls}, updated as it runs."""
+    import collections
+
+    counts: collections.Counter = collections.Counter()
+    get = explainer.runner
+
+    def runner(name):
+        r = get(name)
+        if not getattr(r, "_counted", False):
+            run = r.run
+
+            def counted(*a, **k):
+                counts[name] += 1
+                return run(*a, **k)
+
+            r.run, r._counted = counted, True
+        return r
+
+    explainer.runner = runner
+    return counts

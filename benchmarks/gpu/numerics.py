@@ -80,7 +80,7 @@ def check_eigh(mod, batch: int = 8) -> list[dict]:
         scale = np.abs(gram).max()
         for path in ("device", "host"):
             be = MatrixBackend(mod, name="cupy")
-            be.eigh_on_device = path == "device"
+            be._device_eigh = path == "device"
             g = be.asarray(gram)
 
             def run():

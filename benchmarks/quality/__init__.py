@@ -7,5 +7,5 @@
 ``report``         the paper's Table 1 / Table 2 formats as text.
 ``train``          a small CLIP ResNet trained on the synthetic data (cached), exported with export_model.
 ``synthetic``      the whole protocol offline; ``python -m benchmarks.quality`` is the command line.
-``integration_study`` Decom-CAM integration variants on EfficientNet-Lite0 and real photos (eager model, its own CLI).
+``pairs``          paired differences between methods of earlier runs, with bootstrap intervals.
 """

@@ -8,6 +8,7 @@
     python -m benchmarks.quality real --data DIR --artifacts DIR --json FILE [--methods ...] [--engine cpu]
         [--limit N] [--steps 14] [--substrates deletion=zero,insertion=blur] [--plot FILE.png]
         [--score-subset N] [--bootstrap 1000] [--tolerances 0,15] [--targets auto|index|name]
+    python -m benchmarks.quality pairs --from-json RUN.json[+MORE.json][,OTHER.json] --pairs A:B[,...]
 
 Prints the tables in the paper's formats (Table 1, Table 2) with baselines, and writes everything to the
 JSON file. Exit status: 0 on success, 2 for a usage or data error (one line on stderr: a missing folder, a
@@ -34,7 +35,7 @@ def _method_args(p: argparse.ArgumentParser, default: str | None = None) -> None
 
 
 def _explainer_args(p: argparse.ArgumentParser) -> None:
-    from runtime.explain import add_engine_args
+    from runtime.cli_args import add_engine_args
 
     add_engine_args(p)  # --artifacts, --engine, --fp16, --device-id, --threads, --batch-size
     g = p.add_argument_group("input")
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--json", default=None, help="write the results here (default OUT/results.json)")
     sy.add_argument("--no-cache", action="store_true", help="retrain and re-export even when cached")
     _method_args(sy)
+
+    from . import pairs
+    pairs.add_parser(sub)
     return p
 
 
@@ -141,7 +145,7 @@ def _explainer(args):
 
     opts = EngineOptions(device_id=args.device_id, fp16=args.fp16, intra_op_threads=args.threads)
     return Explainer.from_artifacts(args.artifacts, engine=args.engine, class_set=args.classes,
-                                    batch_size=args.batch_size, engine_options=opts, resize_mode=args.resize)
+                                    batch_size=args.batch_size, engine_options=opts, resize=args.resize)
 
 
 def _print_pointing(res: dict) -> None:
@@ -331,6 +335,12 @@ def main_real(args, argv) -> int:
     return 1 if res["n_bad"] else 0
 
 
+def _main_pairs(args) -> int:
+    from . import pairs
+
+    return pairs.main(args)
+
+
 def resolve_methods_all(spec, registered) -> list[str]:
     """--methods for `real`: the given ones, or every registered method when none is given."""
     from .evaluate import resolve_methods
@@ -341,7 +351,7 @@ def resolve_methods_all(spec, registered) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"pointing-game": main_pointing, "deletion-insertion": main_deletion, "synthetic": main_synthetic,
-                "real": lambda a: main_real(a, argv)}
+                "real": lambda a: main_real(a, argv), "pairs": _main_pairs}
     from runtime.artifacts import ArtifactsError
     from runtime.engines import EngineError
 

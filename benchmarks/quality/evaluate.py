@@ -100,8 +100,7 @@ def log(msg: str) -> None:
 #: Options a --methods entry may carry after its name, "NAME:key=value[:key=value]" (benchmark controls):
 #: kernel   the CAM family's final upsampling, bilinear (default) or bicubic (Decom-CAM's kernel)
 #: top_p    the Decom-CAM methods' number of components (an integer >= 1)
-#: ig_baseline  decomcam-ig's path start: zero (default), blur or mean (runtime/config.py)
-METHOD_OPTIONS = {"kernel": ("bilinear", "bicubic"), "top_p": int, "ig_baseline": ("zero", "blur", "mean")}
+METHOD_OPTIONS = {"kernel": ("bilinear", "bicubic"), "top_p": int}
 
 
 def parse_method_spec(spec: str, registered: Sequence[str] | None = None) -> tuple[str, dict]:
@@ -135,12 +134,8 @@ def parse_method_spec(spec: str, registered: Sequence[str] | None = None) -> tup
         raise ValueError(f"method '{spec}': top_p applies to the Decom-CAM methods only")
     if "kernel" in out and decom:
         raise ValueError(f"method '{spec}': kernel applies to the CAM baselines (Decom-CAM's kernel is fixed)")
-    if "ig_baseline" in out and name != "decomcam-ig":
-        raise ValueError(f"method '{spec}': ig_baseline applies to decomcam-ig only")
     if out.get("kernel") == "bilinear":
         del out["kernel"]
-    if out.get("ig_baseline") == "zero":
-        del out["ig_baseline"]
     return name, out
 
 
@@ -156,7 +151,7 @@ def method_call(explainer, spec: str):
         if not hasattr(meth, "kernel"):
             raise ValueError(f"method '{spec}': {name} has no upsampling kernel to choose")
         meth.kernel = opts["kernel"]
-    over = {k: opts[k] for k in ("top_p", "ig_baseline") if k in opts}
+    over = {k: opts[k] for k in ("top_p",) if k in opts}
     cfg = explainer.config.with_(**over) if over else None
     return meth, cfg
 

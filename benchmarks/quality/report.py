@@ -13,7 +13,7 @@ __all__ = ["display_name", "pointing_table", "pointing_per_class_table", "deleti
 _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
     "scorecam++": "ScoreCAM++", "ablationcam": "AblationCAM", "decomcam": "Decom-CAM",
-    "decomcam-authors": "Decom-CAM (authors' code)", "decomcam-gain-share": "Decom-CAM (gain-share)",
+    "decomcam-authors": "Decom-CAM (authors' code)",
     "decomcam-ig": "Decom-CAM (IG)",
     "xgradcam": "XGradCAM", "layercam": "LayerCAM",
     "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM",
@@ -24,14 +24,12 @@ _DISPLAY = {
 
 def display_name(name: str) -> str:
     """The table label: "gradcam:kernel=bicubic" -> "GradCAM (bicubic)", "decomcam-ig:top_p=5" ->
-    "Decom-CAM (IG) (p = 5)", "decomcam-ig:ig_baseline=blur" -> "Decom-CAM (IG) (blur baseline)"
-    (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
+    "Decom-CAM (IG) (p = 5)" (benchmarks/quality/evaluate.py METHOD_OPTIONS)."""
     base, *opts = name.split(":")
     label = _DISPLAY.get(base, base)
     for o in opts:
         key, _, val = o.partition("=")
-        label += (f" ({val})" if key == "kernel" else f" (p = {val})" if key == "top_p"
-                  else f" ({val} baseline)" if key == "ig_baseline" else f" ({o})")
+        label += f" ({val})" if key == "kernel" else f" (p = {val})" if key == "top_p" else f" ({o})"
     return label
 
 

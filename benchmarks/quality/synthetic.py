@@ -81,7 +81,7 @@ def run_synthetic(run: SyntheticRun, out_dir, methods: Sequence[str], use_cache:
     times["export_s"] = time.perf_counter() - t
 
     opts = EngineOptions(intra_op_threads=run.threads, allow_spinning=run.threads is None)
-    ex = Explainer.from_artifacts(art, resize_mode=run.resize, engine_options=opts)
+    ex = Explainer.from_artifacts(art, resize=run.resize, engine_options=opts)
     cache = SaliencyCache()
     t = time.perf_counter()
     pg = pointing_game(ex, read_voc(out / "voc", "val"), methods, tolerance=run.tolerance, seed=run.seed,

@@ -154,6 +154,24 @@ std::vector<std::string> Artifacts::expected_inputs(const std::string& graph) co
   return in;
 }
 
+std::vector<Artifacts::Tensor> Artifacts::expected_io(const std::string& graph, bool outputs) const {
+  const std::string classes = m_.text_input() ? "L" : "K";
+  const Tensor image{"image", {"batch", "3", "H", "W"}}, text{"text", {"L", "D"}}, target{"target", {"batch"}},
+      logits{"logits", {"batch", classes}}, acts{"activations", {"batch", "C", "h", "w"}},
+      grads{"gradients", {"batch", "C", "h", "w"}};
+  std::vector<Tensor> io;
+  if (outputs) {
+    io.push_back(logits);
+    if (graph == "explain" || graph == "features") io.push_back(acts);
+    if (graph == "explain" || graph == "head_grad") io.push_back(grads);
+    return io;
+  }
+  io.push_back(graph == "head" || graph == "head_grad" ? acts : image);
+  if (m_.text_input()) io.push_back(text);
+  if (graph == "explain" || graph == "head_grad") io.push_back(target);
+  return io;
+}
+
 std::string Artifacts::check_graph(const std::string& name, bool verify) const {
   auto it = m_.graphs.find(name);
   if (it == m_.graphs.end()) throw ArtifactsError(mpath_ + ": no '" + name + "' graph listed; re-export with this version");

@@ -67,6 +67,10 @@ class Artifacts {
   ClassSet load_class_set(const std::string& name = "") const;
   // The input names the family's graphs declare (runtime/spec.py).
   std::vector<std::string> expected_inputs(const std::string& graph) const;
+  // The graph's declared inputs and outputs as (name, axis names) pairs, runtime/spec.py's contract: axes
+  // "batch" and "L" are dynamic, digits are literal sizes, the others are manifest dims (H, W, C, h, w, K, D).
+  using Tensor = std::pair<std::string, std::vector<std::string>>;
+  std::vector<Tensor> expected_io(const std::string& graph, bool outputs) const;
 
  private:
   std::string dir_, mpath_;

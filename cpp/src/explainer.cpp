@@ -22,15 +22,13 @@ std::string lower(std::string s) {
 }  // namespace
 
 Explainer::Explainer(const std::string& dir, const std::string& class_set, bool verify, int threads, int batch_size,
-                     const std::string& method, int ig_steps, const std::string& ig_baseline)
-    : art_(dir), batch_size_(batch_size), method_(method), ig_steps_(ig_steps), ig_baseline_(ig_baseline),
+                     const std::string& method, int ig_steps)
+    : art_(dir), batch_size_(batch_size), method_(method), ig_steps_(ig_steps),
       env_(ORT_LOGGING_LEVEL_ERROR, "decomcam"), mem_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
   const Manifest& m = art_.manifest();
   if (method != "decomcam" && method != "decomcam-ig")
     throw std::invalid_argument("unknown method '" + method + "'; valid: decomcam, decomcam-ig");
   if (ig_steps < 1) throw std::invalid_argument("ig_steps must be >= 1");
-  if (ig_baseline != "zero" && ig_baseline != "blur" && ig_baseline != "mean")
-    throw std::invalid_argument("unknown ig_baseline '" + ig_baseline + "'; valid: zero, blur, mean");
   if (batch_size < 1) throw std::invalid_argument("batch_size must be >= 1");
   if (!class_set.empty() && !m.text_input())
     throw ArtifactsError(dir + ": " + m.model + " has fixed classes ('" + m.default_class_set +
@@ -50,6 +48,43 @@ Explainer::Explainer(const std::string& dir, const std::string& class_set, bool 
       *graphs[i].second = std::make_unique<Ort::Session>(env_, paths[i].c_str(), opts_);
   } catch (const Ort::Exception& e) {
     throw ArtifactsError(dir + ": ONNX Runtime cannot load the graphs (" + std::string(e.what()) + ")");
+  }
+  for (size_t i = 0; i < graphs.size(); ++i) check_io(**graphs[i].second, graphs[i].first, paths[i]);
+}
+
+// The graph's own declared inputs and outputs against the contract and the manifest's dims, before any image:
+// a graph swapped for another (its checksum updated) or a manifest whose dims were changed is a usage error.
+void Explainer::check_io(Ort::Session& session, const std::string& graph, const std::string& path) const {
+  const Manifest& m = art_.manifest();
+  Ort::AllocatorWithDefaultOptions alloc;
+  for (bool outputs : {false, true}) {
+    const char* kind = outputs ? "output" : "input";
+    std::map<std::string, std::vector<int64_t>> got;
+    const size_t n = outputs ? session.GetOutputCount() : session.GetInputCount();
+    for (size_t k = 0; k < n; ++k) {
+      auto name = outputs ? session.GetOutputNameAllocated(k, alloc) : session.GetInputNameAllocated(k, alloc);
+      auto info = outputs ? session.GetOutputTypeInfo(k) : session.GetInputTypeInfo(k);
+      got[name.get()] = info.GetTensorTypeAndShapeInfo().GetShape();
+    }
+    for (const auto& [name, axes] : art_.expected_io(graph, outputs)) {
+      auto it = got.find(name);
+      if (it == got.end())
+        throw ArtifactsError(path + ": has no " + kind + " '" + name + "'; the graph does not match manifest.json");
+      if (it->second.size() != axes.size())
+        throw ArtifactsError(path + ": " + kind + " '" + name + "' has " + std::to_string(it->second.size()) +
+                             " axes, the contract " + std::to_string(axes.size()));
+      for (size_t a = 0; a < axes.size(); ++a) {
+        const std::string& ax = axes[a];
+        if (ax == "batch" || ax == "L" || it->second[a] < 0) continue;  // dynamic
+        long long want = std::all_of(ax.begin(), ax.end(), ::isdigit) ? std::stoll(ax)
+                         : ax == "H" || ax == "W" ? m.input_size
+                         : m.dims.count(ax) ? m.dims.at(ax) : -1;
+        if (want >= 0 && it->second[a] != want)
+          throw ArtifactsError(path + ": " + kind + " '" + name + "' axis " + ax + " is " +
+                               std::to_string(it->second[a]) + " in the graph and " + std::to_string(want) +
+                               " in manifest.json; the graph does not match its manifest");
+      }
+    }
   }
 }
 
@@ -112,7 +147,7 @@ std::vector<float> Explainer::classify(const std::vector<float>& images, int n) 
   return logits;
 }
 
-std::vector<double> Explainer::path_gradient(const float* act, const float* base, int target) {
+std::vector<double> Explainer::path_gradient(const float* act, int target) {
   const Manifest& m = art_.manifest();
   const int64_t c = m.dims.at("C"), h = m.dims.at("h"), w = m.dims.at("w");
   const size_t per = size_t(c) * h * w;
@@ -127,10 +162,7 @@ std::vector<double> Explainer::path_gradient(const float* act, const float* base
     for (int r = 0; r < b; ++r) {
       const float alpha = float((k0 + r + 0.5) / ig_steps_);
       float* row = rows.data() + size_t(r) * per;
-      if (base)
-        for (size_t j = 0; j < per; ++j) row[j] = base[j] + (act[j] - base[j]) * alpha;
-      else
-        for (size_t j = 0; j < per; ++j) row[j] = act[j] * alpha;
+      for (size_t j = 0; j < per; ++j) row[j] = act[j] * alpha;
     }
     std::vector<int64_t> tgt(b, target);
     auto in = feed(rows, b, &tgt, {b, c, h, w});
@@ -173,20 +205,10 @@ void Explainer::explain_ig(Explanation& e, std::vector<float>& x, int target, in
   e.target = target >= 0 ? target : int(std::max_element(e.logits.begin(), e.logits.end()) - e.logits.begin());
   e.target_name = classes_.labels[e.target];
 
-  std::vector<float> base;  // A0: the trunk's activations of blur(P) or of the mean-colour image (0 normalised)
-  if (ig_baseline_ != "zero") {
-    t = Clock::now();
-    std::vector<float> ref = ig_baseline_ == "blur" ? build_masks(x, {}, 0, size, m.mean, m.std)  // blur(P) only
-                                                    : std::vector<float>(x.size(), 0.0f);
-    base = features(ref, nullptr);
-    e.timings.push_back({"baseline", since(t)});
-  }
   t = Clock::now();
-  std::vector<double> grad = path_gradient(act.data(), base.empty() ? nullptr : base.data(), e.target);
+  std::vector<double> grad = path_gradient(act.data(), e.target);
   e.timings.push_back({"head_grad", since(t)});
   t = Clock::now();
-  if (!base.empty())
-    for (size_t j = 0; j < act.size(); ++j) act[j] -= base[j];  // S_IG = (A - A0) * the path gradient
   Decomposition dec = decompose(act.data(), grad.data(), c, h, w, top_p);
   e.timings.push_back({"decompose", since(t)});
   t = Clock::now();

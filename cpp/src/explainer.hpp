@@ -36,11 +36,11 @@ struct Explanation {
 class Explainer {
  public:
   // Checks the graphs the method runs (sha256 unless verify is false) and loads the class set.
-  // method: "decomcam" (explain + classify) or "decomcam-ig" (features + head_grad, ig_steps midpoints, the
-  // path from ig_baseline: "zero", "blur" (the activations of blur(P)) or "mean" (of the mean-colour image)).
+  // method: "decomcam" (explain + classify) or "decomcam-ig" (features + head_grad, ig_steps midpoints of the
+  // path alpha * A).
   explicit Explainer(const std::string& artifacts_dir, const std::string& class_set = "", bool verify = true,
                      int intra_op_threads = 0, int batch_size = 32, const std::string& method = "decomcam",
-                     int ig_steps = 16, const std::string& ig_baseline = "zero");
+                     int ig_steps = 16);
   const std::string& method() const { return method_; }
   const Artifacts& artifacts() const { return art_; }
   const ClassSet& classes() const { return classes_; }
@@ -58,7 +58,6 @@ class Explainer {
   int batch_size_;
   std::string method_;
   int ig_steps_;
-  std::string ig_baseline_;
   Ort::Env env_;
   Ort::SessionOptions opts_;
   std::unique_ptr<Ort::Session> explain_, classify_, features_, head_grad_;
@@ -67,7 +66,8 @@ class Explainer {
                                const std::vector<int64_t>& shape = {});
   // mean_k d y_target / d A at A0 + alpha_k (A - A0), alpha_k = (k + 1/2) / ig_steps (A0 = base, or 0 when
   // base is null), through head_grad.onnx
-  std::vector<double> path_gradient(const float* act, const float* base, int target);
+  std::vector<double> path_gradient(const float* act, int target);
+  void check_io(Ort::Session& session, const std::string& graph, const std::string& path) const;
   // images [1, 3, S, S] -> the target layer's activations [C * h * w] through features.onnx (logits: [L] when
   // given)
   std::vector<float> features(std::vector<float>& x, std::vector<float>* logits);

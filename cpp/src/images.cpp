@@ -1,6 +1,8 @@
 // Decoding, Pillow-exact resizing and normalisation (the C++ side of runtime/images.py).
 #include "images.hpp"
 
+#include "names.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,7 +21,89 @@ namespace {
 constexpr int kAlphaBackground = 128;
 constexpr int kPrecisionBits = 22;  // Pillow's fixed-point weight precision for 8-bit images
 
-ImageError fail(const std::string& path, const std::string& problem) { return ImageError(path + ": " + problem); }
+ImageError fail(const std::string& path, const std::string& problem) { return ImageError(show(path) + ": " + problem); }
+
+uint32_t be16(const std::string& d, size_t i) { return (uint32_t(uint8_t(d[i])) << 8) | uint8_t(d[i + 1]); }
+uint32_t be32(const std::string& d, size_t i) { return (be16(d, i) << 16) | be16(d, i + 2); }
+uint32_t le16(const std::string& d, size_t i) { return (uint32_t(uint8_t(d[i + 1])) << 8) | uint8_t(d[i]); }
+uint32_t le32(const std::string& d, size_t i) { return (le16(d, i + 2) << 16) | le16(d, i); }
+
+// (width, height) from the header of a PNG, JPEG, GIF, BMP, WebP or TIFF file, without decoding anything;
+// false when the format is not one of these or the header cannot be read (OpenCV then decides).
+bool header_size(const std::string& d, long long* w, long long* h) {
+  const size_t n = d.size();
+  if (n >= 24 && d.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0 && d.compare(12, 4, "IHDR") == 0) {
+    *w = be32(d, 16), *h = be32(d, 20);
+    return true;
+  }
+  if (n >= 10 && (d.compare(0, 6, "GIF87a") == 0 || d.compare(0, 6, "GIF89a") == 0)) {
+    *w = le16(d, 6), *h = le16(d, 8);
+    return true;
+  }
+  if (n >= 26 && d.compare(0, 2, "BM") == 0) {
+    uint32_t hdr = le32(d, 14);
+    if (hdr == 12) {
+      *w = le16(d, 18), *h = le16(d, 20);
+    } else {
+      *w = int32_t(le32(d, 18)), *h = int32_t(le32(d, 22));
+      *w = *w < 0 ? -*w : *w;
+      *h = *h < 0 ? -*h : *h;
+    }
+    return true;
+  }
+  if (n >= 30 && d.compare(0, 4, "RIFF") == 0 && d.compare(8, 4, "WEBP") == 0) {
+    if (d.compare(12, 4, "VP8 ") == 0 && n >= 30) {
+      *w = le16(d, 26) & 0x3fff, *h = le16(d, 28) & 0x3fff;
+      return true;
+    }
+    if (d.compare(12, 4, "VP8L") == 0 && n >= 25) {
+      uint32_t b = le32(d, 21);
+      *w = (b & 0x3fff) + 1, *h = ((b >> 14) & 0x3fff) + 1;
+      return true;
+    }
+    if (d.compare(12, 4, "VP8X") == 0 && n >= 30) {
+      *w = (le32(d, 24) & 0xffffff) + 1, *h = (le32(d, 27) & 0xffffff) + 1;
+      return true;
+    }
+    return false;
+  }
+  if (n >= 4 && uint8_t(d[0]) == 0xff && uint8_t(d[1]) == 0xd8) {  // JPEG: the first SOF segment
+    size_t i = 2;
+    while (i + 9 < n) {
+      if (uint8_t(d[i]) != 0xff) return false;
+      uint8_t m = uint8_t(d[i + 1]);
+      if (m == 0xff) { ++i; continue; }
+      if (m == 0xd8 || m == 0x01 || (m >= 0xd0 && m <= 0xd7)) { i += 2; continue; }
+      if (m >= 0xc0 && m <= 0xcf && m != 0xc4 && m != 0xc8 && m != 0xcc) {
+        *h = be16(d, i + 5), *w = be16(d, i + 7);
+        return true;
+      }
+      if (m == 0xda || m == 0xd9) return false;
+      i += 2 + be16(d, i + 2);
+    }
+    return false;
+  }
+  if (n >= 8 && (d.compare(0, 4, std::string("II*\0", 4)) == 0 || d.compare(0, 4, std::string("MM\0*", 4)) == 0)) {
+    const bool le = d[0] == 'I';
+    auto u16 = [&](size_t i) { return le ? le16(d, i) : be16(d, i); };
+    auto u32 = [&](size_t i) { return le ? le32(d, i) : be32(d, i); };
+    size_t ifd = u32(4);
+    if (ifd + 2 > n) return false;
+    uint32_t count = u16(ifd);
+    long long ww = -1, hh = -1;
+    for (uint32_t k = 0; k < count && ifd + 2 + 12 * (k + 1) <= n; ++k) {
+      size_t e = ifd + 2 + 12 * k;
+      uint32_t tag = u16(e), type = u16(e + 2);
+      uint32_t v = type == 3 ? u16(e + 8) : u32(e + 8);
+      if (tag == 256) ww = v;
+      if (tag == 257) hh = v;
+    }
+    if (ww < 0 || hh < 0) return false;
+    *w = ww, *h = hh;
+    return true;
+  }
+  return false;
+}
 
 // Why a PNG or JPEG stream is incomplete, or "".
 std::string truncation(const std::string& data) {
@@ -123,7 +207,7 @@ inline uint8_t clip8(int32_t acc) {
 
 }  // namespace
 
-cv::Mat load_image(const std::string& path, long long max_pixels) {
+cv::Mat load_image(const std::string& path, long long max_pixels, double max_aspect) {
   struct stat st;
   if (stat(path.c_str(), &st) != 0) throw fail(path, "no such file");
   if (S_ISDIR(st.st_mode)) throw fail(path, "is a directory, not an image file");
@@ -131,6 +215,18 @@ cv::Mat load_image(const std::string& path, long long max_pixels) {
   if (!f) throw fail(path, "cannot read");
   std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   if (data.empty()) throw fail(path, "empty file (0 bytes)");
+  long long hw = 0, hh = 0;
+  if (header_size(data, &hw, &hh)) {  // the limits, before anything is decoded
+    if (hw * hh > max_pixels)
+      throw fail(path, std::to_string(hw) + " x " + std::to_string(hh) + " pixels is over the pixel limit; refused "
+                       "before decoding");
+    if (hw < 1 || hh < 1) throw fail(path, "corrupt header: size " + std::to_string(hw) + " x " + std::to_string(hh));
+    const double ratio = double(std::max(hw, hh)) / double(std::min(hw, hh));
+    if (ratio > max_aspect)
+      throw fail(path, std::to_string(hw) + " x " + std::to_string(hh) + " pixels: the long side is " +
+                       std::to_string((long long)std::llround(ratio)) + " times the short side, over the aspect-ratio "
+                       "limit " + std::to_string((long long)max_aspect) + "; refused before decoding");
+  }
   std::string why = truncation(data);
   if (!why.empty()) throw fail(path, why);
   cv::Mat buf(1, int(data.size()), CV_8U, data.data());
@@ -144,6 +240,9 @@ cv::Mat load_image(const std::string& path, long long max_pixels) {
   if (img.empty()) throw fail(path, "not an image or corrupt (OpenCV cannot decode it)");
   if ((long long)img.rows * img.cols > max_pixels)
     throw fail(path, std::to_string(img.cols) + " x " + std::to_string(img.rows) + " pixels is over the pixel limit");
+  if (double(std::max(img.rows, img.cols)) / std::max(1, std::min(img.rows, img.cols)) > max_aspect)
+    throw fail(path, std::to_string(img.cols) + " x " + std::to_string(img.rows) + " pixels: over the aspect-ratio "
+                     "limit " + std::to_string((long long)max_aspect));
   int ch = img.channels();
   bool alpha = ch == 2 || ch == 4;
   if (img.depth() == CV_8U && !alpha) {

@@ -18,8 +18,10 @@ struct ImageError : std::runtime_error {
 // Decode a file to uint8 RGB [H, W, 3] (CV_8UC3, RGB order), as runtime.images.load_image: grey becomes 3
 // channels, 16-bit samples round(v / 257), alpha composited over grey 128, a PNG without IEND or a JPEG
 // without EOI after its last scan is refused as truncated, EXIF orientation is applied (by OpenCV, for
-// 8-bit images without alpha).
-cv::Mat load_image(const std::string& path, long long max_pixels = 64000000LL);
+// 8-bit images without alpha). The size is read from the header first (PNG, JPEG, GIF, BMP, WebP, TIFF):
+// more than max_pixels pixels, or a long side more than max_aspect times the short side, is refused before
+// decoding (runtime/images.py's limits, which bound the memory of the resize).
+cv::Mat load_image(const std::string& path, long long max_pixels = 64000000LL, double max_aspect = 64.0);
 
 // Pillow's Image.resize(resized_wh, BICUBIC|BILINEAR) followed by a crop of size x size at (top, left),
 // bit-exact (Resample.c: separable, kernel widened by the scale when downscaling, 22-bit fixed-point

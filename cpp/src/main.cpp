@@ -1,14 +1,12 @@
 // decomcam-cpp: explain images with Decom-CAM from an artifacts folder (graphs + manifest.json).
 //
-//   decomcam-cpp --artifacts DIR [--method decomcam|decomcam-ig] [--ig-steps M] [--ig-baseline zero|blur|mean]
-//                [--target NAME|INDEX]
+//   decomcam-cpp --artifacts DIR [--method decomcam|decomcam-ig] [--ig-steps M] [--target NAME|INDEX]
 //                [--top-p P] [--class-set NAME] [--threads N] [--save-input] --out OUT INPUT [INPUT ...]
 //
-// --method decomcam (default) is the paper's Decom-CAM; decomcam-ig the path-integrated variant
-// (runtime/config.py, integration "ig": features.onnx, M head_grad.onnx passes, default 16, 1..1024; an
-// export without features.onnx or head_grad.onnx is a usage error: re-export). --ig-steps is checked with
-// either method and used by decomcam-ig only, like --ig-baseline (where the path starts: the zero activation,
-// default, or the activations of the blurred image or of the mean-colour image; one more features.onnx pass).
+// --method decomcam (default) is the paper's Decom-CAM; decomcam-ig the decomposition of path-integrated
+// evidence (docs/method.md: features.onnx, M head_grad.onnx passes, default 16, 1..1024; an export without
+// features.onnx or head_grad.onnx is a usage error: re-export). --ig-steps is checked with either method and
+// used by decomcam-ig only.
 //
 // INPUT is an image file (decoded and preprocessed as the Python runtime does: Pillow's resampling,
 // reproduced bit-exactly) or a preprocessed tensor `.npy` [3, S, S] / [1, 3, S, S] float32. For each
@@ -26,6 +24,7 @@
 #include <sys/stat.h>
 
 #include "explainer.hpp"
+#include "names.hpp"
 #include "images.hpp"
 #include "npy.hpp"
 
@@ -37,11 +36,11 @@ namespace {
 
 const char* kUsage =
     "usage: decomcam-cpp --artifacts DIR [--method decomcam|decomcam-ig] [--ig-steps M] "
-    "[--ig-baseline zero|blur|mean] [--target NAME|INDEX] "
+    "[--target NAME|INDEX] "
     "[--top-p P] [--class-set NAME] [--threads N] [--save-input] --out OUT INPUT [INPUT ...]";
 
 struct Args {
-  std::string artifacts, out, target, class_set, method = "decomcam", ig_baseline = "zero";
+  std::string artifacts, out, target, class_set, method = "decomcam";
   int top_p = 10, threads = 0, ig_steps = 16;
   bool save_input = false;
   std::vector<std::string> inputs;
@@ -77,7 +76,6 @@ Args parse(int argc, char** argv) {
     else if (s == "--top-p") a.top_p = to_int(s, value());
     else if (s == "--method") a.method = value();
     else if (s == "--ig-steps") a.ig_steps = to_int(s, value());
-    else if (s == "--ig-baseline") a.ig_baseline = value();
     else if (s == "--threads") a.threads = to_int(s, value());
     else if (s == "--save-input") a.save_input = true;
     else if (s == "-h" || s == "--help") {
@@ -93,8 +91,6 @@ Args parse(int argc, char** argv) {
   if (a.method != "decomcam" && a.method != "decomcam-ig")
     usage_error("unknown method '" + a.method + "'; valid: decomcam, decomcam-ig");
   if (a.ig_steps < 1 || a.ig_steps > 1024) usage_error("--ig-steps must be in 1..1024");
-  if (a.ig_baseline != "zero" && a.ig_baseline != "blur" && a.ig_baseline != "mean")
-    usage_error("--ig-baseline must be zero, blur or mean, got '" + a.ig_baseline + "'");
   if (a.threads < 0) usage_error("--threads must be >= 0");
   return a;
 }
@@ -150,7 +146,7 @@ json explain_one(Explainer& ex, const Args& a, const std::string& input, int tar
     }
     std::vector<int64_t> want3 = {3, s, s}, want4 = {1, 3, s, s};
     if (arr.shape != want3 && arr.shape != want4)
-      throw ImageError(input + ": tensor shape does not match the model input [3, " + std::to_string(s) + ", " +
+      throw ImageError(show(input) + ": tensor shape does not match the model input [3, " + std::to_string(s) + ", " +
                        std::to_string(s) + "]");
     x = std::move(arr.data);
     pre_t.push_back({"load", std::chrono::duration<double>(Clock::now() - t).count()});
@@ -210,11 +206,10 @@ int main(int argc, char** argv) {
   std::unique_ptr<Explainer> ex;
   int target = -1;
   try {
-    ex = std::make_unique<Explainer>(a.artifacts, a.class_set, true, a.threads, 32, a.method, a.ig_steps,
-                                     a.ig_baseline);
+    ex = std::make_unique<Explainer>(a.artifacts, a.class_set, true, a.threads, 32, a.method, a.ig_steps);
     target = ex->resolve_target(a.target);
   } catch (const std::exception& e) {  // ArtifactsError, TargetError
-    std::cerr << e.what() << std::endl;
+    std::cerr << one_line(e.what()) << std::endl;
     return 2;
   }
   struct stat st;
@@ -229,9 +224,9 @@ int main(int argc, char** argv) {
       std::cout << line.dump() << std::endl;
     } catch (const std::exception& e) {
       std::string msg = e.what();
-      if (msg.rfind(input, 0) != 0) msg = input + ": " + msg;  // every line names the input
-      std::replace(msg.begin(), msg.end(), '\n', ' ');
-      std::cerr << msg << std::endl;
+      const std::string name = show(input);
+      if (msg.rfind(name + ": ", 0) != 0) msg = name + ": " + msg;  // every line names the input, quoted
+      std::cerr << one_line(msg) << std::endl;                   // one problem, one line
       ++failed;
     }
   }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ..backend import Backend
 from ..config import DecomCamConfig
+from ..stages import Stages
 
 
 @dataclass
@@ -26,7 +27,7 @@ class MethodContext:
     std: tuple
     logit_scale: float
     config: DecomCamConfig
-    timings: dict = field(default_factory=dict)  # stage -> seconds, filled by the method
+    stage: Stages | None = None   # `with ctx.stage("decompose"):` times a stage (created with the context)
     batch_size: int = 32          # images per graph call: methods that generate many inputs (Score-CAM,
                                   # Ablation-CAM) build them in chunks of this size, so memory stays bounded
     fixed_chunks: bool = False    # pad a short last chunk to batch_size (one input shape per graph; the
@@ -35,6 +36,15 @@ class MethodContext:
                                   # activations [N, C, h, w] at those activations, batched through head_grad.onnx
     features: Callable | None = None  # images [N, 3, S, S] -> activations [N, C, h, w] of the target layer,
                                   # batched through features.onnx (explain.onnx in an export without it)
+
+    def __post_init__(self):
+        if self.stage is None:
+            self.stage = Stages(self.backend)
+
+    @property
+    def timings(self) -> dict:
+        """stage -> seconds of this call's stages so far."""
+        return self.stage.times
 
 
 @dataclass
@@ -54,6 +64,7 @@ class Method:
     needs_gradients = True     # gradients are needed (explain.onnx)
     needs_head = False         # uses head.onnx
     needs_head_grad = False    # uses head_grad.onnx (the head's gradient at other activations)
+    uses: tuple[str, ...] = ()  # the Settings fields (besides method, target, ...) its numbers depend on
     doc = ""
 
     def __call__(self, ctx: MethodContext) -> MethodOutput:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import numpy as np
 
-from ..decomcam import minmax
+from ..numerics import fixed_shape, minmax
 from .base import Method, MethodContext, MethodOutput
 
 UPSAMPLE_MODES = ("bilinear", "align_corners")   # Score-CAM's mask upsampling (its `upsample` option)
@@ -65,15 +64,6 @@ def upsample(be, maps, size: int, mode: str = "bilinear"):
     return rh @ maps.astype(xp.float32) @ rw.T
 
 
-def softmax_kept(xp, z, keep):
-    """Softmax over the last axis of z [B, C] restricted to `keep` (bool); 0 elsewhere."""
-    z = xp.where(keep, z, -xp.inf)
-    zmax = z.max(axis=1, keepdims=True)
-    e = xp.where(keep, xp.exp(z - xp.where(xp.isfinite(zmax), zmax, 0.0)), 0.0)
-    tot = e.sum(axis=1, keepdims=True)
-    return e / xp.where(tot > 0, tot, 1.0)
-
-
 class BaseCam(Method):
     """Owns the pipeline; a subclass overrides `weights`, `spatial_weights` or `cam`."""
 
@@ -106,17 +96,11 @@ class BaseCam(Method):
         self.forwards = 0
         b = ctx.x.shape[0]
         size = ctx.x.shape[-1]
-        before = sum(ctx.timings.values())
-        t = time.perf_counter()
-        cam = self.cam(ctx)                                              # [B, h, w]
-        be.synchronize()
-        # time not spent in the sub-stages a hook records itself (masks, classify, head)
-        ctx.timings["weights"] = time.perf_counter() - t - (sum(ctx.timings.values()) - before)
-        t = time.perf_counter()
-        cam = xp.maximum(cam, 0)
-        sal = minmax(xp, upsample(be, cam, size, self.kernel)).astype(xp.float32)  # [B, S, S]
-        be.synchronize()
-        ctx.timings["upsample"] = time.perf_counter() - t
+        with ctx.stage("weights"):     # the masks and forwards a hook runs are stages of their own
+            cam = self.cam(ctx)                                          # [B, h, w]
+        with ctx.stage("upsample"):
+            cam = xp.maximum(cam, 0)
+            sal = minmax(xp, upsample(be, cam, size, self.kernel)).astype(xp.float32)  # [B, S, S]
         return MethodOutput(sal, forwards=math.ceil(self.forwards / max(b, 1)))
 
     # -- helpers for the perturbation methods -----------------------------------------------------------
@@ -125,33 +109,23 @@ class BaseCam(Method):
 
         keep [B, C] bool; make(b, idx) -> the inputs for channels idx (host int array) of image b, one per
         channel; run(inputs) -> logits [k, L] (ctx.classify or ctx.head). Inputs are built and run in chunks
-        of ctx.batch_size. Returns [B, C] float64, 0 where not kept; times go to ctx.timings["masks"] and
-        ctx.timings[stage]."""
+        of ctx.batch_size. Returns [B, C] float64, 0 where not kept; the inputs are timed as the stage "masks",
+        the graph runs as `stage`."""
         be, xp = ctx.backend, ctx.backend.xp
         keep_host = be.to_host(keep).astype(bool)
         b, c = keep_host.shape
         out = xp.zeros((b, c), xp.float64)
         bs = max(int(ctx.batch_size), 1)
-        t_make = t_run = 0.0
         for i in range(b):
             idx = np.flatnonzero(keep_host[i])
             for s in range(0, idx.size, bs):
                 chunk = idx[s:s + bs]
-                t = time.perf_counter()
-                inputs = make(i, chunk)
-                be.synchronize()
-                t_make += time.perf_counter() - t
-                k = len(chunk)
-                if ctx.fixed_chunks and idx.size > bs and k < bs:      # one shape per graph (fixed_chunks)
-                    inputs = xp.concatenate([inputs, xp.zeros((bs - k,) + tuple(inputs.shape[1:]), inputs.dtype)])
-                t = time.perf_counter()
-                logits = run(inputs)[:k]                                 # [k, L]
-                out[i, xp.asarray(chunk)] = logits[:, int(ctx.target[i])].astype(xp.float64)
-                be.synchronize()
-                t_run += time.perf_counter() - t
+                with ctx.stage("masks"):
+                    inputs = fixed_shape(xp, make(i, chunk), bs, idx.size, ctx.fixed_chunks)
+                with ctx.stage(stage):
+                    logits = run(inputs)[:len(chunk)]                    # [k, L]
+                    out[i, xp.asarray(chunk)] = logits[:, int(ctx.target[i])].astype(xp.float64)
             self.forwards += int(idx.size)
-        ctx.timings["masks"] = ctx.timings.get("masks", 0.0) + t_make
-        ctx.timings[stage] = ctx.timings.get(stage, 0.0) + t_run
         return out
 
     def channel_masks(self, ctx: MethodContext, b: int, idx, mode: str = "bilinear"):

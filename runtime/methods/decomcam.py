@@ -1,9 +1,7 @@
-"""Decom-CAM (the paper's equations), the authors'-code variant, and the gain-share and path-integrated ("ig")
-integrations, as methods."""
+"""Decom-CAM as methods: the paper's equations (`decomcam`), the authors' 2023 code (`decomcam-authors`) and
+the decomposition of path-integrated evidence (`decomcam-ig`). docs/method.md says what each computes."""
 
 from __future__ import annotations
-
-import time
 
 from .. import decomcam as dc
 from .base import Method, MethodContext, MethodOutput, register
@@ -12,117 +10,84 @@ from .base import Method, MethodContext, MethodOutput, register
 @register
 class DecomCam(Method):
     """Decom-CAM, section 3.2 of the paper: SVD of dy/dA * A, top-p orthogonal feature maps, masked
-    forwards against the blurred image, softmax integration. Open choices: runtime/config.py."""
+    forwards against the blurred image, softmax integration."""
 
     name = "decomcam"
-    variant = "paper"
-    integration = "paper"
+    kernel = "bilinear"   # the components' upsampling
+    uses = ("top_p", "blur_sigma")
+
+    def decompose(self, ctx: MethodContext, p: int) -> dc.Decomposition:
+        return dc.decompose(ctx.backend, ctx.activations, ctx.gradients, p)
+
+    def integrate(self, ctx: MethodContext, y, y_blur, comps, up, dec):
+        return dc.integrate(ctx.backend, y, y_blur, comps, dec.null)
 
     def __call__(self, ctx: MethodContext) -> MethodOutput:
-        be, xp = ctx.backend, ctx.backend.xp
-        cfg = ctx.config
-        if (cfg.variant, cfg.integration) != (self.variant, self.integration):
-            cfg = cfg.with_(variant=self.variant, integration=self.integration)
+        be, xp, cfg = ctx.backend, ctx.backend.xp, ctx.config
         b, _, h, w = ctx.activations.shape
         size = ctx.x.shape[-1]
-        t = time.perf_counter()
-        dec = dc.decompose(be, ctx.activations, ctx.gradients, cfg)
-        be.synchronize()
-        ctx.timings["decompose"] = time.perf_counter() - t
-        t = time.perf_counter()
-        up = dc.upsample(be, dec, h, w, size, cfg)                     # Up(F) [B, p, S, S]
-        comps = dc.normalise_components(be, up, dec.null)              # H [B, p, S, S] in [0, 1]
-        be.synchronize()
-        ctx.timings["upsample"] = time.perf_counter() - t
-        masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg, timings=ctx.timings)
+        with ctx.stage("decompose"):
+            dec = self.decompose(ctx, cfg.top_p)
+        with ctx.stage("upsample"):
+            up = dc.upsample(be, dec, h, w, size, self.kernel)                 # Up(F) [B, p, S, S]
+            comps = dc.normalise_components(be, up, dec.null)                 # H [B, p, S, S] in [0, 1]
+        masked, blurred = dc.build_masks(be, ctx.x, comps, ctx.mean, ctx.std, cfg.sigma(size), cfg.radius(size),
+                                         stage=ctx.stage)
         p = comps.shape[1]
-        batch = xp.concatenate([masked.reshape(b * p, 3, size, size), blurred])
-        be.synchronize()
-        ctx.timings["masks"] = time.perf_counter() - t                 # upsample + blur + blend
-        ctx.timings["blend"] = ctx.timings["masks"] - ctx.timings["upsample"] - ctx.timings["blur"]
-        t = time.perf_counter()
-        logits = ctx.classify(batch)                                   # [(p+1)B, L]
-        ctx.timings["classify"] = time.perf_counter() - t
-        t = time.perf_counter()
-        tgt = xp.asarray(ctx.target)
-        y = logits[xp.arange(b * p), xp.repeat(tgt, p)].reshape(b, p)  # target logit per masked image
-        y_blur = logits[b * p + xp.arange(b), tgt]
-        if cfg.integration == "paper":
-            sal, wts, scores = dc.integrate(be, y, y_blur, comps, dec.null, cfg, ctx.logit_scale, raw=up)
-        else:
-            sal, wts, scores = dc.integrate_share(be, y, y_blur, dec, h, w, size)
-        be.synchronize()
-        ctx.timings["integrate"] = time.perf_counter() - t
+        with ctx.stage("blend"):
+            batch = xp.concatenate([masked.reshape(b * p, 3, size, size), blurred])
+        with ctx.stage("classify"):
+            logits = ctx.classify(batch)                                       # [(p+1)B, L]
+        with ctx.stage("integrate"):
+            tgt = xp.asarray(ctx.target)
+            y = logits[xp.arange(b * p), xp.repeat(tgt, p)].reshape(b, p)      # target logit per masked image
+            y_blur = logits[b * p + xp.arange(b), tgt]
+            sal, wts, scores = self.integrate(ctx, y, y_blur, comps, up, dec)
         return MethodOutput(sal, comps, wts, scores, dec.explained_variance, dec.singular_values, forwards=p + 1)
 
 
 @register
 class DecomCamAuthors(DecomCam):
-    """Decom-CAM as in the authors' public code (top-K channels by Grad-CAM weight, centred PCA of
-    alpha*A, clamped components, bicubic upsampling, w*softmax(w) cosine-gain weights)."""
+    """Decom-CAM as in the authors' 2023 code (top-K channels by Grad-CAM weight, centred PCA of alpha*A,
+    clamped components, bicubic upsampling, w*softmax(w) cosine-gain weights over the raw maps)."""
 
     name = "decomcam-authors"
-    variant = "authors"
+    kernel = "bicubic"
 
+    def decompose(self, ctx: MethodContext, p: int) -> dc.Decomposition:
+        return dc.decompose_authors(ctx.backend, ctx.activations, ctx.gradients, p, ctx.config.authors_top_k)
 
-@register
-class DecomCamGainShare(DecomCam):
-    """Decom-CAM with the "gain-share" integration (runtime/config.py): each component's share a_i F_i of
-    the class-discriminative map, re-weighted by its measured gain, ReLU, bilinear, min-max. Same
-    decomposition and the same p + 1 forwards as `decomcam`."""
-
-    name = "decomcam-gain-share"
-    integration = "gain-share"
+    def integrate(self, ctx: MethodContext, y, y_blur, comps, up, dec):
+        return dc.integrate_authors(ctx.backend, y, y_blur, up, dec.null, ctx.logit_scale)
 
 
 @register
 class DecomCamIG(Method):
-    """Decom-CAM on the path-integrated evidence S_IG = (A - A0) * mean_k dy/dA(A0 + alpha_k (A - A0))
-    (runtime/config.py, integration "ig"; A0 = 0 by default, ig_baseline): the paper's decomposition of S_IG,
-    the rank-p part of its channel sum, ReLU, bicubic, min-max. ig_steps head passes (head_grad.onnx) per
-    image, one trunk pass for a baseline image, and no masked forward."""
+    """Decom-CAM on the path-integrated evidence S_IG = A * mean_k dy/dA(alpha_k A): the paper's decomposition
+    of S_IG, the rank-p part of its channel sum, ReLU, bicubic, min-max. ig_steps head passes
+    (head_grad.onnx) per image and no masked forward."""
 
     name = "decomcam-ig"
     needs_gradients = False    # the local gradient is not used: features.onnx (or explain.onnx) gives A
     needs_head_grad = True
+    uses = ("top_p", "ig_steps")
 
     def __call__(self, ctx: MethodContext) -> MethodOutput:
-        be = ctx.backend
-        cfg = ctx.config
-        if (cfg.variant, cfg.integration) != ("paper", "ig"):
-            cfg = cfg.with_(variant="paper", integration="ig")
+        be, cfg = ctx.backend, ctx.config
         if ctx.head_gradient is None:
             raise ValueError("decomcam-ig needs the head's gradient (head_grad.onnx): MethodContext.head_gradient")
-        b, _, h, w = ctx.activations.shape
+        act = ctx.activations
+        b, _, h, w = act.shape
         size = ctx.x.shape[-1]
-        act, base = ctx.activations, None
-        if cfg.ig_baseline != "zero":
-            if ctx.features is None:
-                raise ValueError(f"decomcam-ig with ig_baseline '{cfg.ig_baseline}' needs the trunk "
-                                 "(features.onnx): MethodContext.features")
-            t = time.perf_counter()
-            ref = (dc.blurred_input(be, ctx.x, ctx.mean, ctx.std, cfg) if cfg.ig_baseline == "blur"
-                   else be.xp.zeros_like(ctx.x))                       # "mean": 0 in normalised space
-            base = ctx.features(ref, ctx.target).astype(act.dtype)     # A0 [B, C, h, w]
-            be.synchronize()
-            ctx.timings["baseline"] = time.perf_counter() - t
-        t = time.perf_counter()
-        grad = dc.path_gradient(be, ctx.head_gradient, act, ctx.target, int(cfg.ig_steps),
-                                ctx.batch_size, ctx.fixed_chunks, base=base)
-        be.synchronize()
-        ctx.timings["head_grad"] = time.perf_counter() - t
-        t = time.perf_counter()
-        dec = dc.decompose(be, act if base is None else act - base, grad, cfg)   # S_IG = (A - A0) * grad
-        be.synchronize()
-        ctx.timings["decompose"] = time.perf_counter() - t
-        t = time.perf_counter()
-        up = dc.upsample(be, dec, h, w, size, cfg)                     # Up_bicubic(F) [B, p, S, S]
-        comps = dc.normalise_components(be, up, dec.null)
-        be.synchronize()
-        ctx.timings["upsample"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sal, wts = dc.integrate_rank_p(be, dec, h, w, size)
-        be.synchronize()
-        ctx.timings["integrate"] = time.perf_counter() - t
+        with ctx.stage("head_grad"):
+            grad = dc.path_gradient(be, ctx.head_gradient, act, ctx.target, int(cfg.ig_steps), ctx.batch_size,
+                                    ctx.fixed_chunks)
+        with ctx.stage("decompose"):
+            dec = dc.decompose(be, act, grad, cfg.top_p)                       # S_IG = A * grad
+        with ctx.stage("upsample"):
+            up = dc.upsample(be, dec, h, w, size, "bicubic")                   # Up_bicubic(F) [B, p, S, S]
+            comps = dc.normalise_components(be, up, dec.null)
+        with ctx.stage("integrate"):
+            sal, wts = dc.integrate_rank_p(be, dec, h, w, size)
         return MethodOutput(sal, comps, wts, None, dec.explained_variance, dec.singular_values,
-                            forwards=int(cfg.ig_steps) + (base is not None))
+                            forwards=int(cfg.ig_steps))

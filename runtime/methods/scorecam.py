@@ -4,7 +4,8 @@ Networks", CVPR Workshops 2020; ref. [29] of the Decom-CAM paper)."""
 from __future__ import annotations
 
 from .base import register
-from .base_cam import UPSAMPLE_MODES, BaseCam, softmax_kept
+from ..numerics import softmax
+from .base_cam import UPSAMPLE_MODES, BaseCam
 
 
 @register
@@ -44,4 +45,4 @@ class ScoreCam(BaseCam):
         xp = ctx.backend.xp
         keep = self.keep(ctx)
         y = self.channel_scores(ctx, keep, lambda b, idx: self.masked_inputs(ctx, b, idx), ctx.classify, "classify")
-        return softmax_kept(xp, y, keep)                                 # [B, C]
+        return softmax(xp, y, keep)                                 # [B, C]

@@ -31,5 +31,7 @@ class ScoreCamPlusPlus(ScoreCam):
 
     def masked_inputs(self, ctx, b, idx):
         comps = self.channel_masks(ctx, b, idx, self.upsample)[None]     # [1, k, S, S]
-        masked, _ = dc.build_masks(ctx.backend, ctx.x[b:b + 1], comps, ctx.mean, ctx.std, ctx.config)
+        size = ctx.x.shape[-1]
+        masked, _ = dc.build_masks(ctx.backend, ctx.x[b:b + 1], comps, ctx.mean, ctx.std, ctx.config.sigma(size),
+                                   ctx.config.radius(size))
         return masked[0]                                                 # [k, 3, S, S]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.flops import graph_flops, peak_gflops
+from benchmarks.flops import graph_flops
 
 
 def _graph(path):
@@ -35,11 +36,23 @@ def test_counts_match_a_hand_count(tmp_path):
         assert f["unknown_nodes"] == 0
 
 
-def test_peak_is_cores_times_fma_width_times_clock():
-    p = peak_gflops(threads=2)
-    if p["mhz"]:
-        assert np.isclose(p["gflops_fp32"], 2 * p["fma_units"] * p["simd_lanes_fp32"] * 2 * p["mhz"] / 1e3)
-    assert p["simd_lanes_fp32"] in (4, 8, 16)
+@pytest.mark.parametrize("flags, mhz, threads, fp32, int8", [
+    # an AVX-512 + VNNI Xeon at 2.0 GHz, 4 threads: 16 lanes x 2 FMA units x 2 flops x 2.0 GHz x 4 = 512
+    ({"avx512f", "avx512_vnni", "avx2", "fma"}, "2000.000", 4, 512.0, 2048.0),
+    # an AVX2 EPYC at 3.0 GHz, 2 threads: 8 x 2 x 2 x 3.0 x 2 = 192, int8 twice that without VNNI
+    ({"avx2", "fma", "avx"}, "3000.000", 2, 192.0, 384.0),
+])
+def test_peak_of_known_machines(monkeypatch, flags, mhz, threads, fp32, int8):
+    """Hand-computed peaks of two machine descriptions (lscpu and the CPU flags given here)."""
+    import benchmarks.flops as flops
+
+    monkeypatch.setattr(flops, "_lscpu", lambda: {"CPU max MHz": mhz})
+    monkeypatch.setattr(flops, "cpu_flags", lambda: set(flags))
+    p = flops.peak_gflops(threads=threads)
+    assert p["gflops_fp32"] == pytest.approx(fp32) and p["gops_int8"] == pytest.approx(int8)
+    monkeypatch.setattr(flops, "_lscpu", lambda: {})
+    monkeypatch.setattr(flops.Path, "read_text", lambda self, *a, **k: "no clock here")
+    assert np.isnan(flops.peak_gflops(threads=threads)["gflops_fp32"])
 
 
 def test_latency_reports_gflop_per_s_from_the_graph_count(tiny_artifacts, tmp_path):

@@ -63,7 +63,7 @@ def dataset(tiny_artifacts, tmp_path_factory):
         x1, y1 = x0 + w // 4, y0 + h // 3
         cv2.rectangle(im, (x0, y0), (x1, y1), (255, 255, 255), -1)  # pixels x0..x1, y0..y1 inclusive
         boxes.append([[float(x0), float(y0), float(x1 + 1), float(y1 + 1)]])
-    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, resize_mode="stretch")
+    ex = Explainer.from_artifacts(tiny_artifacts.out_dir, resize="stretch")
     x = np.stack([preprocess(im, ex.size, ex.artifacts.mean, ex.artifacts.std, "stretch")[0] for im in rgbs])
     pred = np.asarray(ex.classify(x)).argmax(1)
     labels = [int(p) if i % 2 == 0 else (int(p) + 1) % len(VOC_CLASSES) for i, p in enumerate(pred)]

@@ -17,7 +17,7 @@ from export.classes import ClassSetError, class_set_from_names, get_class_set, r
 from export.graphs import ExplainModule, PoolHead, Trunk, autograd_reference
 from export.models import (ModelError, PretrainedUnavailable, has_live_residuals, list_models, load_checkpoint,
                            load_model)
-from export.onnx_export import (ValidationError, _check_structure, _export_one, _references, export_model,
+from export.onnx_export import (ValidationError, _check_structure, _references, export_model,
                                 model_dims, ops_used, sample_inputs)
 from runtime.artifacts import ArtifactsError, load_artifacts
 from runtime.spec import GRAPHS, HEAD, MANIFEST_NAME

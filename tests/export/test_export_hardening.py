@@ -260,7 +260,7 @@ def test_broken_checkpoints_are_one_line_model_errors(tiny, tmp_path):
     with zipfile.ZipFile(tmp_path / "script.pt", "w") as z:
         z.writestr("archive/constants.pkl", b"garbage")
         z.writestr("archive/data.pkl", b"garbage")
-    cases["script.pt"] = "not a loadable TorchScript archive"
+    cases["script.pt"] = "a TorchScript archive, refused: loading one can run code stored in it"
     (tmp_path / "tensor.pt").write_bytes(b"")
     torch.save([torch.zeros(1)], tmp_path / "tensor.pt")
     cases["tensor.pt"] = "expected a state dict of named tensors, found list"
@@ -272,10 +272,55 @@ def test_broken_checkpoints_are_one_line_model_errors(tiny, tmp_path):
 
 
 def test_export_cli_checkpoint_error_is_one_line(tmp_path, capsys):
+    """One line, exit 1, and no empty --out folder left behind (a failed export left one)."""
     (tmp_path / "empty.pt").write_bytes(b"")
     code = export_main(["--model", "RN-tiny", "--pretrained", str(tmp_path / "empty.pt"), "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "empty file" in err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()                                   # a folder that was there before stays
+    assert export_main(["--model", "RN-tiny", "--pretrained", str(tmp_path / "empty.pt"), "--out",
+                        str(tmp_path / "b")]) == 1
+    assert (tmp_path / "b").is_dir()
+
+
+def test_a_pickle_checkpoint_is_one_line(tmp_path, capfd):
+    """torch.load's 2-line UserWarning came before the one-line error."""
+    torch.save({"layer": object()}, tmp_path / "pickled.pt")
+    code = export_main(["--model", "resnet-tiny", "--pretrained", str(tmp_path / "pickled.pt"), "--out",
+                        str(tmp_path / "a")])
+    err = capfd.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "pickled.pt: not a loadable checkpoint" in err, err
+
+
+def test_torchscript_code_never_runs(tmp_path, capfd):
+    """A TorchScript checkpoint whose __setstate__ prints: it ran before the "does not fit" refusal. Now the
+    archive is refused from its zip listing, before anything is loaded."""
+    from typing import Tuple
+
+    class Evil(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.zeros(1)
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+            print("CHECKPOINT CODE RAN")
+            self.w = state[0]
+            self.training = state[1]
+
+    torch.jit.save(torch.jit.script(Evil()), str(tmp_path / "evil.pt"))
+    torch.jit.load(str(tmp_path / "evil.pt"))                  # the archive's code does run when loaded
+    assert "CHECKPOINT CODE RAN" in capfd.readouterr().out
+    for model in ("resnet-tiny", "RN-tiny"):
+        code = export_main(["--model", model, "--pretrained", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "a")])
+        out, err = capfd.readouterr()
+        assert code == 1 and "CHECKPOINT CODE RAN" not in out + err
+        assert err.count("\n") == 1 and "evil.pt: a TorchScript archive, refused" in err
 
 
 # -- 7. export --out that is a file -----------------------------------------------------------------

@@ -30,7 +30,8 @@ def resnet_tiny(tmp_path_factory):
 def quantized(resnet_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("q8") / "resnet-tiny"
     shutil.copytree(resnet_tiny, out)
-    report = quantize_export(out, ["classify"], n_calibration=6, n_check=6, explain_trunk=True)
+    report = quantize_export(out, ["classify"], n_calibration=6, n_check=6, explain_trunk=True,
+                             generated_calibration=True, min_top1=0.5)
     return out, report
 
 
@@ -87,20 +88,52 @@ def test_failed_validation_writes_nothing(resnet_tiny, tmp_path, monkeypatch):
     shutil.copytree(resnet_tiny, out)
     before = (out / MANIFEST_NAME).read_text()
     monkeypatch.setattr(q, "INT8_MIN_COSINE", 1.01)
-    with pytest.raises(ValidationError, match="int8 logit cosine"):
-        quantize_export(out, ["classify"], n_calibration=4, n_check=4)
+    with pytest.raises(ValidationError, match="worst logit cosine .* against fp32 \\(required 1.01\\)"):
+        quantize_export(out, ["classify"], n_calibration=4, n_check=4, generated_calibration=True, min_top1=0.0)
     assert (out / MANIFEST_NAME).read_text() == before
     assert not list(out.glob("*.int8.onnx")) and not list(out.glob(".quantize-*"))
     with pytest.raises(ExportError, match="no 'nope' graph"):
-        quantize_export(out, ["nope"])
+        quantize_export(out, ["nope"], generated_calibration=True)
     with pytest.raises(ExportError, match="unknown calibration"):
-        quantize_export(out, ["classify"], calibration="magic")
+        quantize_export(out, ["classify"], calibration="magic", generated_calibration=True)
+
+
+def test_int8_needs_the_users_photos_and_a_stated_agreement(resnet_tiny, tmp_path, capsys):
+    """int8 graphs were written by default from generated images (EfficientNet-Lite0 with real weights kept
+    fp32's top-1 class on 21.9% of held-out photos, with a warning) and then run by --precision int8. Now the
+    user's photos are required, and a graph under the agreement threshold is not written unless forced."""
+    from export.__main__ import main
+
+    out = tmp_path / "r"
+    shutil.copytree(resnet_tiny, out)
+    before = (out / MANIFEST_NAME).read_text()
+    with pytest.raises(ExportError, match="int8 needs the user's own photos to calibrate on: --images DIR"):
+        quantize_export(out, ["classify"])
+    assert main(["quantize", "--artifacts", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: int8 needs the user's own photos")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    import cv2
+
+    for i, im in enumerate(make_images(8, seed=40)):
+        cv2.imwrite(str(photos / f"p{i}.png"), im[:, :, ::-1])
+    with pytest.raises(ValidationError, match=r"keeps fp32's top-1 class on .*% of 4 held-out images \(required "
+                                              r"101%\); nothing written \(--force writes it anyway\)"):
+        quantize_export(out, ["classify"], images=str(photos), n_calibration=4, n_check=4, min_top1=1.01)
+    assert (out / MANIFEST_NAME).read_text() == before and not list(out.glob("*.int8.onnx"))
+    report = quantize_export(out, ["classify"], images=str(photos), n_calibration=4, n_check=4, min_top1=1.01,
+                             force=True)
+    q = json.loads((out / MANIFEST_NAME).read_text())["precisions"]["int8"]
+    assert q["quantization"]["forced"] is True and q["quantization"]["calibration_images"] == f"8 images from {photos}"
+    assert report["classify"]["top1_agreement"] < 1.01 and (out / "classify.int8.onnx").is_file()
+    assert "written anyway (--force)" in capsys.readouterr().err
 
 
 def test_clip_family_quantizes_with_its_text_input(tiny_artifacts, tmp_path):
     out = tmp_path / "clip"
     shutil.copytree(tiny_artifacts.out_dir, out)
-    report = quantize_export(out, ["classify"], n_calibration=4, n_check=4)
+    report = quantize_export(out, ["classify"], n_calibration=4, n_check=4, generated_calibration=True, min_top1=0.5)
     assert report["classify"]["n_check"] == 4
     e = Explainer(load_artifacts(out), precision="int8").explain(make_images(1)[0])
     assert e.saliency.shape == (128, 128)

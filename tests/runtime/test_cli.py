@@ -259,14 +259,6 @@ def test_full_explain_without_torch(tiny_artifacts, tmp_path):
     assert (tmp_path / "o" / "good0.overlay.png").is_file()
 
 
-def test_runtime_sources_never_import_torch():
-    import re
-
-    pat = re.compile(r"^\s*(import|from)\s+(torch|open_clip|torchvision)\b", re.M)
-    hits = [str(p) for p in (ROOT / "runtime").rglob("*.py") if pat.search(p.read_text())]
-    assert hits == []
-
-
 def test_lazily_loaded_graphs_are_verified_too(tiny_artifacts, tmp_path):
     """head.onnx and features.onnx are opened only by some methods: their sha256 is checked when they are."""
     from runtime.artifacts import ArtifactsError
@@ -320,23 +312,19 @@ def test_render_many_in_the_pool_equals_one_by_one(tiny_artifacts, monkeypatch):
         next(it)
 
 
-def test_ig_baseline_reaches_the_method(tiny_artifacts, tmp_path, capsys):
-    """--ig-baseline blur: the written saliency is the API's decomcam-ig from the blurred image's activations
-    (not the default path's); an unknown baseline is a usage error."""
+def test_ig_steps_reach_the_method(tiny_artifacts, tmp_path, capsys):
+    """--ig-steps 4: the written saliency is the API's decomcam-ig with 4 midpoints (not the default 16's)."""
     from runtime.config import DecomCamConfig
     from runtime.explainer import Explainer
 
     img = write_good(tmp_path / "in", 1, seed=4)[0]
     out = tmp_path / "out"
     code, _, err = run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out, "--method", "decomcam-ig",
-                            "--ig-baseline", "blur", "--ig-steps", "4"], capsys)
+                            "--ig-steps", "4"], capsys)
     assert code == 0, err
     ex = Explainer.from_artifacts(tiny_artifacts.out_dir)
-    blur = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=4, ig_baseline="blur"))
-    zero = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=4))
+    four = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=4))
+    one = ex.explain(str(img), method="decomcam-ig", config=DecomCamConfig(ig_steps=1))
     got = np.load(out / f"{img.stem}.npz")["saliency"]
-    np.testing.assert_allclose(got, blur.saliency, atol=1e-6)
-    assert np.abs(got - zero.saliency).max() > 1e-3
-    with pytest.raises(SystemExit) as e:
-        run_cli([img, "--artifacts", tiny_artifacts.out_dir, "--out", out, "--ig-baseline", "black"], capsys)
-    assert e.value.code == 2 and "--ig-baseline: invalid choice: 'black'" in capsys.readouterr().err
+    np.testing.assert_allclose(got, four.saliency, atol=1e-6)
+    assert np.abs(got - one.saliency).max() > 1e-4

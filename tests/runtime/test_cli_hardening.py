@@ -101,7 +101,7 @@ def test_recursive_glob_and_folder_survive_a_symlink_loop(tiny_artifacts, tmp_pa
 
 
 def test_glob_semantics_match_the_standard_library(tmp_path, monkeypatch):
-    from runtime.explain import expand_inputs
+    from runtime.inputs import expand_inputs
 
     for rel in ("a.png", "b.jpg", "s/c.png", "s/t/d.png", ".h/e.png", "s/.f.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

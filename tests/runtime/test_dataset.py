@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from runtime.settings import Settings
+
 from runtime.explain import main as explain_main
 from tests.conftest import make_images
 
@@ -104,7 +106,7 @@ def test_rerun_skips_finished_images_and_keeps_the_table_whole(local_ray, photos
 def test_usage_errors(tiny_artifacts, tmp_path):
     with pytest.raises(DatasetError, match="workers must be >= 1"):
         explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, workers=0)
-    with pytest.raises(DatasetError, match="unknown method 'nope'"):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
         explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, method="nope")
     with pytest.raises(DatasetError, match="needs gpus_per_worker"):
         explain_dataset(["x"], tiny_artifacts.out_dir, tmp_path, engine="cuda")
@@ -187,8 +189,8 @@ def test_actor_reports_a_rendering_oserror_as_that_images_row(photos, tiny_artif
     import runtime.render as render
     from runtime.dataset import ExplainActor, Job
 
-    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), top_p=2,
-                             threads=2))
+    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"),
+                             settings=Settings(top_p=2, threads=2)))
     names = ["p01", "p02", "p03"]
     real = render.npz_bytes
     calls = []
@@ -209,19 +211,71 @@ def test_actor_reports_a_rendering_oserror_as_that_images_row(photos, tiny_artif
 
 
 def test_actor_carries_the_method_options(photos, tiny_artifacts, tmp_path):
-    """Job's decomcam-ig and blend options reach the actor's Explainer (without Ray): its outputs equal the
-    CLI's Explainer with the same options."""
+    """The Job's settings reach the actor's Explainer (without Ray): its outputs equal the CLI's Explainer
+    with the same settings."""
     from runtime.config import DecomCamConfig
     from runtime.dataset import ExplainActor, Job
     from runtime.explainer import Explainer
+    from runtime.settings import Settings
 
-    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), top_p=3,
-                             method="decomcam-ig", ig_steps=3, ig_baseline="blur", blend_space="normalized"))
-    assert actor.ex.config == DecomCamConfig(top_p=3, ig_steps=3, ig_baseline="blur", blend_space="normalized")
+    settings = Settings(top_p=3, method="decomcam-ig", ig_steps=3)
+    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"), settings=settings))
+    assert actor.ex.config == DecomCamConfig(top_p=3, ig_steps=3)
     out = actor({"source": [str(photos / "p01.png")], "stem": ["p01"]})
     assert [str(s) for s in out["status"]] == ["ok"]
-    ref = Explainer.from_artifacts(tiny_artifacts.out_dir).explain(
-        str(photos / "p01.png"), method="decomcam-ig",
-        config=DecomCamConfig(top_p=3, ig_steps=3, ig_baseline="blur", blend_space="normalized"))
+    ref = Explainer.from_artifacts(tiny_artifacts.out_dir, settings).explain(str(photos / "p01.png"))
     side = int(out["saliency_side"][0])
     np.testing.assert_allclose(np.asarray(out["saliency"][0], np.float32).reshape(side, side), ref.saliency, atol=1e-6)
+
+
+def test_out_inside_the_input_folder_is_never_an_input(local_ray, tiny_artifacts, tmp_path):
+    """A second run wrote a.overlay.overlay.png when --out was inside the input folder; the CLI already
+    skipped --out. The output folder is never listed."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, im in enumerate(make_images(2, seed=4)):
+        cv2.imwrite(str(folder / f"a{i}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
+    out = folder / "out"
+    first = explain_dataset([str(folder)], tiny_artifacts.out_dir, out, workers=1, top_p=2)
+    again = explain_dataset([str(folder)], tiny_artifacts.out_dir, out, workers=1, top_p=2)
+    assert (first["inputs"], first["ok"]) == (2, 2) and (again["inputs"], again["skipped"]) == (2, 2)
+    assert not list(out.glob("*.overlay.overlay.png")) and len(list(out.glob("*.json"))) == 2
+
+
+def test_rows_quote_names_and_never_mix_inputs(photos, tiny_artifacts, tmp_path):
+    """Called without Ray: a name with a line break is one escaped line in its row; dB/cat.png after dA/cat.png
+    gets its own outputs (the runner's resume rule), not dA's row."""
+    from runtime.dataset import ExplainActor, Job
+
+    src = tmp_path / "src"
+    (src / "dA").mkdir(parents=True)
+    (src / "dB").mkdir()
+    (src / "dA" / "cat.png").write_bytes((photos / "p01.png").read_bytes())
+    (src / "dB" / "cat.png").write_bytes((photos / "p02.png").read_bytes())
+    (src / "evil\nerror: x.png").write_bytes(b"junk")
+    actor = ExplainActor(Job(artifacts=str(tiny_artifacts.out_dir), out_dir=str(tmp_path / "o"),
+                             settings=Settings(top_p=2)))
+    rows = actor({"source": [str(src / "dA" / "cat.png"), str(src / "evil\nerror: x.png")], "stem": ["cat", "evil"]})
+    assert [str(s) for s in rows["status"]] == ["ok", "failed"]
+    err = str(rows["error"][1])
+    assert "\n" not in err and err.startswith(f"'{src}/evil\\nerror: x.png': not an image")
+    rows = actor({"source": [str(src / "dB" / "cat.png")], "stem": ["cat"]})
+    assert [str(s) for s in rows["status"]] == ["ok"] and str(rows["stem"][0]).startswith("cat-")
+    assert json.loads((tmp_path / "o" / "cat.json").read_text())["source"] == str(src / "dA" / "cat.png")
+
+
+def test_the_command_prints_only_its_own_lines(tiny_artifacts, tmp_path):
+    """Ray printed an authentication_token warning and a logging.cc line on stderr."""
+    import subprocess
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), cv2.cvtColor(make_images(1, seed=2)[0], cv2.COLOR_RGB2BGR))
+    (folder / "b.png").write_bytes(b"junk")
+    r = subprocess.run([sys.executable, "-m", "runtime.dataset", str(folder), "--artifacts", str(tiny_artifacts.out_dir),
+                        "--out", str(tmp_path / "o"), "--workers", "1", "--top-p", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"error: {folder / 'b.png'}: not an image (unrecognised format or unreadable "
+                                     f"header; PNG, JPEG, GIF, BMP, WebP and TIFF are supported)"], r.stderr
+    assert r.stdout.startswith("explained 1 of 2 inputs on Ray")

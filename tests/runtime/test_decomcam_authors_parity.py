@@ -128,7 +128,7 @@ def explainer(tiny_artifacts):
 
 def test_authors_variant_matches_port_of_2023_code(tiny, explainer):
     images = make_images(6, seed=23)
-    cfg = DecomCamConfig(variant="authors", authors_top_k=TOP_K, top_p=N_COMPONENTS)
+    cfg = DecomCamConfig(authors_top_k=TOP_K, top_p=N_COMPONENTS)
     exps = explainer.explain(images, method="decomcam-authors", config=cfg)
     text = torch.from_numpy(explainer.classes.embeddings)
     size = tiny.image_size
@@ -147,14 +147,14 @@ def test_authors_variant_matches_port_of_2023_code(tiny, explainer):
 def test_authors_decomposition_equals_old_sklearn_pca_scores():
     """The runtime's authors' decomposition: the clamped old-sklearn PCA scores of (alpha * A)[top K]."""
     from runtime.backend import NumpyBackend
-    from runtime.decomcam import decompose
+    from runtime.decomcam import decompose_authors
 
     rng = np.random.default_rng(3)
     b, c, h, w = 2, 150, 7, 7
     act = rng.random((b, c, h, w)).astype(np.float32)
     grad = rng.standard_normal((b, c, h, w)).astype(np.float32)
     for k in (30, 100):                       # K < h*w (K x K covariance) and K > h*w (h*w x h*w Gram)
-        dec = decompose(NumpyBackend(), act, grad, DecomCamConfig(variant="authors", authors_top_k=k, top_p=6))
+        dec = decompose_authors(NumpyBackend(), act, grad, 6, k)
         for i in range(b):
             alpha = grad[i].astype(np.float64).mean(axis=(1, 2))
             order = np.argsort(-alpha, kind="stable")[:k]

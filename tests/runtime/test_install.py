@@ -47,4 +47,14 @@ def test_one_onnxruntime_is_accepted(monkeypatch, present, name):
 
 
 def test_this_environment_has_exactly_one():
-    assert runtime.ONNXRUNTIME_DISTRIBUTION in (install.CPU, install.GPU)
+    """Counted from the installed distributions themselves, not from what `import runtime` recorded."""
+    from importlib import metadata
+
+    present = []
+    for dist in (install.CPU, install.GPU):
+        try:
+            metadata.distribution(dist)
+            present.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    assert present == [runtime.ONNXRUNTIME_DISTRIBUTION]

@@ -11,7 +11,8 @@ import pytest
 
 from runtime.backend import get_backend
 from runtime.config import DecomCamConfig
-from runtime.decomcam import build_masks, minmax
+from runtime.decomcam import build_masks
+from runtime.numerics import minmax
 from runtime.methods import Method, MethodContext, MethodOutput, get_method, list_methods
 from runtime.methods.base_cam import BaseCam, align_corners_matrix, upsample
 from runtime.methods.gradcampp import GradCamPlusPlus
@@ -142,7 +143,9 @@ def test_scorecampp_keeps_positive_channels_and_blur_blends():
     for b in range(B):
         idx = np.flatnonzero(keep[b])
         masks = minmax(np, be.resize(a[b, idx].astype(np.float32), S))
-        masked, blurred = build_masks(be, ctx.x[b:b + 1], masks[None], MEAN, STD, ctx.config)
+        size = ctx.x.shape[-1]
+        masked, blurred = build_masks(be, ctx.x[b:b + 1], masks[None], MEAN, STD, ctx.config.sigma(size),
+                                      ctx.config.radius(size))
         y = ctx.classify(masked[0])[:, ctx.target[b]] - ctx.classify(blurred)[0, ctx.target[b]]
         w[b, idx] = np.exp(y - y.max()) / np.exp(y - y.max()).sum()
     np.testing.assert_allclose(out.saliency, expected(ctx, w), atol=1e-5)

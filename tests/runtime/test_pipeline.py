@@ -374,27 +374,27 @@ def test_cli_interrupted_mid_run_keeps_finished_outputs_and_no_temporaries(tiny_
 
 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["threaded", "serial"])
-def test_cli_preprocessing_failure_fails_its_group_only(tiny_artifacts, tmp_path, capsys, monkeypatch, pipeline):
-    """Preprocessing runs in the loader thread: if it raises for a group, that group's images fail with one
-    line each (as an explanation failure) and the other groups are written."""
-    import runtime.explainer as explainer
+def test_cli_preprocessing_failure_fails_its_image_only(tiny_artifacts, tmp_path, capsys, monkeypatch, pipeline):
+    """Preprocessing runs in the loader thread, image by image: if it raises for one image, that image fails
+    with one line and the others, in its group too, are written."""
+    import runtime.artifacts as artifacts
 
     imgs = write_good(tmp_path / "in", 6)
-    real = explainer.Explainer.preprocess
+    real = artifacts.Artifacts.preprocess_image
     calls = {"n": 0}
 
-    def flaky(self, rgbs):
+    def flaky(self, rgb, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise RuntimeError("resize failed")
-        return real(self, rgbs)
+        return real(self, rgb, *a, **k)
 
-    monkeypatch.setattr(explainer.Explainer, "preprocess", flaky)
+    monkeypatch.setattr(artifacts.Artifacts, "preprocess_image", flaky)
     out = tmp_path / "out"
     code, stdout, err = run_cli([tmp_path / "in", "--artifacts", tiny_artifacts.out_dir, "--out", out, "--top-p", "3",
-                                 "--batch-size", "8", "--quiet", *([] if pipeline else ["--no-pipeline"])], capsys)
+                                 "--batch-size", "8", "--threads", "1", "--quiet",
+                                 *([] if pipeline else ["--no-pipeline"])], capsys)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 1 and "explained 4 of 6" in stdout
-    assert len(lines) == 2 and all("explanation failed (RuntimeError: resize failed)" in ln for ln in lines)
-    assert {Path(ln.split(": ")[1]).name for ln in lines} == {imgs[2].name, imgs[3].name}
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}{s}" for p in imgs[:2] + imgs[4:] for s in OUTPUTS)
+    assert code == 1 and "explained 5 of 6" in stdout
+    assert lines == [f"error: {imgs[2]}: preprocessing failed (RuntimeError: resize failed)"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}{s}" for p in imgs[:2] + imgs[3:] for s in OUTPUTS)
