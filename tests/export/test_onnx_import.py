@@ -198,6 +198,36 @@ def test_imported_saliency_equals_the_registry_export_of_the_same_weights(resnet
         assert np.abs(ours_out - reg_out).max() <= 1e-5 * np.abs(reg_out).max()
 
 
+def test_a_head_not_linear_in_the_activations_matches_the_hand_written_backward(tmp_path):
+    """mobilenet-tiny-lastblock: the target is the last inverted-residual block, and the head runs a 1x1 conv,
+    BatchNorm and Hardswish at every position before the pooling. The reference is export/pooled.py's hand-written
+    backward in torch (PooledExplain, what the registry's explain.onnx is traced from)."""
+    import onnxruntime as ort
+    import torch
+
+    from export.models import load_model
+    from export.pooled import PooledExplain
+
+    lm = load_model("mobilenet-tiny-lastblock", "none")
+    path = tmp_path / "mnv3.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(lm.model.model.eval(), (torch.zeros(1, 3, 96, 96),), str(path), dynamo=False,
+                          opset_version=17)
+    res = import_onnx(path, tmp_path / "imported", target_layer="/features/features.11/Add_output_0",
+                      pre=Preprocess(resize_size=96))
+    art = load_artifacts(res.out_dir)
+    x = np.stack([art.preprocess_image(im)[0] for im in make_images(3, seed=2)])
+    t = np.array([-1, 2, 9], np.int64)
+    ours = ort.InferenceSession(str(res.out_dir / "explain.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x, "target": t})
+    with torch.no_grad():
+        theirs = [v.numpy() for v in PooledExplain(lm.model).eval()(torch.from_numpy(x), torch.from_numpy(t))]
+    assert res.manifest["dims"]["C"] == theirs[1].shape[1] == 24
+    for a, b in zip(ours, theirs):   # logits, activations, gradients
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
 def test_list_targets_prints_candidates_with_shapes(resnet, capsys):
     from export.__main__ import main
 
