@@ -228,6 +228,27 @@ def test_a_head_not_linear_in_the_activations_matches_the_hand_written_backward(
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
+def test_a_graph_from_the_dynamo_exporter(resnet, tmp_path):
+    """torch.onnx.export(dynamo=True): opset 18, external data, another op mix, and a Reshape(allowzero=1) that
+    bakes the fixed batch ([1, 512]): rewritten to [-1, 512]. Same logits and gradients as the TorchScript one."""
+    import onnxruntime as ort
+    import torch
+
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet["lm"].model.model.eval(), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=True,
+                          opset_version=18, verbose=False)
+    res = import_onnx(path, tmp_path / "o", pre=Preprocess(resize_size=64))
+    assert res.manifest["source"]["reshapes_rewritten"] and res.manifest["target_layer"] != ""
+    x = np.stack([load_artifacts(res.out_dir).preprocess_image(im)[0] for im in make_images(3, seed=4)])
+    t = np.array([-1, 1, 2], np.int64)
+    a, b = (ort.InferenceSession(str(d / "explain.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x, "target": t}) for d in (res.out_dir, resnet["out"]))
+    for u, v in zip(a, b):
+        assert np.abs(u - v).max() <= 1e-5 * np.abs(v).max()
+
+
 def test_list_targets_prints_candidates_with_shapes(resnet, capsys):
     from export.__main__ import main
 
