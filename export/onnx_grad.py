@@ -940,7 +940,9 @@ def infer_types(model: onnx.ModelProto) -> dict:
     g = inferred.graph
     types = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
-        types[vi.name] = vi.type
+        known = types.get(vi.name)
+        if known is None or not known.tensor_type.HasField("shape") or vi.type.tensor_type.HasField("shape"):
+            types[vi.name] = vi.type   # a declaration without a shape does not hide an inferred one
     for t in g.initializer:
         types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
     return types

@@ -98,6 +98,10 @@ class Preprocess:
         for what, v in (("mean", self.mean), ("std", self.std)):
             if len(v) != 3 or not all(math.isfinite(float(x)) for x in v):
                 raise ImportError_(f"--{what}: expected three numbers, got {v}")
+        if not all(0.0 <= float(x) <= 1.0 for x in self.mean):
+            raise ImportError_(f"--mean {list(self.mean)}: each value must be in [0, 1] (pixels scaled to [0, 1])")
+        if not all(0.0 < float(x) <= 1000.0 for x in self.std):
+            raise ImportError_(f"--std {list(self.std)}: each value must be in (0, 1000]")
         return {"resize": self.resize, "resize_size": rs, "interpolation": self.interpolation}
 
 
@@ -865,12 +869,12 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
         + (f" from a shortest side of {policy['resize_size']}" if policy["resize"] == "crop" else "")
         + f", {policy['interpolation']}, mean {list(pre.mean)}, std {list(pre.std)}"
         + (" (ImageNet defaults)" if (pre.mean, pre.std) == (IMAGENET_MEAN, IMAGENET_STD) else ""))
+    k = _dims(src.types[src.logits])[1]
+    label_names = read_label_file(labels, k) if labels is not None else tuple(f"class_{i}" for i in range(k))
     try:
         graphs, dims = build_graphs(src, target)
     except GradientError as e:
         raise ImportError_(f"{model_path}: the head after '{target.name}' cannot be differentiated: {e}") from None
-    k = dims["K"]
-    label_names = read_label_file(labels, k) if labels is not None else tuple(f"class_{i}" for i in range(k))
     set_name = Path(labels).stem if labels is not None else "labels"
     if not SET_NAME.match(set_name):
         set_name = "labels"

@@ -378,6 +378,18 @@ def test_a_wrong_gradient_fails_validation_and_writes_nothing(tmp_path, monkeypa
     assert list(out.iterdir()) == []
 
 
+def test_shapes_from_running_the_graph_where_inference_gives_none(tmp_path, monkeypatch):
+    """With ONNX shape inference returning nothing, the shapes on the path come from two ORT runs (batch 2 and 3)
+    and the import, the backward and the checks go through the same."""
+    path = _save(plain_cnn(opset=17), tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda model, *a, **k: model)
+    src = read_source(path)
+    assert any("their shapes come from running the graph" in n for n in src.notes)
+    assert choose_target(src).name == "r2" and choose_target(src).dims == ["batch", 8, 8, 8]
+    res = import_onnx(path, tmp_path / "o")
+    assert res.manifest["validation"]["gradients"]["max_error"] <= 1e-3
+
+
 def test_preprocess_defaults_are_imagenet_224_from_256():
     pre = Preprocess()
     assert pre.resolved(224) == {"resize": "crop", "resize_size": 256, "interpolation": "bilinear"}
@@ -385,3 +397,5 @@ def test_preprocess_defaults_are_imagenet_224_from_256():
     assert Preprocess(crop_pct=0.9).resolved(224)["resize_size"] == 248
     with pytest.raises(ImportError_, match="give one"):
         Preprocess(crop_pct=0.9, resize_size=256).resolved(224)
+    with pytest.raises(ImportError_, match=r"--mean \[123.0, 117.0, 104.0\]: each value must be in \[0, 1\]"):
+        Preprocess(mean=(123.0, 117.0, 104.0)).resolved(224)
