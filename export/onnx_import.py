@@ -22,7 +22,6 @@ What `import_onnx` does, in order:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from runtime.artifacts import sha256_path
 from runtime.fsutil import remove_stale_temporaries, temp_dir
 from runtime.manifest import SET_NAME, ManifestError, validate_manifest
 from runtime.spec import FAMILIES, MANIFEST_VERSION
@@ -785,7 +785,7 @@ def validate(src: Source, paths: dict[str, Path], dims: dict, pre: dict, mean, s
         check("head", "logits", b, hl, fl, reference="features.logits")
         check("head_grad", "logits", b, gl, el, reference="explain.logits")
         check("head_grad", "gradients", b, gg, eg, reference="explain.gradients")
-        gc = check_gradients(load_model_proto(paths["head"]), sess["head_grad"], np.concatenate([fa, path]),
+        gc = check_gradients(onnx.load(str(paths["head"])), sess["head_grad"], np.concatenate([fa, path]),
                              np.concatenate([target, target]), seed=i)
         grad_checks.append(gc)
         if not gc["ok"]:
@@ -800,10 +800,6 @@ def validate(src: Source, paths: dict[str, Path], dims: dict, pre: dict, mean, s
             "gradient_check": {key: worst[key] for key in ("method", "precision", "units", "step_relative",
                                                            "tolerance", "max_error")}
             | {"points": sum(c["points"] for c in grad_checks), "directions": worst["directions"]}}
-
-
-def load_model_proto(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path))
 
 
 def format_report(report: dict) -> str:
@@ -839,14 +835,6 @@ def _versions() -> dict:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, target_layer: str = "auto",
@@ -902,7 +890,7 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
             "family": FAMILY,
             "model": model_name,
             "pretrained": str(model_path),
-            "pretrained_id": f"sha256:{_file_sha256(model_path)}",
+            "pretrained_id": f"sha256:{sha256_path(model_path)}",
             "random_weights": False,
             "target_layer": target.name,
             "input_size": src.size,
