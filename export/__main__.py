@@ -5,6 +5,9 @@
     python -m export classes --artifacts DIR (--names "cat,dog" | --file F) [--name SET] [--template T]
     python -m export quantize --artifacts DIR --images PHOTOS [--graphs classify,features] [--explain-trunk]
     python -m export list
+    python -m export onnx MODEL.onnx --out DIR [--target-layer auto|NAME] [--list-targets] [--labels FILE]
+                     [--size S] [--resize crop|stretch] [--crop-pct P | --resize-size R] [--interpolation I]
+                     [--mean R,G,B] [--std R,G,B]      (any ONNX classifier; imports no torch)
 """
 
 from __future__ import annotations
@@ -218,14 +221,113 @@ def main_quantize(argv) -> int:
     return 0
 
 
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (R,G,B), got {text!r}")
+    return values
+
+
+def build_onnx_parser() -> argparse.ArgumentParser:
+    from .onnx_import import IMAGENET_MEAN, IMAGENET_STD
+
+    p = argparse.ArgumentParser(prog="python -m export onnx",
+                                description="Import any ONNX CNN classifier: write the pooled-linear family's graphs "
+                                            "(the head's backward generated from the graph) and validate them.")
+    p.add_argument("model", help="the ONNX file (image input [N, 3, H, W] float32 -> logits [N, K])")
+    p.add_argument("--out", default=None, help="artifacts folder to write (not needed with --list-targets)")
+    p.add_argument("--target-layer", default="auto",
+                   help="auto (default: the last 4-D tensor every path from the image to the logits passes through, "
+                        "with h w > 1) or a tensor name from --list-targets")
+    p.add_argument("--list-targets", action="store_true", help="print the target-layer candidates and exit")
+    p.add_argument("--output", default=None, help="the graph output holding the logits (when there are several)")
+    p.add_argument("--name", default=None, help="the model's name in the manifest (default: the file's stem)")
+    p.add_argument("--labels", default=None, help="class names, one per line in output order (default class_0 ...)")
+    g = p.add_argument_group("preprocessing (recorded in the manifest; defaults: ImageNet's, 224 crop from 256)")
+    g.add_argument("--size", type=int, default=None,
+                   help="input side in pixels (default: the graph's fixed size, else 224)")
+    g.add_argument("--resize", default="crop", choices=("crop", "stretch"),
+                   help="crop: shortest side to --resize-size then centre crop (default); stretch: to size x size")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--crop-pct", type=float, default=None,
+                   help="crop: shortest side = floor(size / crop_pct) (default 0.875)")
+    x.add_argument("--resize-size", type=int, default=None, help="crop: the shortest side before the crop")
+    g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"))
+    g.add_argument("--mean", type=_triple, default=IMAGENET_MEAN, help="R,G,B in [0, 1] (default ImageNet's)")
+    g.add_argument("--std", type=_triple, default=IMAGENET_STD, help="R,G,B (default ImageNet's)")
+    return p
+
+
+def main_onnx(argv) -> int:
+    """`python -m export onnx`: imports onnx, onnxruntime and numpy, never torch."""
+    import os
+
+    from .onnx_import import Preprocess, candidates, format_candidates, import_onnx, read_source
+    from .writing import ExportError
+
+    parser = build_onnx_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_targets:
+            src = read_source(args.model, args.size, args.output)
+            cands = candidates(src)
+            if not cands:
+                print(f"error: {format_candidates(src, cands)}", file=sys.stderr)
+                return 1
+            print(format_candidates(src, cands))
+            return 0
+        if not args.out:
+            parser.error("--out is required (or --list-targets)")
+        out = Path(args.out)
+        existed = out.exists()
+        problem = check_out(out)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        pre = Preprocess(size=args.size, resize=args.resize, crop_pct=args.crop_pct, resize_size=args.resize_size,
+                         interpolation=args.interpolation, mean=args.mean, std=args.std)
+        try:
+            res = import_onnx(args.model, out, args.target_layer, pre, labels=args.labels, name=args.name,
+                              output=args.output)
+        except BaseException:
+            if not existed:   # the folder this run created, still empty: nothing is left behind
+                try:
+                    os.rmdir(out)
+                except OSError:
+                    pass
+            raise
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): nothing was replaced; temporaries are removed by the next export",
+              file=sys.stderr)
+        return 130
+    m = res.manifest
+    sizes = {k: f"{v['bytes'] / 1e6:.1f} MB" for k, v in m["graphs"].items()}
+    print(f"imported {m['model']} to {res.out_dir} in {res.seconds['total_s']:.1f} s: target layer "
+          f"'{m['target_layer']}' {m['dims']['C']}x{m['dims']['h']}x{m['dims']['w']}, {m['dims']['K']} classes "
+          f"(class set '{m['default_class_set']}'); graphs: {sizes}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["onnx"]:   # an ONNX graph in: no torch
+        return main_onnx(argv[1:])
     from .classes import ClassSetError
     from .models import ModelError, list_models
     from runtime.artifacts import ArtifactsError
 
     from .onnx_export import ExportError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["list"]:
             from .models import model_info

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,33 +45,14 @@ from .graphs import (ClassifyModule, ExplainModule, FeaturesModule, HeadGradModu
                      head_logits)
 from .models import LoadedModel
 from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGrad, PooledHeadGraph
+from .writing import ExportError, ValidationError, compare, graph_entries, install, log, write_labels
+from .writing import check_structure as _check_structure
+from .writing import summarise as _summarise
 
 OPSET = 20
 # (batch, L) sizes the written graphs are run at. The export traces (2, 5); the others prove the axes are dynamic.
 VALIDATION_SIZES = ((1, 3), (3, 7))
 TRACE_SIZE = (2, 5)
-
-
-class ExportError(RuntimeError):
-    """The export could not produce valid graphs."""
-
-
-class ValidationError(ExportError):
-    """ORT and PyTorch disagree; `failures` lists every failing output with its max differences."""
-
-    def __init__(self, failures: list[dict]):
-        self.failures = failures
-        lines = [
-            f"  {f['graph']}.{f['output']} at batch={f['batch']} L={f['L']}: max abs {f['max_abs']:.3g}, "
-            f"max rel {f['max_rel']:.3g} (allowed atol {f['atol']:g}*scale + rtol {f['rtol']:g})"
-            + (f" [{f['reason']}]" if f.get("reason") else "")
-            for f in failures
-        ]
-        super().__init__("ONNX validation failed:\n" + "\n".join(lines))
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def specs(lm: LoadedModel) -> dict[str, GraphSpec]:
@@ -138,53 +118,6 @@ def _export_one(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: Pat
             module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=dyn, opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )
-
-
-def _check_structure(path: Path, spec: GraphSpec, dims: dict[str, int]) -> list[dict]:
-    """onnx.checker full check, standard-domain ops only, and declared (symbolic) axes in the file."""
-    fails = []
-    model = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # checker raises several types
-        fails.append({"graph": spec.name, "output": "*", "reason": f"onnx.checker: {str(e).splitlines()[0]}"})
-    domains = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if domains:
-        fails.append({"graph": spec.name, "output": "*", "reason": f"non-standard op domains: {domains}"})
-    declared = {t.name: t for t in spec.inputs + spec.outputs}
-    for vi in list(model.graph.input) + list(model.graph.output):
-        t = declared.get(vi.name)
-        if t is None:
-            fails.append({"graph": spec.name, "output": vi.name, "reason": "undeclared graph input/output"})
-            continue
-        for axis, dim in zip(t.axes, vi.type.tensor_type.shape.dim):
-            if axis in ("batch", "L") and not dim.dim_param:
-                fails.append({"graph": spec.name, "output": vi.name,
-                              "reason": f"axis '{axis}' is baked to {dim.dim_value}"})
-            elif axis not in ("batch", "L") and dim.dim_value != dims[axis]:
-                fails.append({"graph": spec.name, "output": vi.name,
-                              "reason": f"axis '{axis}' is {dim.dim_value or dim.dim_param}, expected {dims[axis]}"})
-    return fails
-
-
-def compare(ort_out: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict:
-    """Per-output comparison; `ok` when every element is within atol*max|ref| + rtol*|ref|."""
-    ref = np.asarray(ref, np.float64)
-    out = np.asarray(ort_out, np.float64)
-    if out.shape != ref.shape:
-        return {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"), "cosine": float("nan"),
-                "reason": f"shape {out.shape} != {ref.shape}"}
-    diff = np.abs(out - ref)
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    ok = bool(np.all(diff <= atol * scale + rtol * np.abs(ref))) and bool(np.all(np.isfinite(out)))
-    denom = np.linalg.norm(out) * np.linalg.norm(ref)
-    return {
-        "ok": ok,
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float((diff / np.maximum(np.abs(ref), 1e-12 + 1e-6 * scale)).max()) if diff.size else 0.0,
-        "cosine": float((out * ref).sum() / denom) if denom > 0 else 1.0,
-        "scale": scale,
-    }
 
 
 def path_scales(batch: int) -> torch.Tensor:
@@ -369,17 +302,6 @@ def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
             "labels_sha256": hashlib.sha256(labels).hexdigest()}
 
 
-def write_labels(out_dir: Path, name: str, labels: list[str]) -> dict:
-    """The fixed class names of a pooled-linear export, one per line in output order (no embeddings)."""
-    cdir = out_dir / "classes"
-    cdir.mkdir(parents=True, exist_ok=True)
-    check_set_name(name)
-    remove_stale_temporaries(cdir)
-    data = ("\n".join(labels) + "\n").encode("utf-8")
-    atomic_write(cdir / f"{name}.txt", data)
-    return {"labels": f"classes/{name}.txt", "count": len(labels), "labels_sha256": hashlib.sha256(data).hexdigest()}
-
-
 def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
     """Add (or replace) a class set in an existing export without touching the graphs."""
     out_dir = Path(artifacts)
@@ -487,16 +409,7 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
             "opset": opset,
             "versions": versions(),
         }
-        meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in manifest.items()}
-        graphs = {}
-        for name, p in paths.items():
-            model = onnx.load(str(p))
-            onnx.helper.set_model_props(model, {**meta, "decomcam.graph": name,
-                                                "decomcam.io": json.dumps(graph_specs[name].to_json())})
-            onnx.save(model, str(p))
-            graphs[name] = {"file": graph_specs[name].filename, "sha256": sha256_path(p), "bytes": p.stat().st_size,
-                            **graph_specs[name].to_json()}
-        manifest["graphs"] = graphs
+        manifest["graphs"] = graph_entries(paths, graph_specs, manifest)
         manifest["class_sets"] = {}
         t = time.perf_counter()
         if lm.family == "pooled-linear":  # the fixed classes: labels only, in the classifier's output order
@@ -510,9 +423,7 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
             manifest["default_class_set"] = class_sets[0].name if class_sets else None
         timings["class_sets_s"] = time.perf_counter() - t
         manifest["validation"] = {"sizes": report["sizes"], "max": _summarise(report)}
-        for name, p in paths.items():
-            os.replace(p, out_dir / graph_specs[name].filename)
-        _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2))
+        install(out_dir, paths, graph_specs, manifest)
         timings["total_s"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -535,17 +446,6 @@ def _check_embeddings(embeddings: dict[str, np.ndarray], class_sets: list[ClassS
         if not np.all(np.isfinite(e)) or np.any(norms == 0):
             raise ExportError(f"embeddings for class set '{name}' have a non-finite or all-zero row")
         out[name] = (e / norms).astype(np.float32)
-    return out
-
-
-def _summarise(report: dict) -> dict:
-    out: dict[str, dict] = {}
-    for r in report["rows"]:
-        k = f"{r['graph']}.{r['output']}"
-        cur = out.setdefault(k, {"max_abs": 0.0, "max_rel": 0.0, "min_cosine": 1.0})
-        cur["max_abs"] = max(cur["max_abs"], r["max_abs"])
-        cur["max_rel"] = max(cur["max_rel"], r["max_rel"])
-        cur["min_cosine"] = min(cur["min_cosine"], r["cosine"])
     return out
 
 

@@ -187,7 +187,7 @@ _RAW_WRITE = re.compile(
 def test_every_file_write_goes_through_fsutil():
     """runtime/ and export/ write files only with runtime.fsutil (np.save to an in-memory buffer or to an
     atomic_open handle is fine); fsutil itself and the export's private temporary folder are the exceptions."""
-    allowed = {("export/onnx_export.py", "os.replace(p, out_dir / graph_specs[name].filename)"),
+    allowed = {("export/writing.py", "os.replace(p, out_dir / graph_specs[name].filename)"),
                ("export/quantize.py", 'os.replace(tmp / entry["file"], dst)'),
                ("export/precision.py", "os.replace(p, final)   # out of the private temporary folder")}
     hits = []
