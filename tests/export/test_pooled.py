@@ -12,6 +12,7 @@ block earlier (a position-wise 1x1 conv head before the pooling: not linear in A
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
