@@ -51,6 +51,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,33 +96,55 @@ class Engine:
         return None
 
 
+# ORT engine options a name may carry after a colon, "cuda-fp16:nhwc=0:graph=1" (runtime.engines.EngineOptions)
+ENGINE_OPTIONS = {"nhwc": "nhwc", "graph": "cuda_graph", "algo": "conv_algo", "tf32": "tf32", "devimg": "device_images"}
+
+
+def engine_options_of(name: str) -> tuple[str, dict]:
+    """'cuda-fp16:nhwc=0:graph=1' -> ('cuda-fp16', {'nhwc': False, 'cuda_graph': True}); unknown keys refused."""
+    base, *opts = name.split(":")
+    out: dict = {}
+    for o in opts:
+        key, sep, val = o.partition("=")
+        if not sep or key not in ENGINE_OPTIONS:
+            raise SystemExit(f"error: engine '{name}': option '{o}' is not key=value with a key among "
+                             f"{', '.join(ENGINE_OPTIONS)}")
+        out[ENGINE_OPTIONS[key]] = val.upper() if key == "algo" else val not in ("0", "false", "off")
+    return base, out
+
+
 class OrtEngine(Engine):
     def __init__(self, name: str, artifacts: str, args, shares_with_torch: bool):
         from runtime.engines import EngineError, EngineOptions, probe_engine
         from runtime.explainer import Explainer
 
-        engine = name.split("-")[0]
-        fp16 = name.endswith("-fp16")
-        int8 = name.endswith("-int8")
+        base, extra = engine_options_of(name)
+        engine = base.split("-")[0]
+        fp16 = base.endswith("-fp16")
+        int8 = base.endswith("-int8")
         reason = probe_engine(engine, args.device_id) if engine != "cpu" else None
         if reason:
             raise Skip(reason)
+        device_images = extra.pop("device_images", None)
         opts = EngineOptions(device_id=args.device_id, fp16=fp16 and engine == "trt", intra_op_threads=args.threads,
-                             allow_spinning=not shares_with_torch)
+                             allow_spinning=not shares_with_torch, **extra)
         kw = ({"precision": "fp16"} if fp16 and engine == "cuda" else {"precision": "int8"} if int8 else
-              {"precision": "fp16-masks"} if name == "cuda-fp16m" else {})
+              {"precision": "fp16-masks"} if base == "cuda-fp16m" else {})
         try:
             self.ex = Explainer.from_artifacts(artifacts, engine=engine, engine_options=opts,
-                                               batch_size=args.classify_batch, class_set=args.classes, **kw)
+                                               batch_size=args.classify_batch, class_set=args.classes,
+                                               device_images=device_images, cuda_graph=opts.cuda_graph, **kw)
             for g in ("explain", "classify"):
                 self.ex.runner(g)  # the sessions now, each checked for its provider (create_session)
         except (EngineError, ValueError, RuntimeError, TypeError) as e:
             raise Skip(str(e).splitlines()[0]) from e
         providers = self.ex.runner("classify").session.get_providers()
-        precision = ("int8" if int8 else "fp16-masks" if name == "cuda-fp16m" else "fp16-graphs" if kw else
+        precision = ("int8" if int8 else "fp16-masks" if base == "cuda-fp16m" else "fp16-graphs" if kw else
                      "fp16-trt" if fp16 else "fp32")
         super().__init__(name, precision, "cpu" if engine == "cpu" else "cuda", providers[0])
         self.providers = providers
+        self.engine_options = {**opts.describe(engine, kw.get("precision", "fp32")),
+                               "device_images": self.ex.device_images}
         self.top_p = args.top_p
 
     def check_method(self, method: str) -> None:
@@ -261,13 +284,14 @@ def build_engines(names: list[str], args, artifacts) -> tuple[list[Engine], list
                 raise SystemExit(f"error: {e}") from None
         device = args.torch_device
         if device == "auto":
-            gpu_asked = any(n in ("cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16", "torch-fp16") for n in names)
+            gpu_asked = any(n.split(":")[0] in ("cuda", "cuda-fp16", "cuda-fp16m", "trt", "trt-fp16", "torch-fp16")
+                            for n in names)
             device = "cuda" if gpu_asked and torch.cuda.is_available() else "cpu"
     for n in names:
         try:
             if n in TORCH_ENGINES:
                 eng = TorchEngine(n, lm, artifacts, args, device)
-            elif n in ORT_ENGINES:
+            elif n.split(":")[0] in ORT_ENGINES:
                 eng = OrtEngine(n, args.artifacts, args, shares_with_torch=wants_torch)
             else:
                 raise Skip(f"unknown engine '{n}'; valid engines: {', '.join(ENGINES)}")
@@ -336,6 +360,7 @@ def run_latency(args) -> dict:
                     results.append({
                         "method": method, "batch": b, "engine": eng.name, "precision": eng.precision,
                         "device": eng.device, "provider": eng.provider, "providers": eng.providers,
+                        "engine_options": getattr(eng, "engine_options", None),
                         "transfers": {"totals": transfer_totals(eng.transfers), "copies": eng.transfers},
                         "stages_ms": common.median_stages_ms(runs[eng.name]),
                         "end_to_end_ms": e2e,
@@ -433,8 +458,10 @@ THROUGHPUT_MODES = ("pipeline", "serial", "ray-1", "ray-2", "ray-4")
 
 
 def _cli_engine_args(eng: str) -> list[str]:
-    """The CLI options of a benchmark engine name (cpu-int8 = --engine cpu --precision int8, ...)."""
-    base = ["--engine", eng.split("-")[0]]
+    """The CLI options of a benchmark engine name (cpu-int8 = --engine cpu --precision int8, ...; of its
+    options only graph=1, as --cuda-graph: the CLI runs NHWC and the cuDNN search at their defaults)."""
+    eng, opts = engine_options_of(eng)
+    base = ["--engine", eng.split("-")[0]] + (["--cuda-graph"] if opts.get("cuda_graph") else [])
     if eng == "trt-fp16":
         base.append("--fp16")
     elif eng == "cuda-fp16":
@@ -495,9 +522,9 @@ def run_throughput(args) -> dict:
         raise SystemExit(f"unknown --modes {bad}; valid: {', '.join(THROUGHPUT_MODES)}")
     from runtime.engines import probe_engine
 
-    names = [n for n in parse_list(args.engines) if n in ORT_ENGINES]
+    names = [n for n in parse_list(args.engines) if n.split(":")[0] in ORT_ENGINES]
     skipped = [{"engine": n, "reason": "throughput mode runs the CLI (ONNX Runtime engines only)"}
-               for n in parse_list(args.engines) if n not in ORT_ENGINES]
+               for n in parse_list(args.engines) if n.split(":")[0] not in ORT_ENGINES]
     for n in list(names):  # a GPU engine this machine cannot run is skipped with its reason
         reason = probe_engine(n.split("-")[0], args.device_id) if n.split("-")[0] in ("cuda", "trt") else None
         if reason:
@@ -531,6 +558,7 @@ def run_throughput(args) -> dict:
                                 ok, loop_s, note = _run_cli_mode(args, eng, mode, paths[:n], out_dir)
                         wall = time.perf_counter() - t0
                         sampler.label = None
+                        rates = stage_rates(out_dir)
                     finally:
                         shutil.rmtree(out_dir, ignore_errors=True)
                     samp = [(tt, v) for tt, lab, v in sampler.samples if lab == label]
@@ -555,7 +583,11 @@ def run_throughput(args) -> dict:
                         "rss_growth_mb": (late - early) if early is not None and in_process else None,
                         "rss_after_mb": common.rss_mb(),  # main() returned: the sessions are freed
                         "vmhwm_mb": common.peak_rss_mb() if reset and in_process else None,
-                        "rss_samples": len(vs), "note": note,
+                        "rss_samples": len(vs), "note": note, **rates,
+                        "overlap_vs_stage_sum": ((ok / loop_s) / rates["stage_sum_images_per_s"])
+                        if loop_s and rates.get("stage_sum_images_per_s") else None,
+                        "share_of_graph_ceiling": ((ok / loop_s) / rates["graph_bound_images_per_s"])
+                        if loop_s and rates.get("graph_bound_images_per_s") else None,
                     })
                     log(f"throughput {label}: {ok} images in {wall:.1f} s ({ok / wall:.2f} img/s wall)")
     return {
@@ -576,10 +608,38 @@ def run_throughput(args) -> dict:
     }
 
 
+GRAPH_STAGES = ("explain", "classify", "head", "head_grad")   # the stages that are graph calls
+
+
+def stage_rates(out_dir: str) -> dict:
+    """From the run's NAME.json files: the mean per-image sum of every recorded stage (load, preprocess, the
+    graphs, the numerics; not the writing) and of the graph stages alone, as images/s: what the run would
+    reach with its stages one after another, and the graph-bound ceiling the overlap can at best reach."""
+    import json
+
+    total, graphs, n = 0.0, 0.0, 0
+    for f in Path(out_dir).glob("*.json"):
+        try:
+            t = json.loads(f.read_text()).get("timings_ms") or {}
+        except (OSError, ValueError):
+            continue
+        total += sum(float(v) for v in t.values())
+        graphs += sum(float(v) for k, v in t.items() if k in GRAPH_STAGES)
+        n += 1
+    if not n:
+        return {}
+    return {"stage_sum_ms": total / n, "graph_ms": graphs / n,
+            "stage_sum_images_per_s": 1e3 * n / total if total else None,
+            "graph_bound_images_per_s": 1e3 * n / graphs if graphs else None}
+
+
 def throughput_table(report: dict) -> str:
-    headers = ["engine", "mode", "N", "img/s", "img/s (wall)", "wall s", "RSS before MB", "RSS 10-20% MB",
+    headers = ["engine", "mode", "N", "img/s", "img/s (wall)", "stage-sum img/s", "graph-bound img/s",
+               "of ceiling", "wall s", "RSS before MB", "RSS 10-20% MB",
                "RSS last 10% MB", "growth MB", "peak RSS MB", "VmHWM MB"]
     rows = [[r["engine"], r.get("mode", "pipeline"), r["n"], common.fmt(r["images_per_s"], 2), common.fmt(r["images_per_s_wall"], 2),
+             common.fmt(r.get("stage_sum_images_per_s"), 2), common.fmt(r.get("graph_bound_images_per_s"), 2),
+             common.fmt(r.get("share_of_graph_ceiling"), 2),
              common.fmt(r["wall_s"]), common.fmt(r["rss_start_mb"], 0), common.fmt(r["rss_10_20pct_mb"], 0),
              common.fmt(r["rss_last_10pct_mb"], 0), common.fmt(r["rss_growth_mb"], 0), common.fmt(r["peak_rss_mb"], 0),
              common.fmt(r["vmhwm_mb"], 0)] for r in report["results"]]

@@ -204,12 +204,12 @@ class MatrixBackend(Backend):
         self.device_id = int(device_id)
         self.xp = CountingModule(xp, self.transfers) if self.on_device else xp
         self.name = name or f"matrix-{xp.__name__}"
-        self._cache: dict = {}
+        self.cache: dict = {}   # operators (resize, blur, preprocessing) on the device, per shape
 
     def _mat(self, key, make):
-        m = self._cache.get(key)
+        m = self.cache.get(key)
         if m is None:
-            m = self._cache[key] = self.asarray(make(), dtype=np.float32, name=f"operator {key[0]}{key[1:3]}")
+            m = self.cache[key] = self.asarray(make(), dtype=np.float32, name=f"operator {key[0]}{key[1:3]}")
         return m
 
     def eigh(self, gram):

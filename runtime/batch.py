@@ -58,7 +58,7 @@ class _Ready:
     stem: str
     provenance: dict
     rgb: np.ndarray
-    x: np.ndarray                      # [3, S, S] float32
+    x: np.ndarray | None               # [3, S, S] float32; None: preprocessed on the device with the graphs
     geometry: object
     load_s: float
     preprocess_s: float
@@ -203,6 +203,10 @@ class BatchRunner:
                 return e, time.perf_counter() - t
             return (x, geom), time.perf_counter() - t
 
+        if self.ex.device_images:   # preprocessed on the device with the graphs (Explainer.explain_arrays)
+            for i, item, stem, prov, rgb, load_s in pending:
+                group.slots[i] = _Ready(item, stem, prov, rgb, None, None, load_s, 0.0)
+            return group
         pool = image_pool(self.workers) if len(pending) > 1 else None
         done = pool.map(prep, pending) if pool is not None else [prep(j) for j in pending]
         for (i, item, stem, prov, rgb, load_s), (res, prep_s) in zip(pending, done):
@@ -239,7 +243,7 @@ class BatchRunner:
         return group
 
     def _explain(self, ready: list[_Ready]):
-        prepared = (np.stack([r.x for r in ready]), [r.geometry for r in ready])
+        prepared = None if ready[0].x is None else (np.stack([r.x for r in ready]), [r.geometry for r in ready])
         return self.ex.explain_arrays([r.rgb for r in ready], [r.item.source for r in ready], prepared=prepared)
 
     def emit(self, group: Group) -> list[Outcome]:

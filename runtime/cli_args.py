@@ -65,6 +65,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: ORT's choice; one per CPU up to 8 for the images)")
     g.add_argument("--batch-size", type=_int("batch_size"), default=32,
                    help="images per graph call, 1..4096 (default 32)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="cuda only: capture each padded batch shape into a CUDA graph once and replay it")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -102,5 +104,5 @@ def settings_from_args(args):
     return Settings(method=args.method, top_p=args.top_p, target=parse_target(args.target), class_set=args.classes,
                     resize=args.resize, ig_steps=args.ig_steps, blur_sigma=args.blur_sigma, engine=args.engine,
                     precision=args.precision, batch_size=args.batch_size, threads=args.threads,
-                    device_id=args.device_id, fp16=args.fp16, max_pixels=args.max_pixels,
+                    device_id=args.device_id, fp16=args.fp16, cuda_graph=args.cuda_graph, max_pixels=args.max_pixels,
                     max_bytes=args.max_bytes, max_aspect=args.max_aspect)

@@ -30,6 +30,9 @@ class EngineError(RuntimeError):
     """An engine that this machine cannot run."""
 
 
+CONV_ALGOS = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
 @dataclass
 class EngineOptions:
     device_id: int = 0                      # GPU ordinal (cuda, trt)
@@ -37,8 +40,21 @@ class EngineOptions:
     trt_cache_dir: str | None = None        # engine + timing cache folder (trt); None = <artifacts>/trt-cache
     intra_op_threads: int | None = None     # None = ORT's default (one per physical core)
     allow_spinning: bool = True             # False when sharing the CPU with another runtime (torch)
-    cuda_graph: bool = False                # refused: the runner does not keep bound buffers per shape yet
-    tf32: bool = True                       # CUDA provider's use_tf32 (its default); parity runs set False
+    # CUDA graphs (cuda only): each input shape is captured once into a graph and replayed, from device
+    # buffers the runner keeps per shape (runtime/runner.py); needs a CuPy back end, every node on the CUDA
+    # provider and one call at a time per session (the runner serialises them)
+    cuda_graph: bool = False
+    tf32: bool = True                       # CUDA provider's use_tf32 (its default); parity runs set False. False
+                                            # also sets NVIDIA_TF32_OVERRIDE=0 before CUDA starts: the cuDNN
+                                            # frontend's convolutions ignore use_tf32
+    # NHWC convolutions (the CUDA provider's prefer_nhwc, ORT >= 1.20 with cuDNN 9): None = on for fp16 graphs
+    # (the tensor cores' layout), off for fp32
+    nhwc: bool | None = None
+    # cuDNN's convolution algorithm search: EXHAUSTIVE (measured once per shape: best with the fixed shapes of
+    # fixed_chunks, after a warm-up), HEURISTIC (no search: where shapes vary) or DEFAULT; None = EXHAUSTIVE
+    # when the calls have fixed shapes (fixed_chunks on), else HEURISTIC
+    conv_algo: str | None = None
+    max_workspace: bool = True              # cudnn_conv_use_max_workspace: let cuDNN use the faster algorithms
     # Graph calls over more images than the batch size go in chunks of exactly the batch size, the last
     # padded: the graph then sees one input shape per run. None = on for cuda and trt, where ORT's CUDA
     # convolutions re-plan on every change of shape (measured on an H200 with RN50: a call alternating
@@ -46,6 +62,32 @@ class EngineOptions:
     # would cost compute for nothing)
     fixed_chunks: bool | None = None
     extra: dict = field(default_factory=dict)  # further ORT provider options, by ORT's names
+
+    def cuda_provider_options(self, precision: str = "fp32") -> dict:
+        """The CUDA provider's options for graphs of `precision` (ORT's names); what the benchmarks record."""
+        nhwc = self.nhwc if self.nhwc is not None else precision in ("fp16", "fp16-masks")
+        fixed = self.fixed_chunks is not False          # None (auto) is on for cuda
+        algo = self.conv_algo or ("EXHAUSTIVE" if fixed else "HEURISTIC")
+        if algo not in CONV_ALGOS:
+            raise EngineError(f"unknown cuDNN algorithm search '{algo}'; valid: {', '.join(CONV_ALGOS)}")
+        opts = {"device_id": self.device_id, "use_tf32": int(bool(self.tf32)), "prefer_nhwc": int(bool(nhwc)),
+                "cudnn_conv_algo_search": algo, "cudnn_conv_use_max_workspace": int(bool(self.max_workspace))}
+        if self.cuda_graph:
+            opts["enable_cuda_graph"] = 1
+        return {**opts, **self.extra}
+
+    def describe(self, engine: str, precision: str = "fp32") -> dict:
+        """Everything that sets how the graphs run, for a benchmark's JSON: the engine's provider options,
+        threads, spinning, fixed chunks, CUDA graphs, TF32 and its override."""
+        out = {"engine": engine, "precision": precision, "intra_op_threads": self.intra_op_threads,
+               "allow_spinning": self.allow_spinning, "fixed_chunks": self.fixed_chunks,
+               "cuda_graph": self.cuda_graph}
+        if engine in ("cuda", "trt"):
+            out["cuda_provider"] = self.cuda_provider_options(precision)
+            out["NVIDIA_TF32_OVERRIDE"] = os.environ.get("NVIDIA_TF32_OVERRIDE")
+        if engine == "trt":
+            out["trt_fp16"] = self.fp16
+        return out
 
 
 def available_providers() -> list[str]:
@@ -83,16 +125,19 @@ def trt_profile_options(profiles: dict[str, tuple[tuple[int, ...], tuple[int, ..
     return out
 
 
-def providers_for(engine: str, options: EngineOptions | None = None, profiles: dict | None = None) -> list:
+def providers_for(engine: str, options: EngineOptions | None = None, profiles: dict | None = None,
+                  precision: str = "fp32") -> list:
     """ORT provider list for an engine name; the list always ends with the CPU provider.
 
-    profiles: {input: (min, opt, max) shapes} for TensorRT's optimisation profile (see trt_profile_options)."""
+    profiles: {input: (min, opt, max) shapes} for TensorRT's optimisation profile (see trt_profile_options).
+    precision: the graphs' ("fp16" turns NHWC convolutions on where EngineOptions.nhwc is None)."""
     opts = options or EngineOptions()
     if engine not in ENGINES:
         raise EngineError(f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}")
-    if opts.cuda_graph:
-        raise EngineError("cuda_graph is not supported: CUDA graph replay needs fixed buffer addresses and "
-                          "shapes, and the runner binds new buffers on every call")
+    if opts.cuda_graph and engine != "cuda":
+        raise EngineError(f"cuda_graph needs --engine cuda (engine '{engine}' has no CUDA graphs here)")
+    if opts.cuda_graph and opts.fixed_chunks is False:
+        raise EngineError("cuda_graph needs fixed_chunks (one captured graph per input shape)")
     if opts.fp16 and engine != "trt":
         raise EngineError(f"engine '{engine}' has no fp16 mode of its own: use fp16 graphs "
                           f"(--precision fp16, from an export with --precision fp16) or --engine trt --fp16")
@@ -103,11 +148,12 @@ def providers_for(engine: str, options: EngineOptions | None = None, profiles: d
             f"engine '{engine}' needs {need}, which this onnxruntime does not have; available providers: {', '.join(have)}"
         )
     cpu = "CPUExecutionProvider"
-    cuda_opts = {"device_id": opts.device_id, "use_tf32": int(bool(opts.tf32))}
     if engine == "cpu":
         return [cpu]
+    cuda_opts = opts.cuda_provider_options(precision)
     if engine == "cuda":
-        return [("CUDAExecutionProvider", {**cuda_opts, **opts.extra}), cpu]
+        return [("CUDAExecutionProvider", cuda_opts), cpu]
+    cuda_opts = {k: v for k, v in cuda_opts.items() if k != "enable_cuda_graph" and k not in opts.extra}
     cache = trt_cache_path(opts.trt_cache_dir or "trt-cache")
     trt_opts = {
         "device_id": opts.device_id,
@@ -160,17 +206,27 @@ def session_on_gpu(sess) -> bool:
     return any(p in GPU_PROVIDERS for p in sess.get_providers())
 
 
-def create_session(path, engine: str = "cpu", options: EngineOptions | None = None, profiles: dict | None = None):
+def create_session(path, engine: str = "cpu", options: EngineOptions | None = None, profiles: dict | None = None,
+                   precision: str = "fp32"):
     """An InferenceSession on `engine`, proven: its providers include the engine's (else EngineError).
     `path` is a file path or the model's bytes."""
     opts = options or EngineOptions()
-    providers = providers_for(engine, opts, profiles)
+    providers = providers_for(engine, opts, profiles, precision)
     if engine != "cpu":
+        if not opts.tf32:  # before CUDA starts in this process; the cuDNN frontend ignores use_tf32
+            os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
         preload_gpu_libraries()
     if engine == "trt":
         os.makedirs(dict(providers[0][1])["trt_engine_cache_path"], exist_ok=True)
     model = path if isinstance(path, bytes) else str(path)
-    sess = ort.InferenceSession(model, session_options(opts), providers=providers)
+    try:
+        sess = ort.InferenceSession(model, session_options(opts), providers=providers)
+    except Exception as e:  # noqa: BLE001 (ORT's own exception types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if opts.cuda_graph:  # e.g. "not all nodes are assigned to the CUDA EP" or control flow
+            raise EngineError(f"cuda_graph cannot be used with {path if isinstance(path, str) else 'this graph'}: "
+                              f"{first}") from None
+        raise
     check_session(sess, engine)
     return sess
 

@@ -20,7 +20,7 @@ from .artifacts import Artifacts, ArtifactsError, image_pool, load_artifacts
 from .backend import Backend, get_backend
 from .config import DecomCamConfig
 from .engines import EngineOptions, providers_for
-from .images import Geometry, load_image, unnormalize
+from .images import Geometry, load_image, preprocess_on, to_original_on, unnormalize
 from .methods import Method, MethodContext, get_method
 from .numerics import chunks, fixed_shape, softmax
 from .runner import GraphRunner, make_runner
@@ -113,6 +113,10 @@ class Explainer:
         self.backend = get_backend(backend, self.options.device_id) if isinstance(backend, str) else backend
         pre = artifacts.preprocess  # resize policy, size, interpolation: images are preprocessed as exported
         self.resize_mode = settings.resize or pre["resize"]   # None: the export's own policy (manifest)
+        # images preprocessed where the graphs run: on a device back end, by default
+        self.device_images = self.backend.on_device if settings.device_images is None else settings.device_images
+        if self.device_images and not hasattr(self.backend, "cache"):
+            raise ValueError("device_images needs a matrix back end (MatrixBackend, e.g. CuPy)")
         self.config = config or settings.config()
         class_set = settings.class_set
         if class_set is not None and not artifacts.text_input:
@@ -272,6 +276,22 @@ class Explainer:
             e.timings["load"] = load_s / max(len(res), 1)
         return res[0] if single else res
 
+    def _preprocess_on_device(self, rgbs: list[np.ndarray]):
+        """(x [B, 3, S, S] on the device, the model inputs as uint8 [B, S, S, 3] there, geometries): each
+        image's uint8 pixels uploaded (a quarter of its float32 bytes) and preprocessed on the device."""
+        be, pre = self.backend, self.artifacts.preprocess
+        xs, pixs, geoms = [], [], []
+        for rgb in rgbs:
+            dev = be.asarray(np.ascontiguousarray(rgb), name="image.uint8")
+            x, pix, g = preprocess_on(be.xp, dev, self.size, self.artifacts.mean, self.artifacts.std,
+                                      self.resize_mode, resize_size=int(pre["resize_size"]),
+                                      interpolation=pre["interpolation"], max_aspect=self.settings.max_aspect,
+                                      cache=be.cache)
+            xs.append(x)
+            pixs.append(pix)
+            geoms.append(g)
+        return be.xp.stack(xs), be.xp.stack(pixs), geoms
+
     def preprocess(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, list]:
         """Decoded uint8 RGB images [H, W, 3] -> (x [B, 3, S, S] float32 on the host, geometries), as the
         export was made; `explain_arrays(prepared=...)` takes it (the CLI's loader thread runs this)."""
@@ -282,13 +302,17 @@ class Explainer:
                        top_p: int | None = None, method: "str | Method | None" = None,
                        config: DecomCamConfig | None = None,
                        prepared: tuple[np.ndarray, list] | None = None,
-                       components: bool = True) -> list[Explanation]:
+                       components: bool = True, original: bool = True) -> list[Explanation]:
         """Explain decoded uint8 RGB images [H, W, 3]; images in one call share the graph batches.
 
-        prepared: `self.preprocess(rgbs)`, when already computed (its time is then not in the timings).
+        prepared: `self.preprocess(rgbs)`, when already computed on the host (its time is then not in the
+        timings). Without it, a device back end with device_images uploads the uint8 pixels and resizes,
+        crops and normalises there (runtime.images.preprocess_on: the host's numbers, bit for bit).
         components: bring the method's component maps to the host (Decom-CAM: p maps of S x S per image,
         10x the bytes of the saliency map at p = 10); False leaves Explanation.components None, so that
-        on a GPU back end only the saliency maps and the numbers come down."""
+        on a GPU back end only the saliency maps and the numbers come down.
+        original: the saliency in original image coordinates (Explanation.saliency_original, H0 x W0
+        float32; made on the device with device_images); False leaves it None."""
         if not rgbs:
             return []
         cfg = config or self.config
@@ -308,7 +332,11 @@ class Explainer:
 
         stage = Stages(be)
         be.transfers.take()  # what crossed before this call (class embeddings) is not this call's
-        if prepared is None:
+        pix_dev = None
+        if prepared is None and self.device_images:
+            with stage("preprocess"):
+                x_host, pix_dev, geoms = self._preprocess_on_device(rgbs)
+        elif prepared is None:
             with stage("preprocess"):
                 x_host, geoms = self.preprocess(rgbs)
         else:
@@ -356,10 +384,15 @@ class Explainer:
             mean, std = self.artifacts.mean, self.artifacts.std
 
             def finish(i):  # per image, on the host: the input as pixels, the saliency in original coordinates
+                if pix_dev is not None:   # computed on the device: only the uint8 pixels and maps come down
+                    orig = (be.to_host(to_original_on(be.xp, geoms[i], mo.saliency[i], be.cache),
+                                       name="saliency_original") if original else None)
+                    return be.to_host(pix_dev[i], name="input_rgb"), orig
                 pix = (unnormalize(x_host[i], mean, std) * 255).round().astype(np.uint8)
-                return np.ascontiguousarray(pix.transpose(1, 2, 0)), geoms[i].to_original(sal[i])
+                return (np.ascontiguousarray(pix.transpose(1, 2, 0)),
+                        geoms[i].to_original(sal[i]) if original else None)
 
-            pool = image_pool(self.options.intra_op_threads) if n > 1 else None
+            pool = image_pool(self.options.intra_op_threads) if n > 1 and pix_dev is None else None
             finished = list(pool.map(finish, range(n))) if pool is not None else [finish(i) for i in range(n)]
             results = []
             for i in range(n):

@@ -403,3 +403,162 @@ def unnormalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
         raise ValueError(f"unnormalize: expected [..., 3, H, W], got shape {x.shape}")
     mean32, std32 = _channel_stats(mean, std)
     return np.clip(x * std32[:, None, None] + mean32[:, None, None], 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same preprocessing as matrix products, for the device (CuPy) path
+
+PRECISION_BITS = 22   # Pillow's fixed-point weights for 8-bit images (Resample.c)
+
+
+def _pillow_filter(interpolation: str):
+    if interpolation == "bicubic":     # Keys, a = -0.5 (Pillow's)
+        def f(x):
+            x = abs(x)
+            if x < 1.0:
+                return ((-0.5 + 2.0) * x - (-0.5 + 3.0)) * x * x + 1.0
+            if x < 2.0:
+                return (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+            return 0.0
+        return f, 2.0
+    if interpolation == "bilinear":
+        return (lambda x: max(0.0, 1.0 - abs(x))), 1.0
+    raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+
+
+def pillow_resample_matrix(in_size: int, out_size: int, first: int, count: int, interpolation: str) -> np.ndarray:
+    """[count, in_size] float64: rows first..first+count-1 of Pillow's 8-bit resampling of in_size samples to
+    out_size (Resample.c: precompute_coeffs + normalize_coeffs_8bpc), as integer weights in units of 2^-22.
+    out[o] = clip(floor((W[o] . v + 2^21) / 2^22), 0, 255) is Pillow's output sample, exactly (the sums of
+    integer products stay exact in float64)."""
+    filt, support = _pillow_filter(interpolation)
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    ss = 1.0 / filterscale
+    m = np.zeros((count, in_size), np.float64)
+    one = float(1 << PRECISION_BITS)
+    for r in range(count):
+        o = first + r
+        centre = (o + 0.5) * scale
+        xmin = max(int(centre - support + 0.5), 0)
+        xmax = min(int(centre + support + 0.5), in_size)
+        k = [filt((x + xmin - centre + 0.5) * ss) for x in range(xmax - xmin)]
+        total = sum(k)
+        for x, v in enumerate(k):
+            v = v / total if total != 0.0 else v
+            m[r, xmin + x] = float(int(v * one + (-0.5 if v < 0 else 0.5)))   # C's (int) truncation
+    return m
+
+
+def resize_plan(h: int, w: int, size: int, mode: str = "crop", resize_size: int | None = None,
+                interpolation: str = "bicubic") -> tuple[Geometry, tuple, tuple]:
+    """The geometry `preprocess` gives an h x w image, and the two resampling passes of its crop window:
+    (geometry, (in, out, first, count) of the horizontal pass, the same of the vertical pass)."""
+    resize_size = size if resize_size is None else int(resize_size)
+    if mode == "crop":
+        rh, rw = (int(resize_size * h / w), resize_size) if w <= h else (resize_size, int(resize_size * w / h))
+        top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    else:
+        rh, rw, top, left = size, size, 0, 0
+    geometry = Geometry(orig_h=h, orig_w=w, size=size, mode=mode, scale_h=rh / h, scale_w=rw / w,
+                        crop_top=top, crop_left=left)
+    return geometry, (w, rw, left, size), (h, rh, top, size)
+
+
+def _pass_matrix(xp, cache, spec, interpolation):
+    """A pass's [count, in] matrix on the back end (identity rows where Pillow skips the pass)."""
+    n_in, n_out, first, count = spec
+    key = ("pillow", n_in, n_out, first, count, interpolation)
+    m = cache.get(key)
+    if m is None:
+        if n_in == n_out:   # Pillow resamples an axis only when its size changes
+            host = np.zeros((count, n_in), np.float64)
+            host[np.arange(count), first + np.arange(count)] = float(1 << PRECISION_BITS)
+        else:
+            host = pillow_resample_matrix(n_in, n_out, first, count, interpolation)
+        m = cache[key] = xp.asarray(host)
+    return m
+
+
+_ORDER_LOCK = threading.Lock()
+_VERTICAL_FIRST: list = []   # [bool] once probed: whether this Pillow may run the vertical pass first
+
+
+def pillow_vertical_first(h: int, w: int, rh: int, rw: int) -> bool:
+    """Whether this Pillow resamples h x w -> rh x rw vertically first. Pillow 13 does when the height
+    shrinks by more than twice as many pixels as the width (h - rh > 2 (w - rw), rh < h); earlier versions
+    always run the horizontal pass first. Which of the two this Pillow is, is probed once on a small image."""
+    if not (rh < h and rw != w and (h - rh) > 2 * (w - rw)):
+        return False
+    if not _VERTICAL_FIRST:
+        with _ORDER_LOCK:
+            if not _VERTICAL_FIRST:
+                rgb = np.random.default_rng(0).integers(0, 256, (24, 6, 3), dtype=np.uint8)
+                ref = np.moveaxis(np.asarray(Image.fromarray(rgb).resize((7, 11), Image.Resampling.BILINEAR)), 2, 0)
+                rw_, rh_ = (pillow_resample_matrix(6, 7, 0, 7, "bilinear"),
+                            pillow_resample_matrix(24, 11, 0, 11, "bilinear"))
+                img = np.moveaxis(rgb, 2, 0).astype(np.float64)
+                vh = _round8(np, _round8(np, rh_ @ img) @ rw_.T)
+                _VERTICAL_FIRST.append(bool(np.array_equal(vh, ref)))
+    return _VERTICAL_FIRST[0]
+
+
+def _round8(xp, acc):
+    """Pillow's clip8: the fixed-point sum (with its 2^21 rounding term) -> uint8 values, as float64."""
+    return xp.clip(xp.floor((acc + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)), 0.0, 255.0)
+
+
+def preprocess_on(xp, rgb, size: int, mean: Sequence[float], std: Sequence[float], mode: str = "crop",
+                  resize_size: int | None = None, interpolation: str = "bicubic",
+                  max_aspect: float = DEFAULT_MAX_ASPECT, cache: dict | None = None):
+    """`preprocess` with array module `xp` (CuPy: on the device) on uint8 RGB [H, W, 3] already there:
+    Pillow's two fixed-point passes of the crop window as matrix products, in Pillow's order
+    (pillow_vertical_first), uint8 rounding after each, then
+    the same float32 normalisation. Returns (x float32 [3, S, S], the model input as uint8 [S, S, 3],
+    Geometry); equal to `preprocess` bit for bit. `cache` keeps the pass matrices per shape."""
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"preprocess: expected uint8 RGB [H, W, 3], got {rgb.dtype} {tuple(rgb.shape)}")
+    problem = aspect_problem(w, h, max_aspect)
+    if problem:
+        raise ValueError(f"preprocess: {problem}")
+    if interpolation not in INTERPOLATIONS or mode not in MODES:
+        raise ValueError(f"preprocess: unknown mode {mode!r} or interpolation {interpolation!r}")
+    if (resize_size or size) < size:
+        raise ValueError(f"preprocess: resize_size {resize_size} is smaller than the crop size {size}")
+    geometry, hpass, vpass = resize_plan(h, w, size, mode, resize_size, interpolation)
+    cache = {} if cache is None else cache
+    rw = _pass_matrix(xp, cache, hpass, interpolation)                         # [S, W]
+    rh = _pass_matrix(xp, cache, vpass, interpolation)                         # [S, H]
+    img = xp.moveaxis(rgb, 2, 0).astype(xp.float64)                             # [3, H, W]
+    if pillow_vertical_first(h, w, vpass[1], hpass[1]):                        # Pillow's order of the passes
+        pix = _round8(xp, xp.matmul(_round8(xp, xp.matmul(rh, img)), rw.T))    # [3, S, W] then [3, S, S]
+    else:
+        pix = _round8(xp, xp.matmul(rh, _round8(xp, xp.matmul(img, rw.T))))    # [3, H, S] then [3, S, S]
+    mean32, std32 = _channel_stats(mean, std)
+    x = (pix.astype(xp.float32) / xp.float32(255) - xp.asarray(mean32)[:, None, None]) / xp.asarray(std32)[:, None, None]
+    return xp.ascontiguousarray(x), xp.moveaxis(pix, 0, 2).astype(xp.uint8), geometry
+
+
+def to_original_on(xp, geometry: Geometry, m, cache: dict | None = None):
+    """`Geometry.to_original` with array module `xp` (the map stays on the device): the map placed at its
+    crop offset and resized bilinearly (OpenCV's INTER_LINEAR operators as matrices) -> float32 [H0, W0]."""
+    from .backend import resize_matrix
+
+    g = geometry
+    s = g.size
+    cache = {} if cache is None else cache
+    if g.mode == "crop":
+        rh, rw = round(g.orig_h * g.scale_h), round(g.orig_w * g.scale_w)
+        top, left = g.crop_top, g.crop_left
+    else:
+        rh, rw, top, left = s, s, 0, 0
+
+    def op(n_in, n_out, first):
+        key = ("orig", n_in, n_out, first, s)
+        if key not in cache:
+            cache[key] = xp.asarray(resize_matrix(n_in, n_out, "bilinear")[:, first:first + s].astype(np.float32))
+        return cache[key]
+
+    return op(rh, g.orig_h, top) @ m.astype(xp.float32) @ op(rw, g.orig_w, left).T

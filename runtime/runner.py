@@ -9,6 +9,11 @@ How a graph runs follows the session, not the engine name:
 - device back end and a session without a GPU provider (a CPU onnxruntime on a GPU machine): a host
   round trip, inputs copied to the host and outputs back, each copy logged; this is how the CuPy
   numerics are tested where no onnxruntime-gpu is installed.
+- CUDA graphs (EngineOptions.cuda_graph, a GPU session): the batch is padded to the next power of two (at
+  most the Explainer's batch size), and per padded input shape the runner keeps device buffers bound once
+  and a graph id (ORT's `gpu_graph_id`): the first call of a shape is captured, later ones copy their
+  inputs into the same buffers and replay; outputs are copied out of the fixed buffers (the next replay
+  overwrites them). Calls on one runner are serialised (a captured graph is one stream's).
 
 `make_runner` creates the session for a graph (with TensorRT optimisation profiles covering batch
 1..max_batch and the class count L, so one TensorRT engine serves every batch the runtime sends).
@@ -18,9 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 
+import threading
+
+import onnxruntime as ort
+
 from .artifacts import ArtifactsError
 from .backend import Backend
-from .engines import EngineOptions, create_session, session_on_gpu
+from .engines import EngineError, EngineOptions, create_session, session_on_gpu
 from .spec import DYNAMIC_AXES, MANIFEST_NAME, GraphSpec
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -68,9 +77,24 @@ def profile_shapes(spec: GraphSpec, dims: dict[str, int], max_batch: int, n_clas
     return {t.name: (shape(t, 1), shape(t, max_batch), shape(t, max_batch)) for t in spec.inputs}
 
 
+class _Captured:
+    """One input shape's CUDA graph: its id, the bound buffers and the binding."""
+
+    def __init__(self, graph_id: int, io, inputs: dict, outputs: dict):
+        self.graph_id, self.io, self.inputs, self.outputs = graph_id, io, inputs, outputs
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+
+def padded_batch(n: int, cap: int | None) -> int:
+    """The batch a CUDA-graph call runs at: the next power of two >= n, at most `cap` (and at least n)."""
+    p = 1 << max(0, (int(n) - 1).bit_length())
+    return max(int(n), min(p, cap)) if cap else p
+
+
 class GraphRunner:
     def __init__(self, session, spec: GraphSpec, backend: Backend, dims: dict[str, int], device_id: int = 0,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, cuda_graph: bool = False, graph_batch: int | None = None):
         self.session = session
         self.spec = spec
         self.backend = backend
@@ -79,6 +103,12 @@ class GraphRunner:
         self.max_batch = max_batch       # the TensorRT profile's largest batch (None: any)
         self.bound = backend.on_device and session_on_gpu(session)     # device buffers bound to the session
         self.round_trip = backend.on_device and not self.bound          # device arrays through a host session
+        if cuda_graph and not self.bound:
+            raise EngineError(f"{spec.filename}: cuda_graph needs a CuPy back end and a session on the GPU")
+        self.cuda_graph = bool(cuda_graph)
+        self.graph_batch = graph_batch   # CUDA graphs: the largest padded batch (the Explainer's batch size)
+        self._captured: dict[tuple, _Captured] = {}
+        self._lock = threading.Lock()
 
     def _out_shape(self, name: str, feed) -> tuple[int, ...]:
         t = next(o for o in self.spec.outputs if o.name == name)
@@ -98,7 +128,9 @@ class GraphRunner:
     def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
         names = outputs or self.spec.output_names
         self._check_batch(feed)
-        if self.bound:
+        if self.cuda_graph:
+            res = self._run_graph(feed, names)
+        elif self.bound:
             res = self._run_bound(feed, names)
         else:
             be, g = self.backend, self.spec.name
@@ -139,6 +171,59 @@ class GraphRunner:
         return res
 
 
+    def _run_graph(self, feed: dict, names: list[str]) -> dict:
+        """The CUDA-graph path (module docstring): pad to the shape's bucket, copy into its bound buffers,
+        replay (the first call of a shape captures), copy the requested outputs out."""
+        be, g = self.backend, self.spec.name
+        cp = be.module
+        first = self.spec.inputs[0].name
+        n = feed[first].shape[0]
+        b = padded_batch(n, self.graph_batch)
+        with self._lock, cp.cuda.Device(self.device_id):
+            arrays = {}
+            for t in self.spec.inputs:
+                arr = be.asarray(feed[t.name], dtype=t.dtype, name=f"{g}.{t.name}")
+                if t.axes and t.axes[0] == "batch" and arr.shape[0] < b:
+                    arr = be.xp.concatenate([arr, be.xp.zeros((b - arr.shape[0],) + tuple(arr.shape[1:]), arr.dtype)])
+                arrays[t.name] = arr
+            key = tuple((k, tuple(v.shape)) for k, v in arrays.items())
+            cap = self._captured.get(key)
+            if cap is None:
+                cap = self._captured[key] = self._capture(arrays, len(self._captured))
+            for k, v in arrays.items():
+                cp.copyto(cap.inputs[k], v)       # in place: the captured graph reads these addresses
+            cap.io.synchronize_inputs()
+            try:
+                self.session.run_with_iobinding(cap.io, cap.run_options)
+            except Exception as e:  # noqa: BLE001 (a capture ORT refuses: a node off the CUDA provider, ...)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise EngineError(f"{self.spec.filename}: CUDA graph capture or replay failed ({first}); run "
+                                  f"without cuda_graph") from None
+            cap.io.synchronize_outputs()
+            return {o: cap.outputs[o][:n].copy() for o in names}
+
+    def _capture(self, arrays: dict, graph_id: int) -> _Captured:
+        """Bind fixed device buffers for one input shape (every output of the graph bound)."""
+        cp = self.backend.module
+        io = self.session.io_binding()
+        inputs = {k: cp.empty(v.shape, dtype=v.dtype) for k, v in arrays.items()}
+        for k, buf in inputs.items():
+            io.bind_input(k, "cuda", self.device_id, np.dtype(buf.dtype), list(buf.shape), buf.data.ptr)
+        sizes = {**self.dims, "batch": next(iter(arrays.values())).shape[0]}
+        if "text" in arrays:
+            sizes["L"] = arrays["text"].shape[0]
+        outputs = {}
+        for t in self.spec.outputs:
+            buf = outputs[t.name] = cp.empty(t.shape(sizes), dtype=t.dtype)
+            io.bind_output(t.name, "cuda", self.device_id, np.dtype(buf.dtype), list(buf.shape), buf.data.ptr)
+        return _Captured(graph_id, io, inputs, outputs)
+
+    @property
+    def captured_shapes(self) -> list[tuple]:
+        """The input shapes captured so far (CUDA graphs), in capture order."""
+        return [k for k, _ in sorted(self._captured.items(), key=lambda kv: kv[1].graph_id)]
+
+
 def make_runner(artifacts, name: str, engine: str, options: EngineOptions, backend: Backend,
                 n_classes: int | None, max_batch: int, precision: str = "fp32") -> GraphRunner:
     """A runner for graph `name` of an artifacts folder, fp32, fp16 or int8 (the fp16 and int8 graphs keep
@@ -147,7 +232,8 @@ def make_runner(artifacts, name: str, engine: str, options: EngineOptions, backe
     spec = artifacts.spec(name)   # the family's contract (with or without a text input)
     profiles = profile_shapes(spec, artifacts.dims, max_batch, n_classes) if engine == "trt" else None
     path = artifacts.check_graph(name, precision)
-    sess = create_session(path, engine, options, profiles)
+    sess = create_session(path, engine, options, profiles, precision)
     check_session_io(sess, spec, {**artifacts.dims, "H": artifacts.input_size, "W": artifacts.input_size}, path)
     return GraphRunner(sess, spec, backend, artifacts.dims, options.device_id,
-                       max_batch=max_batch if engine == "trt" else None)
+                       max_batch=max_batch if engine == "trt" else None, cuda_graph=options.cuda_graph,
+                       graph_batch=max_batch)

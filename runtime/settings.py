@@ -62,6 +62,8 @@ class Settings:
     threads: int | None = None       # ORT intra-op threads and the image pool (None: ORT's choice / up to 8)
     device_id: int = 0               # GPU ordinal (cuda, trt)
     fp16: bool = False               # TensorRT's fp16 (trt only)
+    cuda_graph: bool = False         # CUDA graphs (cuda only; runtime/runner.py)
+    device_images: bool | None = None  # preprocess where the graphs run (None: on a GPU back end)
     # limits on each input (checked before decoding, from the file and its header)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -86,8 +88,11 @@ class Settings:
             raise SettingsError(f"unknown resize {self.resize!r}; valid: {', '.join(RESIZES)} (or None: the export's)")
         if isinstance(self.target, bool) or not (self.target is None or isinstance(self.target, (int, str))):
             raise SettingsError(f"target must be a class index, a class name or None, got {self.target!r}")
-        if not isinstance(self.fp16, bool):
-            raise SettingsError(f"fp16 must be True or False, got {self.fp16!r}")
+        for name in ("fp16", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.device_images is None or isinstance(self.device_images, bool)):
+            raise SettingsError(f"device_images must be True, False or None, got {self.device_images!r}")
         from .methods import list_methods
 
         if self.method not in list_methods():
@@ -107,7 +112,7 @@ class Settings:
         from .engines import EngineOptions
 
         return EngineOptions(device_id=self.device_id, fp16=self.fp16, intra_op_threads=self.threads,
-                             allow_spinning=allow_spinning)
+                             allow_spinning=allow_spinning, cuda_graph=self.cuda_graph)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -163,3 +163,17 @@ def real_lite0(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "efficientnet-lite0"
     export_model(lm, [], out, labels_name="imagenet")
     return lm, out
+
+
+@pytest.fixture
+def gpu_listed(monkeypatch):
+    """onnxruntime-gpu installed: CUDA and TensorRT listed as available; preloading recorded."""
+    import runtime.engines as eng
+    from tests.stand_ins import ALL
+
+    calls = []
+    monkeypatch.setattr(eng, "available_providers", lambda: list(ALL))
+    monkeypatch.setattr(eng, "preload_gpu_libraries", lambda: calls.append("preload"))
+    eng.probe_engine.cache_clear()
+    yield calls
+    eng.probe_engine.cache_clear()

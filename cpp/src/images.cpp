@@ -282,6 +282,42 @@ cv::Mat pillow_resize_crop(const cv::Mat& rgb, int resized_h, int resized_w, int
   const int h = rgb.rows, w = rgb.cols;
   Weights wv = pillow_weights(h, resized_h, top, size, interpolation);
   Weights wh = pillow_weights(w, resized_w, left, size, interpolation);
+  cv::Mat res(size, size, CV_8UC3);
+  // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many pixels as
+  // the width (runtime.images.pillow_vertical_first); before, and otherwise, the horizontal pass first.
+  const bool vertical_first = resized_h < h && resized_w != w && (h - resized_h) > 2 * (w - resized_w);
+  if (vertical_first) {
+    int c0 = *std::min_element(wh.start.begin(), wh.start.end()), c1 = 0;
+    for (int o = 0; o < size; ++o) c1 = std::max(c1, wh.start[o] + wh.taps[o]);
+    // vertical pass over the input columns the horizontal pass reads: tmp [size, c1 - c0, 3]
+    cv::Mat tmp(size, c1 - c0, CV_8UC3);
+    for (int o = 0; o < size; ++o) {
+      const int32_t* k = &wv.w[size_t(o) * wv.max_taps];
+      uint8_t* out = tmp.ptr<uint8_t>(o);
+      for (int x = 3 * c0; x < 3 * c1; ++x) {
+        int32_t acc = 0;
+        for (int t = 0; t < wv.taps[o]; ++t) acc += k[t] * rgb.ptr<uint8_t>(wv.start[o] + t)[x];
+        out[x - 3 * c0] = clip8(acc);
+      }
+    }
+    // horizontal pass: [size, size, 3]
+    for (int r = 0; r < size; ++r) {
+      const uint8_t* in = tmp.ptr<uint8_t>(r);
+      uint8_t* out = res.ptr<uint8_t>(r);
+      for (int o = 0; o < size; ++o) {
+        const int32_t* k = &wh.w[size_t(o) * wh.max_taps];
+        int32_t acc[3] = {0, 0, 0};
+        for (int t = 0; t < wh.taps[o]; ++t) {
+          const uint8_t* px = in + 3 * (wh.start[o] + t - c0);
+          acc[0] += k[t] * px[0];
+          acc[1] += k[t] * px[1];
+          acc[2] += k[t] * px[2];
+        }
+        for (int c = 0; c < 3; ++c) out[3 * o + c] = clip8(acc[c]);
+      }
+    }
+    return res;
+  }
   int r0 = *std::min_element(wv.start.begin(), wv.start.end()), r1 = 0;
   for (int o = 0; o < size; ++o) r1 = std::max(r1, wv.start[o] + wv.taps[o]);
   // horizontal pass over the input rows the vertical pass reads: tmp [r1 - r0, size, 3]
@@ -302,7 +338,6 @@ cv::Mat pillow_resize_crop(const cv::Mat& rgb, int resized_h, int resized_w, int
     }
   }
   // vertical pass: [size, size, 3]
-  cv::Mat res(size, size, CV_8UC3);
   for (int o = 0; o < size; ++o) {
     const int32_t* k = &wv.w[size_t(o) * wv.max_taps];
     uint8_t* out = res.ptr<uint8_t>(o);

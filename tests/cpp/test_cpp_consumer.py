@@ -166,10 +166,15 @@ def test_decomcam_ig_needs_head_grad(cpp_binary, tiny_artifacts, tmp_path):
 
 @pytest.mark.parametrize("ext", ["png", "jpg"])
 def test_parity_from_image_files(cpp_binary, tiny_artifacts, tmp_path, ext):
-    """Decoding + Pillow-exact preprocessing in C++: the model input equals the Python runtime's exactly."""
+    """Decoding + Pillow-exact preprocessing in C++: the model input equals the Python runtime's exactly, also
+    for tall images, which Pillow 13 resamples vertically first (700 x 300, 520 x 200)."""
+    from runtime.images import pillow_vertical_first
+
     art = Path(tiny_artifacts.out_dir)
     ex = Explainer.from_artifacts(art)
-    imgs = make_images(4, seed=4, sizes=((150, 200), (224, 224), (260, 180), (97, 301)))
+    imgs = make_images(6, seed=4, sizes=((150, 200), (224, 224), (260, 180), (97, 301), (700, 300), (520, 200)))
+    s = ex.artifacts.input_size
+    assert pillow_vertical_first(700, 300, int(s * 700 / 300), s) == pillow_vertical_first(24, 6, 11, 7)
     paths = []
     for i, im in enumerate(imgs):
         paths.append(tmp_path / f"f{i}.{ext}")

@@ -8,8 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.conftest import make_images
 from tests.runtime.test_cli import run_cli, write_good
 
 
@@ -81,3 +83,65 @@ def test_a_manifest_that_contradicts_its_graphs_is_refused_at_load(resnet_tiny_a
     art = _copy(resnet_tiny_artifacts, tmp_path / "art", edit=edit)
     line = _usage_error(art, tmp_path, capsys, method)
     assert problem in line, line
+
+
+# -- the shared image pool (runtime.artifacts.image_pool) ------------------------------------------------
+
+def test_image_pool_is_shared_and_never_nested():
+    import threading
+
+    from runtime.artifacts import image_pool
+
+    assert image_pool(1) is None                               # one worker: the calling thread does it
+    p = image_pool(2)
+    assert p is not None and image_pool(2) is p                # one pool per (process, size)
+    inner = p.submit(lambda: (threading.current_thread().name, image_pool(2))).result()
+    assert inner[0].startswith("decomcam-images") and inner[1] is None   # no pool from inside the pool
+
+
+def test_preprocess_images_in_the_pool_equal_one_by_one(tiny_artifacts):
+    from runtime.artifacts import load_artifacts
+
+    art = load_artifacts(tiny_artifacts.out_dir)
+    ims = make_images(5, seed=11)
+    x, geoms = art.preprocess_images(ims, "stretch")
+    for i, im in enumerate(ims):
+        xi, gi = art.preprocess_image(im, "stretch")
+        np.testing.assert_array_equal(x[i], xi)
+        assert geoms[i] == gi
+    x0, g0 = art.preprocess_images([])
+    assert x0.shape == (0, 3, art.input_size, art.input_size) and g0 == []
+
+
+def test_image_pool_threads_are_daemons_and_render_many_stays_a_window_ahead(monkeypatch):
+    """A run that stops (a second Ctrl-C) does not wait for queued picture encodings at exit: the pool's
+    threads are daemons; and the writer's generator keeps at most one job per pool thread ahead of it,
+    submitting nothing more once it is closed. Synchronised with events only (no sleeps): a fast or a slow
+    machine goes through the same steps."""
+    import threading
+
+    import runtime.render as render
+    from runtime.artifacts import image_pool
+
+    pool = image_pool(2)
+    assert pool.size == 2 and pool.submit(lambda: threading.current_thread().daemon).result() is True
+    submitted, real_submit = [], pool.submit
+    monkeypatch.setattr(pool, "submit", lambda fn, *args: (submitted.append(args), real_submit(fn, *args))[1])
+    release, holding, out = threading.Event(), threading.Semaphore(0), []
+
+    def slow(rgb, exp, extra):
+        holding.release()                 # this pool thread now holds a job
+        release.wait(600)                 # a cap against a hang, not a timing condition
+        return [rgb]
+
+    monkeypatch.setattr(render, "render_outputs", slow)
+    gen = render.render_many([(i, None) for i in range(10)], {}, workers=2)
+    consumer = threading.Thread(target=lambda: out.append(next(gen)))
+    consumer.start()                      # the generator submits its window, then waits on the first result
+    assert holding.acquire(timeout=600) and holding.acquire(timeout=600)   # both threads hold a job
+    assert len(submitted) == 2            # the generator is blocked on job 0: two submitted, not ten
+    release.set()
+    consumer.join(600)
+    assert out == [[0]]
+    gen.close()                           # the writer stops: the job still pending is cancelled
+    assert len(submitted) == 2            # and nothing more is submitted
