@@ -6,6 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT}"
 export KIT_DRY_RUN=1 KIT_MODEL="${KIT_MODEL:-RN-tiny}" KIT_TMP="${KIT_TMP:-$(mktemp -d)/gpukit}"
+# small batches here: a dry run proves the scripts, not the speed
+export KIT_BATCH="${KIT_BATCH:-1,2}" KIT_EFF_BATCH="${KIT_EFF_BATCH:-1}"
 export PYTHON="${PYTHON:-python3}"
 # a device call sees only the parts it carries: hide the others from each call
 hold=$(mktemp -d)

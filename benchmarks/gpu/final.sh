@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device kit, last call: stash the last part, reassemble and check the onnxruntime-gpu wheel, replace the
 # CPU onnxruntime with it (--no-deps: the machine's nvidia-* wheels hold CUDA 13 and cuDNN 9), then
-#   the latency benchmark (torch, torch-fp16, cuda, cuda-fp16 where fp16 graphs exist; batch 1, 8, 32),
+#   the latency benchmark (torch, torch-fp16, cuda, cuda-fp16 where fp16 graphs exist, each ORT engine also
+#   with CUDA graphs (:graph=1) and fp16 also without NHWC (:nhwc=0); batch 1, 8, 32, 64, 128),
 #   the parity benchmark (cpu, cuda; fp32, fp16; TF32 off, explicit targets),
 #   the gpu tests with DECOMCAM_REQUIRE_GPU=1 (a skipped test is a failure; call 1 ran the cupy ones),
 #   the fp16 graphs validated on the CUDA provider (python -m export.precision --validate-on cuda),
@@ -46,10 +47,10 @@ fp16_cuda() {
 fp16_done=0
 has_fp16 || { fp16_cuda || rc=1; fp16_done=1; }
 # most wanted first (the headline numbers), so that a call cut short by KIT_BUDGET loses the least
-engines="torch,torch-fp16,cuda"
-has_fp16 && engines="$engines,cuda-fp16,cuda-fp16m"
-step latency 240 "$PY" -m benchmarks.latency --artifacts "$ART" --engines "$engines" --batch "${KIT_BATCH:-1,8,32,64}" --repeat 5 \
-  --warmup 2 --json "$OUT/latency.json" || rc=1
+engines="torch,torch-fp16,cuda,cuda:graph=1"
+has_fp16 && engines="$engines,cuda-fp16,cuda-fp16:graph=1,cuda-fp16:nhwc=0,cuda-fp16m,cuda-fp16m:graph=1"
+step latency 300 "$PY" -m benchmarks.latency --artifacts "$ART" --engines "$engines" --batch "${KIT_BATCH:-1,8,32,64,128}" \
+  --repeat 5 --warmup 2 --classify-batch 128 --json "$OUT/latency.json" || rc=1
 step parity 180 "$PY" -m benchmarks.parity --artifacts "$ART" --engines cpu,cuda --precision fp32,fp16,fp16-masks \
   --n-images 4 --json "$OUT/parity.json" || rc=1
 [ "$fp16_done" = 1 ] || fp16_cuda || rc=1
@@ -68,12 +69,19 @@ step throughput 150 "$PY" -m benchmarks.latency --artifacts "$ART" --folder "$KI
 if ls .gpukit/effnet/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$KIT_TMP/site" \
     .gpukit/effnet/*.whl 2>&1 | tail -3 | tee -a "$LOG" >&2
-  EFF="$KIT_TMP/artifacts/effnet-lite0"
-  [ -f "$EFF/manifest.json" ] || step export-effnet 150 "$PY" -m export --model efficientnet-lite0 --pretrained package \
-    --precision fp16 --out "$EFF" || rc=1
   imgs=(); [ -d .gpukit/photos ] && imgs=(--images .gpukit/photos --n-images 48)
-  [ -f "$EFF/manifest.json" ] && { step parity-effnet 150 "$PY" -m benchmarks.parity --artifacts "$EFF" --engines cpu,cuda \
-    --precision fp32,fp16,fp16-masks "${imgs[@]}" --json "$OUT/parity-effnet.json" || rc=1; }
+  for m in efficientnet-lite0 efficientnet-lite0-lastblock; do
+    EFF="$KIT_TMP/artifacts/$m"
+    [ -f "$EFF/manifest.json" ] || step "export-$m" 150 "$PY" -m export --model "$m" --pretrained package \
+      --precision fp16 --out "$EFF" || rc=1
+    [ -f "$EFF/manifest.json" ] || continue
+    # parity with TF32 off (the benchmark sets it) on the carried real photos: fp16-masks' Pearson >= 0.999 target
+    step "parity-$m" 150 "$PY" -m benchmarks.parity --artifacts "$EFF" --engines cpu,cuda \
+      --precision fp32,fp16,fp16-masks "${imgs[@]}" --json "$OUT/parity-$m.json" || rc=1
+    step "latency-$m" 150 "$PY" -m benchmarks.latency --artifacts "$EFF" \
+      --engines "torch,torch-fp16,cuda,cuda-fp16,cuda-fp16:graph=1,cuda-fp16m" --batch "${KIT_EFF_BATCH:-1,32,128}" --repeat 3 \
+      --warmup 2 --classify-batch 128 --json "$OUT/latency-$m.json" || rc=1
+  done
 else
   log "no .gpukit/effnet wheels carried: the real-model parity is not run"
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -328,3 +329,124 @@ def test_ig_steps_reach_the_method(tiny_artifacts, tmp_path, capsys):
     got = np.load(out / f"{img.stem}.npz")["saliency"]
     np.testing.assert_allclose(got, four.saliency, atol=1e-6)
     assert np.abs(got - one.saliency).max() > 1e-4
+
+
+def art(tiny_artifacts) -> list[str]:
+    return ["--artifacts", str(tiny_artifacts.out_dir)]
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.parametrize("how, code_, word", [("int", 130, "interrupted (Ctrl-C)"), ("term", 143, "terminated (SIGTERM)")])
+def test_interrupt_is_one_line_and_leaves_no_temporaries(tiny_artifacts, tmp_path, capsys, monkeypatch, how, code_, word):
+    import runtime.render as render
+
+    imgs = write_good(tmp_path / "in", 2)
+    real = render.npz_bytes
+
+    sent = []
+
+    def interrupted(exp):
+        if how == "int":
+            raise KeyboardInterrupt
+        if not sent:  # one SIGTERM, sent while the pictures are encoded (a thread of the image pool)
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(exp)
+
+    monkeypatch.setattr(render, "npz_bytes", interrupted)
+    code, _, err = run_cli([*imgs, *art(tiny_artifacts), "--out", tmp_path / "out"], capsys)
+    assert code == code_
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if word in ln] == [
+        f"{word}: finished outputs are kept; rerun the same command to resume"]
+    assert not leftovers(tmp_path / "out")
+
+
+def test_real_sigint_in_a_subprocess(tiny_artifacts, tmp_path):
+    """A real Ctrl-C (SIGINT) while the CLI runs: exit 130, one line, no traceback. The child starts with
+    Python's own SIGINT handler, as under an interactive shell: a suite launched in the background (nohup,
+    `&` without job control) inherits SIGINT ignored, and Python keeps it ignored."""
+    imgs = write_good(tmp_path / "in", 2)
+    code = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import runtime.render as r\n"
+            "r.write_payloads = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
+            "from runtime.explain import main\nsys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, *map(str, imgs), *art(tiny_artifacts), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+
+
+def test_unusable_out_is_one_line_exit_2(tiny_artifacts, tmp_path, capsys):
+    img = write_good(tmp_path / "in", 1)[0]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, frag in ((afile, "cannot create the output folder"), (afile / "sub", "cannot create the output folder"),
+                      ("/proc/decomcam-out", "cannot create the output folder")):
+        code, _, err = run_cli([img, *art(tiny_artifacts), "--out", out], capsys)
+        assert code == 2, (out, err)
+        assert error_lines(err) == [ln for ln in err.splitlines() if not ln.startswith("note:")]
+        assert len(error_lines(err)) == 1 and f"--out {out}: {frag}" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_one_line_exit_2(tiny_artifacts, tmp_path, capsys):
+    img = write_good(tmp_path / "in", 1)[0]
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    code, _, err = run_cli([img, *art(tiny_artifacts), "--out", ro], capsys)
+    assert code == 2 and "cannot write in the output folder" in err
+
+
+@pytest.mark.parametrize("opt, value, rng", [
+    ("--group", "-2", "[1, 4,096]"), ("--group", "0", "[1, 4,096]"), ("--max-pixels", "0", "[1, "),
+    ("--max-pixels", "-1", "[1, "), ("--max-bytes", "0", "[1, "), ("--blur-sigma", "inf", "(0, 1000]"),
+    ("--blur-sigma", "nan", "(0, 1000]"), ("--blur-sigma", "0", "(0, 1000]"), ("--threads", "-1", "[1, 1,024]"),
+    ("--threads", "0", "[1, 1,024]"), ("--batch-size", "0", "[1, 4,096]"), ("--top-p", "0", "[1, 4,096]"),
+    ("--device-id", "-1", "[0, 1,023]"), ("--top-p", "many", "expected an integer"),
+])
+def test_options_are_validated_at_parse_time(tiny_artifacts, capsys, opt, value, rng):
+    with pytest.raises(SystemExit) as e:
+        explain_main(["x.jpg", *art(tiny_artifacts), opt, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: argument {opt}:") and rng in err
+
+
+@pytest.mark.parametrize("method, graph", [("ablationcam", "head.onnx"), ("eigencam", "features.onnx")])
+def test_missing_or_tampered_method_graph_is_exit_2_before_any_image(tiny_artifacts, tmp_path, capsys, method, graph):
+    import shutil
+
+    imgs = write_good(tmp_path / "in", 2)
+    a = tmp_path / "art"
+    shutil.copytree(tiny_artifacts.out_dir, a)
+    with open(a / graph, "ab") as f:
+        f.write(b"\0")
+    code, stdout, err = run_cli([*imgs, "--artifacts", a, "--out", tmp_path / "o", "--method", method], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and f"{graph}: sha256" in err
+    (a / graph).unlink()
+    code, stdout, err = run_cli([*imgs, "--artifacts", a, "--out", tmp_path / "o", "--method", method], capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and f"{graph}: graph file missing" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_artifacts, tmp_path, capsys, monkeypatch):
+    import io
+
+    imgs = write_good(tmp_path / "in", 3)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for quiet in (False, True):
+        fake = Tty()
+        monkeypatch.setattr(sys, "stderr", fake)
+        args = [*imgs, *art(tiny_artifacts), "--out", tmp_path / f"o{quiet}", *(["--quiet"] if quiet else [])]
+        assert explain_main([str(a) for a in args]) == 0
+        monkeypatch.undo()
+        text = fake.getvalue()
+        assert ("3/3" in text) == (not quiet), text
+        assert ("img/s" in text) == (not quiet)

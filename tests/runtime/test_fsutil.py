@@ -3,6 +3,7 @@ written by runtime/ and export/ goes through it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from runtime import fsutil
+from tests.runtime.test_cli import OUTPUTS, run_cli, write_good
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,3 +202,60 @@ def test_every_file_write_goes_through_fsutil():
                 if _RAW_WRITE.search(line) and not any(rel == a and s in line for a, s in allowed):
                     hits.append(f"{rel}: {line.strip()}")
     assert hits == []
+
+
+# -- through the command line ---------------------------------------------------------------------
+
+
+def art(tiny_artifacts) -> list[str]:
+    return ["--artifacts", str(tiny_artifacts.out_dir)]
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def test_symlinks_planted_at_the_old_temporary_names_are_not_followed(tiny_artifacts, tmp_path, capsys):
+    img = write_good(tmp_path / "in", 1)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for s in OUTPUTS:  # the predictable `.NAME.partPID` names of earlier versions
+        (out / f".{img.stem}{s}.part{os.getpid()}").symlink_to(victim)
+    code, _, err = run_cli([img, *art(tiny_artifacts), "--out", out], capsys)
+    assert code == 0, err
+    assert victim.read_text() == "precious"
+    for s in OUTPUTS:
+        assert (out / f"{img.stem}{s}").is_file() and not (out / f"{img.stem}{s}").is_symlink()
+
+
+def test_export_writes_do_not_follow_planted_symlinks(tiny, tiny_artifacts, tmp_path):
+    import shutil
+
+    from export.classes import class_set_from_names
+    from export.onnx_export import add_class_set
+
+    a = tmp_path / "art"
+    shutil.copytree(tiny_artifacts.out_dir, a)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    pid = os.getpid()
+    for name in (f".manifest.json.tmp{pid}", f"classes/.pets.tmp{pid}.npy", f"classes/.pets.txt.tmp{pid}"):
+        (a / name).symlink_to(victim)
+    add_class_set(a, tiny, class_set_from_names(["cat", "dog"], "pets"))
+    assert victim.read_text() == "precious"
+    assert "pets" in json.loads((a / "manifest.json").read_text())["class_sets"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_and_nothing_else(tiny_artifacts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\nfrom runtime.fsutil import atomic_open\n"
+            "with atomic_open(sys.argv[1]) as f:\n    f.write(b'half'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", code, str(out / "good0.npz")], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (out / f".good0.json.part{4194303}").write_bytes(b"half")  # an earlier naming: not provably ours, kept
+    assert len(os.listdir(out)) == 2
+    img = write_good(tmp_path / "in", 1)[0]
+    assert run_cli([img, *art(tiny_artifacts), "--out", out], capsys)[0] == 0
+    assert sorted(os.listdir(out)) == sorted([f".good0.json.part{4194303}"] + [f"good0{s}" for s in OUTPUTS])

@@ -6,6 +6,7 @@ Every image is generated and written under pytest's tmp_path; PIL, torch and ope
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -17,8 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from runtime.images import (DEFAULT_MAX_PIXELS, Geometry, ImageError, decode_image, load_image, preprocess,
-                            preprocess_batch, read_image_size, unnormalize)
+from runtime.images import (
+    DEFAULT_MAX_PIXELS,
+    Geometry,
+    ImageError,
+    decode_image,
+    load_image,
+    preprocess,
+    preprocess_batch,
+    read_image_size,
+    unnormalize,
+)
+from tests.runtime.test_cli import run_cli, write_good
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -588,3 +599,37 @@ def test_runtime_images_imports_no_torch():
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# -- through the command line ---------------------------------------------------------------------
+
+
+def art(tiny_artifacts) -> list[str]:
+    return ["--artifacts", str(tiny_artifacts.out_dir)]
+
+
+def error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.timeout(60)
+def test_devices_and_fifos_are_refused_without_reading_or_blocking(tiny_artifacts, tmp_path, capsys):
+    good = write_good(tmp_path / "in", 1)[0]
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    code, stdout, err = run_cli(["/dev/zero", fifo, good, *art(tiny_artifacts), "--out", tmp_path / "out"], capsys)
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 2, lines
+    assert "/dev/zero: is a character device; only regular image files are read" in lines[0]
+    assert "pipe.png: is a FIFO" in lines[1]
+    assert (tmp_path / "out" / "good0.json").is_file() and "explained 1 of 3" in stdout
+
+
+def test_max_bytes_refuses_big_files_before_reading(tiny_artifacts, tmp_path, capsys):
+    good = write_good(tmp_path / "in", 1)[0]
+    size = good.stat().st_size
+    code, _, err = run_cli([good, *art(tiny_artifacts), "--out", tmp_path / "out", "--max-bytes", size - 1], capsys)
+    assert code == 1 and f"{size:,} bytes is over the file size limit max_bytes={size - 1:,}" in err
+    code, _, err = run_cli([good, *art(tiny_artifacts), "--out", tmp_path / "out", "--max-bytes", size], capsys)
+    assert code == 0, err
