@@ -15,12 +15,9 @@ name, and any `xp.asarray(host array)` a method makes through `backend.xp` under
 `xp` is then a `CountingModule` around CuPy (`backend.module` is CuPy itself).
 
 The small batched eigendecomposition (`eigh`, [B, n, n] with n = h*w = 49 for RN50 at 224 px, 81..196 for
-larger inputs) runs on the device (CuPy -> cuSOLVER syevjBatched). Measured on an H200 (benchmarks/gpu/
-numerics.py, batch 8, float64): 0.17 / 0.89 / 1.8 / 9.1 / 14 ms at n = 16 / 49 / 81 / 144 / 196 against
-0.46 / 2.0 / 4.5 / 11.7 / 21.6 ms for the host path with its copies, reconstruction errors 6e-15..6e-13
-(cupy#4847, wrong results in old CuPy versions, does not reproduce with CuPy 14). The component signs are
-fixed after the eigh (decomcam.py), so the two paths give the same components. With a CuPy older than 14
-it goes through the host (B*n*n float64 each way, 19 KB per image at n = 49).
+larger inputs) runs on the device (CuPy -> cuSOLVER syevjBatched), faster than the host path with its copies
+(docs/implementation.md); with a CuPy older than 14 it goes through the host. The component signs are fixed
+after the eigh (decomcam.py), so the two paths give the same components.
 """
 
 from __future__ import annotations

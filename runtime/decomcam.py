@@ -88,11 +88,10 @@ def _blas_controller():
 def single_thread_blas(xp):
     """Context: the host BLAS (numpy's OpenBLAS) on one thread, for the small products of the decomposition.
 
-    Why: a [49, C] x [C, 49] product is ~5 MFLOP, too small to share, and the BLAS pool's threads must wake
-    on cores that ONNX Runtime's (or torch's) worker threads are still spinning on: measured on 2 cores,
-    the Gram product + eigh took 150-250 ms right after a classify run with 2 BLAS threads, 1.5-2 ms with
-    one. OpenBLAS never splits the inner (summed) dimension across threads, so the results are bitwise
-    the same (checked for B = 1, 3, 8, both variants). A no-op on the GPU and without threadpoolctl."""
+    Why: the product is too small to share, and the BLAS pool's threads must wake on cores that ONNX
+    Runtime's (or torch's) worker threads are still spinning on (docs/implementation.md). OpenBLAS never
+    splits the summed dimension across threads, so the results are bitwise the same. A no-op on the GPU and
+    without threadpoolctl."""
     ctl = _blas_controller() if xp is np else None
     return ctl.limit(limits=1, user_api="blas") if ctl is not None else contextlib.nullcontext()
 

@@ -57,9 +57,8 @@ class EngineOptions:
     max_workspace: bool = True              # cudnn_conv_use_max_workspace: let cuDNN use the faster algorithms
     # Graph calls over more images than the batch size go in chunks of exactly the batch size, the last
     # padded: the graph then sees one input shape per run. None = on for cuda and trt, where ORT's CUDA
-    # convolutions re-plan on every change of shape (measured on an H200 with RN50: a call alternating
-    # 32 and 24 images took 660 ms in classify against 18 ms for one shape), off for cpu (padding
-    # would cost compute for nothing)
+    # convolutions re-plan on every change of shape (docs/implementation.md), off for cpu (padding would
+    # cost compute for nothing)
     fixed_chunks: bool | None = None
     extra: dict = field(default_factory=dict)  # further ORT provider options, by ORT's names
 

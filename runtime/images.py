@@ -27,15 +27,8 @@ Preprocessing (``preprocess``) gives the model input x [3, S, S] float32 and a `
                filter (bicubic by default, or bilinear), centre crop S x S (offsets int(round((R' - S) / 2))),
                then (x / 255 - mean) / std.
     "stretch"  resize the whole image to S x S (the paper's VOC evaluation).
-Difference from open_clip.image_transform(S, is_train=False), measured by tests/runtime/test_images.py:
-0 (bit-identical). Speed of decode_image + preprocess(S = 224), JPEG q92 photos, best of 20-30 runs on
-the shared 2-core development machine (load average ~15, so the 12 Mpx numbers vary run to run):
-                  earlier module (hand-written header parsers,      this module (Pillow, plus the
-                  OpenCV decode, Pillow's bicubic in NumPy)          strict JPEG scan check)
-    500 x 375     1.9 + 6.8 = 8.7 ms   (second run 13.7 ms)         1.8 + 3.4 = 5.2 ms   (5.3 ms)
-    4000 x 3000   289 + 367 = 656 ms   (second run 1961 ms)         379 + 288 = 667 ms   (1904 ms)
-Pillow resizes faster; the strict JPEG check (a 1/8-scale grey decode, ~0.1 s at 12 Mpx) costs about
-what that saves.
+The model input is open_clip.image_transform(S, is_train=False)'s, bit for bit (tests/runtime/test_images.py);
+`preprocess_on` computes the same on a device back end. Speeds and the pass-order rule: docs/implementation.md.
 """
 
 from __future__ import annotations
