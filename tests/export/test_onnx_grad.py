@@ -136,8 +136,21 @@ class _GeluFloat64(OpRun):
 _GeluFloat64.__name__ = "Gelu"
 
 
+class _HardSwishFloat64(OpRun):
+    """HardSwish in the input's precision (onnx.reference runs the op's function body, whose HardSigmoid alpha 1/6
+    is a float32 attribute)."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,)
+
+
+_HardSwishFloat64.__name__ = "HardSwish"
+
+
 def run_reference(model: onnx.ModelProto, feed: dict, outputs=None) -> list:
-    ops = [_ConvTransposeTorch, _MaxPoolNumpy, _ErfFloat64, _GeluFloat64]
+    ops = [_ConvTransposeTorch, _MaxPoolNumpy, _ErfFloat64, _GeluFloat64, _HardSwishFloat64]
     return ReferenceEvaluator(model, new_ops=ops).run(outputs, feed)
 
 
