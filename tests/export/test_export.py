@@ -58,6 +58,20 @@ def test_generated_head_backward_matches_autograd_float64(tiny, tiny_artifacts):
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
 
 
+def test_every_family_has_one_export_declaration():
+    """runtime/spec.py declares the families; the export has one declaration per family (export/families.py) and
+    the manifest schema accepts exactly those."""
+    from export.families import EXPORT_FAMILIES, export_family
+    from runtime import spec
+    from runtime.manifest import FAMILIES as MANIFEST_FAMILIES
+
+    assert set(EXPORT_FAMILIES) == set(spec.FAMILIES) == set(MANIFEST_FAMILIES)
+    for name, fam in EXPORT_FAMILIES.items():
+        assert fam.spec is spec.FAMILIES[name]
+    with pytest.raises(ValueError, match="unknown model family 'vit'; valid families: clip, pooled-linear"):
+        export_family("vit")
+
+
 def test_random_model_has_live_residual_branches(tiny):
     assert has_live_residuals(tiny.model)
     import open_clip
