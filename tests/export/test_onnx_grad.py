@@ -522,6 +522,11 @@ def test_only_the_path_between_wrt_and_output_is_differentiated():
     assert "ConvTranspose" in {n.op_type for n in added}
     # one ConvTranspose (the second conv's input): nothing before t is differentiated, nor the TopK branch
     assert sum(n.op_type == "ConvTranspose" for n in added) == 1
+    # and nothing for the node that produces t (its Relu): every added node feeds the gradient
+    used = {i for n in grad.graph.node for i in n.input} | {o.name for o in grad.graph.output}
+    assert [n.name for n in added if not any(o in used for o in n.output)] == []
+    wrt_producer = next(n for n in model.graph.node if "t" in n.output)
+    assert not any(wrt_producer.input[0] in n.input for n in added)
     out = next(o for o in grad.graph.output if o.name == "grad_t")
     assert out.type.tensor_type.shape.dim[0].dim_param == "N"     # the batch stays symbolic
 
