@@ -5,7 +5,8 @@
 
 BEFORE is an export whose explain.onnx / head_grad.onnx carry a backward written by hand in torch (exports made
 before the generated one, e.g. by commit b8796c0), AFTER one whose backward export/onnx_grad.py generated. Per
-graph: node count, file size, ONNX Runtime CPU latency at each batch size (median of `--runs` after one warm-up;
+graph: node count, file size, GFLOP per image (benchmarks.flops.graph_flops at batch 1: the arithmetic, which no
+load changes), ONNX Runtime CPU latency at each batch size (median of `--runs` after one warm-up;
 the two exports' runs interleaved, so both see the same load), the largest difference between the two exports'
 outputs on the same inputs (gradients in units of their max |value|), and each manifest's validation summary
 (the export's own comparison with torch autograd).
@@ -26,6 +27,7 @@ import onnx
 
 from .common import (command_line, describe_machine, fmt, format_table, load_average, machine_info,
                      photo_like_batch, write_json)
+from .flops import graph_flops
 
 
 def node_count(path: Path) -> int:
@@ -67,8 +69,10 @@ def compare_pair(name: str, before: Path, after: Path, graphs, batches, runs: in
         sessions = {k: _session(p, threads) for k, p in paths.items()}
         validation = {k: (a.manifest.get("validation") or {}).get("max", {}).get(f"{graph}.gradients", {})
                       for k, a in arts.items()}
+        classes = len(arts["after"].load_class_set().labels) if arts["after"].text_input else None
         row = {"model": name, "graph": graph,
                "nodes": {k: node_count(p) for k, p in paths.items()},
+               "gflop_per_image": {k: graph_flops(p, 1, classes)["total"] / 1e9 for k, p in paths.items()},
                "bytes": {k: p.stat().st_size for k, p in paths.items()},
                "validation_gradients": validation, "latency_ms": {}, "outputs_max_rel_diff": {}}
         for batch in batches:
@@ -91,14 +95,15 @@ def compare_pair(name: str, before: Path, after: Path, graphs, batches, runs: in
 
 
 def tables(rows: list[dict], batches) -> str:
-    head = ["model", "graph", "nodes before", "nodes after", "MB before", "MB after"]
+    head = ["model", "graph", "nodes before", "nodes after", "MB before", "MB after", "GFLOP before", "GFLOP after"]
     for b in batches:
         head += [f"ms b{b} before", f"ms b{b} after"]
     head += ["grad diff", "valid. max abs before", "valid. max abs after"]
     body = []
     for r in rows:
         line = [r["model"], r["graph"], r["nodes"]["before"], r["nodes"]["after"],
-                fmt(r["bytes"]["before"] / 1e6, 2), fmt(r["bytes"]["after"] / 1e6, 2)]
+                fmt(r["bytes"]["before"] / 1e6, 2), fmt(r["bytes"]["after"] / 1e6, 2),
+                fmt(r["gflop_per_image"]["before"], 4), fmt(r["gflop_per_image"]["after"], 4)]
         for b in batches:
             lat = r["latency_ms"][b]
             line += [fmt(lat["before"]), fmt(lat["after"])]
