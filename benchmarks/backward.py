@@ -6,8 +6,9 @@
 BEFORE is an export whose explain.onnx / head_grad.onnx carry a backward written by hand in torch (exports made
 before the generated one, e.g. by commit b8796c0), AFTER one whose backward export/onnx_grad.py generated. Per
 graph: node count, file size, GFLOP per image (benchmarks.flops.graph_flops at batch 1: the arithmetic, which no
-load changes), ONNX Runtime CPU latency at each batch size (median of `--runs` after one warm-up;
-the two exports' runs interleaved, so both see the same load), the largest difference between the two exports'
+load changes), ONNX Runtime CPU latency at each batch size (median and 10th percentile of `--runs` after one
+warm-up; the two exports' runs interleaved, so both see the same load; on a shared machine the 10th percentile is
+the closer to an unloaded run), the largest difference between the two exports'
 outputs on the same inputs (gradients in units of their max |value|), and each manifest's validation summary
 (the export's own comparison with torch autograd).
 
@@ -74,7 +75,8 @@ def compare_pair(name: str, before: Path, after: Path, graphs, batches, runs: in
                "nodes": {k: node_count(p) for k, p in paths.items()},
                "gflop_per_image": {k: graph_flops(p, 1, classes)["total"] / 1e9 for k, p in paths.items()},
                "bytes": {k: p.stat().st_size for k, p in paths.items()},
-               "validation_gradients": validation, "latency_ms": {}, "outputs_max_rel_diff": {}}
+               "validation_gradients": validation, "latency_ms": {}, "latency_p10_ms": {},
+               "outputs_max_rel_diff": {}}
         for batch in batches:
             feed = _feeds(arts["after"], batch, threads)[graph]
             outs = {}
@@ -90,6 +92,7 @@ def compare_pair(name: str, before: Path, after: Path, graphs, batches, runs: in
                     sessions[k].run(None, feed)
                     times[k].append(time.perf_counter() - t)
             row["latency_ms"][batch] = {k: float(np.median(v) * 1e3) for k, v in times.items()}
+            row["latency_p10_ms"][batch] = {k: float(np.percentile(v, 10) * 1e3) for k, v in times.items()}
         rows.append(row)
     return rows
 
@@ -97,7 +100,7 @@ def compare_pair(name: str, before: Path, after: Path, graphs, batches, runs: in
 def tables(rows: list[dict], batches) -> str:
     head = ["model", "graph", "nodes before", "nodes after", "MB before", "MB after", "GFLOP before", "GFLOP after"]
     for b in batches:
-        head += [f"ms b{b} before", f"ms b{b} after"]
+        head += [f"ms b{b} before (p10)", f"ms b{b} after (p10)"]
     head += ["grad diff", "valid. max abs before", "valid. max abs after"]
     body = []
     for r in rows:
@@ -105,8 +108,8 @@ def tables(rows: list[dict], batches) -> str:
                 fmt(r["bytes"]["before"] / 1e6, 2), fmt(r["bytes"]["after"] / 1e6, 2),
                 fmt(r["gflop_per_image"]["before"], 4), fmt(r["gflop_per_image"]["after"], 4)]
         for b in batches:
-            lat = r["latency_ms"][b]
-            line += [fmt(lat["before"]), fmt(lat["after"])]
+            lat, low = r["latency_ms"][b], r["latency_p10_ms"][b]
+            line += [f"{fmt(lat[k])} ({fmt(low[k])})" for k in ("before", "after")]
         diff = max(d.get("gradients", 0.0) for d in r["outputs_max_rel_diff"].values())
         vb, va = r["validation_gradients"]["before"], r["validation_gradients"]["after"]
         line += [f"{diff:.1e}", f"{vb.get('max_abs', float('nan')):.2e}", f"{va.get('max_abs', float('nan')):.2e}"]
@@ -132,10 +135,12 @@ def main(argv=None) -> int:
     for name, before, after in args.pair:
         rows += compare_pair(name, Path(before), Path(after), graphs, batches, args.runs, args.threads)
     info["load_average"] = {"start": start, "end": load_average()}
+    table = tables(rows, batches)
     print(describe_machine(info))
-    print(tables(rows, batches))
-    write_json(args.json, {"command": command_line("benchmarks.backward", argv), "machine": info,
-                           "runs": args.runs, "rows": rows})
+    print(table)
+    write_json(args.json, {"benchmark": "backward", "command": command_line("benchmarks.backward", argv),
+                           "machine": info, "runs": args.runs, "threads": args.threads, "table": table,
+                           "results": rows})
     if args.json:
         print(f"wrote {args.json}")
     return 0
