@@ -77,6 +77,12 @@ def graph_flops(path: str | os.PathLike, batch: int = 1, classes: int | None = N
                 unknown += 1
                 continue
             products += 2 * n_out * int(np.prod(w[1:]))            # Cin/group * kh * kw per output
+        elif node.op_type == "ConvTranspose":
+            x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if x is None or w is None:
+                unknown += 1
+                continue
+            products += 2 * int(np.prod(x)) * int(np.prod(w[1:]))  # Cout/group * kh * kw per input element
         elif node.op_type in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
             a = shapes.get(node.input[0])
             if a is None:

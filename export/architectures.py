@@ -1,7 +1,7 @@
 """Builders of the pooled-linear family: each architecture's constructor and its split at the target layer.
 
 An architecture declares three things (export/pooled.py PooledParts): the trunk (image -> target layer),
-the modules after the global pooling (the head whose backward export/pooled.py writes by hand), and the
+the modules after the global pooling (the head; its backward is generated, export/onnx_grad.py), and the
 module whose output is the target layer (for the autograd oracle on the unmodified model):
 
     tv:resnet*            trunk conv1 .. layer4           head [fc]                     target layer4

@@ -143,3 +143,45 @@ def text_embeddings(model, model_name: str, pretrained_id: str, cs: ClassSet, us
         with atomic_open(cache) as f:
             np.save(f, emb)
     return emb
+
+
+def check_embeddings(embeddings: dict[str, np.ndarray], class_sets: list[ClassSet], d: int) -> dict[str, np.ndarray]:
+    """Validate precomputed class embeddings against their class sets; return them L2-normalised, float32. A
+    set that is not exported, a wrong shape or a non-finite / all-zero row is an ExportError."""
+    from .writing import ExportError
+
+    sets = {cs.name: cs for cs in class_sets}
+    out = {}
+    for name, emb in embeddings.items():
+        if name not in sets:
+            raise ExportError(f"embeddings given for class set '{name}', which is not exported "
+                              f"(class sets: {', '.join(sets) or 'none'})")
+        e = np.asarray(emb, dtype=np.float64)
+        want = (len(sets[name].labels), d)
+        if e.shape != want:
+            raise ExportError(f"embeddings for class set '{name}' have shape {e.shape}, expected {want}")
+        norms = np.linalg.norm(e, axis=1, keepdims=True)
+        if not np.all(np.isfinite(e)) or np.any(norms == 0):
+            raise ExportError(f"embeddings for class set '{name}' have a non-finite or all-zero row")
+        out[name] = (e / norms).astype(np.float32)
+    return out
+
+
+def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
+    """Write a class set's labels (`classes/<name>.txt`) and embeddings (`classes/<name>.npy`) atomically; return
+    its manifest entry."""
+    from runtime.artifacts import sha256_path
+    from runtime.fsutil import atomic_write
+
+    cdir = Path(out_dir) / "classes"
+    cdir.mkdir(parents=True, exist_ok=True)
+    check_set_name(cs.name)
+    remove_stale_temporaries(cdir)
+    npy = cdir / f"{cs.name}.npy"
+    with atomic_open(npy) as f:
+        np.save(f, emb.astype(np.float32))
+    labels = ("\n".join(cs.labels) + "\n").encode("utf-8")
+    atomic_write(cdir / f"{cs.name}.txt", labels)
+    return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
+            "templates": list(cs.templates), "sha256": sha256_path(npy),
+            "labels_sha256": hashlib.sha256(labels).hexdigest()}

@@ -3,16 +3,22 @@
 `export_model(...)` writes into an artifacts folder:
     explain.onnx, classify.onnx, head.onnx,  the graphs declared in runtime/spec.py
     features.onnx, head_grad.onnx
-    classes/<set>.txt, classes/<set>.npy     class sets: label names and L2-normalised embeddings [L, D]
+    classes/<set>.txt, classes/<set>.npy     class sets: label names and L2-normalised embeddings [L, D] (clip), or
+                                             the fixed labels (pooled-linear)
     manifest.json                            model, weights, preprocessing, dims, versions, graphs (sha256 +
                                              I/O spec), class sets and the validation report
 
+One path for every family (export/families.py declares what differs): the model's forward (the trunk to the target
+layer, then the head) is exported once with torch.onnx, image [, text] -> logits, activations; the five graphs are
+derived from that graph by export/onnx_import.derive_graphs: classify, head and features by cutting it, explain and
+head_grad by adding export/onnx_grad.py's generated backward of the target logit (target < 0: the top-1 class).
+
 Validation always runs before anything is called a success: ONNX Runtime (CPU) and PyTorch see the same
 inputs at several (batch, L) sizes, including batch 1 and an odd batch. explain.onnx is compared with torch
-autograd on the unmodified open_clip module, classify.onnx with open_clip's encode_image, head.onnx with
-open_clip's attention pool, features.onnx with encode_image's logits and a layer4 forward hook, head_grad.onnx
-with torch autograd through the unmodified head at scaled activations alpha * A (path_scales). Each output
-passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every element (atol is in units of the
+autograd on the unmodified module (open_clip's, or the classifier's own), classify.onnx with its logits,
+head.onnx with the unmodified head, features.onnx with the logits and a forward hook at the target layer,
+head_grad.onnx with torch autograd through the unmodified head at scaled activations alpha * A (path_scales). Each
+output passes when |ort - ref| <= atol * max|ref| + rtol * |ref| for every element (atol is in units of the
 output's scale, so one table serves every model size). Running the written
 files at sizes other than the traced ones also proves the dynamic axes are really dynamic. Every failure is
 collected into one `ValidationError`; the graphs are written under temporary names and renamed only after
@@ -21,7 +27,6 @@ they pass.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,18 +39,17 @@ import numpy as np
 import onnx
 import torch
 
-from runtime.artifacts import sha256_path
-from runtime.fsutil import atomic_open, atomic_write, remove_stale_temporaries, stale_temporary_folders, temp_dir
+from runtime.fsutil import atomic_write, remove_stale_temporaries, stale_temporary_folders, temp_dir
 from runtime.names import show
 from runtime.manifest import ManifestError, validate_manifest
 from runtime.spec import CLASSIFY, EXPLAIN, FEATURES, HEAD, HEAD_GRAD, MANIFEST_NAME, MANIFEST_VERSION, GraphSpec, family
 
-from .classes import ClassSet, check_set_name, text_embeddings
-from .graphs import (ClassifyModule, ExplainModule, FeaturesModule, HeadGradModule, HeadModule, autograd_reference,
-                     head_logits)
+from .classes import ClassSet, text_embeddings, write_class_set
+from .families import export_family, forward_module, sample_inputs
 from .models import LoadedModel
-from .pooled import PooledClassify, PooledExplain, PooledFeatures, PooledHeadGrad, PooledHeadGraph
-from .writing import ExportError, ValidationError, compare, graph_entries, install, log, write_labels
+from .onnx_grad import GradientError
+from .onnx_import import contract_shapes, derive_graphs
+from .writing import ExportError, ValidationError, compare, graph_entries, install, log
 from .writing import check_structure as _check_structure
 from .writing import summarise as _summarise
 
@@ -60,53 +64,9 @@ def specs(lm: LoadedModel) -> dict[str, GraphSpec]:
     return family(lm.family).graphs
 
 
-@torch.no_grad()
 def model_dims(lm: LoadedModel) -> dict[str, int]:
-    if lm.family == "pooled-linear":
-        pm = lm.model
-        a = pm.parts.trunk(torch.zeros(1, 3, lm.image_size, lm.image_size))
-        _, c, h, w = a.shape
-        return {"3": 3, "H": lm.image_size, "W": lm.image_size, "C": c, "h": h, "w": w, "K": pm.num_classes}
-    v = lm.model.visual
-    c = v.attnpool.k_proj.in_features
-    side = lm.image_size // 32
-    d = v.attnpool.c_proj.out_features
-    return {"3": 3, "H": lm.image_size, "W": lm.image_size, "C": c, "h": side, "w": side, "D": d}
-
-
-def sample_inputs(lm: LoadedModel, batch: int, n_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """Smooth, image-like normalised inputs plus random unit class embeddings and targets."""
-    g = torch.Generator().manual_seed(seed)
-    s = lm.image_size
-    low = torch.rand(batch, 3, 8, 8, generator=g)
-    pix = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)
-    pix = (pix + 0.1 * torch.rand(batch, 3, s, s, generator=g)).clamp(0, 1)
-    mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
-    std = torch.tensor(lm.std).view(1, 3, 1, 1)
-    dims = model_dims(lm)
-    if lm.family == "pooled-linear":  # fixed classes: no text input, targets among the K outputs
-        target = torch.randint(0, dims["K"], (batch,), generator=g)
-        target[0] = -1
-        return {"image": ((pix - mean) / std).float(), "target": target}
-    text = torch.nn.functional.normalize(torch.randn(n_classes, dims["D"], generator=g), dim=-1)
-    target = torch.randint(0, n_classes, (batch,), generator=g)
-    target[0] = -1  # the top-1 path
-    return {"image": ((pix - mean) / std).float(), "text": text, "target": target}
-
-
-def _modules(lm: LoadedModel, target_layer: str):
-    if lm.family == "pooled-linear":
-        pm = lm.model
-        return {"explain": PooledExplain(pm).eval(), "classify": PooledClassify(pm).eval(),
-                "head": PooledHeadGraph(pm).eval(), "features": PooledFeatures(pm).eval(),
-                "head_grad": PooledHeadGrad(pm).eval()}
-    return {
-        "explain": ExplainModule(lm.model, target_layer).eval(),
-        "classify": ClassifyModule(lm.model, target_layer).eval(),
-        "head": HeadModule(lm.model).eval(),
-        "features": FeaturesModule(lm.model, target_layer).eval(),
-        "head_grad": HeadGradModule(lm.model).eval(),
-    }
+    """The contract's fixed axis sizes (export/families.py)."""
+    return export_family(lm.family).dims(lm)
 
 
 def _export_one(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path, opset: int) -> None:
@@ -129,7 +89,7 @@ def path_scales(batch: int) -> torch.Tensor:
 def eager_head(lm: LoadedModel, act: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
     """The unmodified head after the target layer on activations -> logits: open_clip's attention pool, L2
     normalisation and scaled cosine logits, or the classifier's own pooling and head modules."""
-    return head_logits(lm.model, act, text)
+    return export_family(lm.family).eager_head(lm, act, text)
 
 
 def head_autograd(lm: LoadedModel, act: torch.Tensor, text: torch.Tensor | None, target: torch.Tensor):
@@ -146,12 +106,8 @@ def head_autograd(lm: LoadedModel, act: torch.Tensor, text: torch.Tensor | None,
 @torch.no_grad()
 def _references(lm: LoadedModel, feed: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
     """Independent PyTorch results from the unmodified module (open_clip's, or the classifier's own)."""
-    m = lm.model
     text = feed.get("text")
-    if lm.family == "pooled-linear":
-        logits, act, grad = m.autograd(feed["image"], feed["target"])
-    else:
-        logits, act, grad = autograd_reference(m, feed["image"], text, feed["target"])
+    logits, act, grad = export_family(lm.family).autograd(lm, feed["image"], text, feed["target"])
     head_logits = eager_head(lm, act, text)
     path = act * path_scales(act.shape[0])
     path_logits, path_grad = head_autograd(lm, path, text, feed["target"])
@@ -169,7 +125,7 @@ def validation_cases(lm: LoadedModel, sizes=VALIDATION_SIZES, seed: int = 1234):
     same sample inputs; head.onnx gets the reference activations, head_grad.onnx those activations scaled by
     path_scales. A fixed-class model's L is its K."""
     graph_specs = specs(lm)
-    if lm.family == "pooled-linear":  # L is the fixed K: validate at batch sizes only
+    if not family(lm.family).text_input:  # L is the fixed K: validate at batch sizes only
         sizes = tuple((b, model_dims(lm)["K"]) for b, _ in sizes)
     for i, (b, l) in enumerate(sizes):
         feed = sample_inputs(lm, b, l, seed + i)
@@ -183,16 +139,16 @@ def validation_cases(lm: LoadedModel, sizes=VALIDATION_SIZES, seed: int = 1234):
 
 
 def _has_local_kinks(lm: LoadedModel) -> bool:
-    """A pooled model with position-wise ops before the pooling (export/pooled.py): there the gradient is
+    """A head with position-wise ops before the pooling (the -lastblock exports): there the gradient is
     piecewise in A at h w C' pre-activations, and activations that differ by float32 rounding (ORT's trunk vs
     torch's) can put one of them on the other side of a ReLU6 kink."""
-    return lm.family == "pooled-linear" and len(getattr(lm.model, "local", ())) > 0
+    return export_family(lm.family).local_kinks(lm)
 
 
 def _gradients_at(lm: LoadedModel, act: np.ndarray, target: np.ndarray) -> np.ndarray:
     """explain.gradients' reference for such a model: torch autograd through the unmodified head modules at
     the graph's own activations (the activations themselves are checked against the reference separately),
-    so the hand-written backward is compared where the kinks fall the same way."""
+    so the generated backward is compared where the kinks fall the same way."""
     _, grad = head_autograd(lm, torch.from_numpy(np.ascontiguousarray(act, dtype=np.float32)), None,
                             torch.from_numpy(target))
     return grad.numpy()
@@ -287,26 +243,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
-def write_class_set(out_dir: Path, cs: ClassSet, emb: np.ndarray) -> dict:
-    cdir = out_dir / "classes"
-    cdir.mkdir(parents=True, exist_ok=True)
-    check_set_name(cs.name)
-    remove_stale_temporaries(cdir)
-    npy = cdir / f"{cs.name}.npy"
-    with atomic_open(npy) as f:
-        np.save(f, emb.astype(np.float32))
-    labels = ("\n".join(cs.labels) + "\n").encode("utf-8")
-    atomic_write(cdir / f"{cs.name}.txt", labels)
-    return {"labels": f"classes/{cs.name}.txt", "embeddings": f"classes/{cs.name}.npy", "count": len(cs.labels),
-            "templates": list(cs.templates), "sha256": sha256_path(npy),
-            "labels_sha256": hashlib.sha256(labels).hexdigest()}
-
-
 def add_class_set(artifacts: str | os.PathLike, lm: LoadedModel, cs: ClassSet, make_default: bool = False) -> dict:
     """Add (or replace) a class set in an existing export without touching the graphs."""
     out_dir = Path(artifacts)
     manifest = read_manifest_raw(out_dir)
-    if manifest.get("family", "clip") != "clip":
+    if not family(manifest.get("family")).text_input:
         raise ExportError(f"{out_dir}: {manifest['model']} has fixed classes (family {manifest['family']}); "
                           f"class sets apply to CLIP exports only")
     if manifest["model"] != lm.name or manifest["pretrained_id"] != lm.pretrained_id:
@@ -354,9 +295,10 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     exported.
     """
     out_dir = Path(out_dir)
+    fam = export_family(lm.family)
     if target_layer is None:  # clip: layer4; a fixed-class model: the split its registry entry declares
-        target_layer = lm.model.parts.name if lm.family == "pooled-linear" else "layer4"
-    given = _check_embeddings(embeddings or {}, class_sets, model_dims(lm)["D"]) if lm.family == "clip" else {}
+        target_layer = fam.default_target_layer(lm)
+    classes = fam.plan_classes(lm, class_sets, embeddings, labels_name)   # checked before anything is exported
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = model_dims(lm)
     remove_stale_temporaries(out_dir)
@@ -366,21 +308,28 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     timings = {}
     try:
         t0 = time.perf_counter()
-        mods = _modules(lm, target_layer)
         graph_specs = specs(lm)
+        fspec = graph_specs["features"]
+        log(f"[export] {lm.name}: exporting the forward (image -> logits, {target_layer} activations) ...")
+        forward_path = tmp_dir / "forward.onnx"
         feed = sample_inputs(lm, *TRACE_SIZE, seed=0)
-        with torch.no_grad():
-            feed["activations"] = mods["explain"].trunk(feed["image"]).detach()
-        args = {name: tuple(feed[n] for n in ("image", "activations", "text", "target") if n in spec.input_names)
-                for name, spec in graph_specs.items()}
+        _export_one(forward_module(lm, target_layer), fspec, tuple(feed[n] for n in fspec.input_names),
+                    forward_path, opset)
+        timings["export_forward_s"] = time.perf_counter() - t0
+        log(f"[export] {lm.name}: deriving {', '.join(s.filename for s in graph_specs.values())} "
+            f"(cuts and the generated backward of the head) ...")
+        t = time.perf_counter()
+        forward = onnx.load(str(forward_path))
+        forward_path.unlink()
+        try:
+            graphs = derive_graphs(forward, graph_specs, contract_shapes(graph_specs, dims))
+        except GradientError as e:
+            raise ExportError(f"{lm.name}: the head after {target_layer} cannot be differentiated: {e}") from None
         paths = {}
-        for name in graph_specs:
-            spec = graph_specs[name]
-            log(f"[export] {lm.name}: writing {spec.filename} ...")
-            t = time.perf_counter()
-            paths[name] = tmp_dir / spec.filename
-            _export_one(mods[name], spec, args[name], paths[name], opset)
-            timings[f"export_{name}_s"] = time.perf_counter() - t
+        for name, m in graphs.items():
+            paths[name] = tmp_dir / graph_specs[name].filename
+            onnx.save(m, str(paths[name]))
+        timings["derive_s"] = time.perf_counter() - t
         structural = [f for name, p in paths.items() for f in _check_structure(p, graph_specs[name], dims)]
         if structural:
             raise ValidationError([{"batch": "-", "L": "-", "max_abs": float("nan"), "max_rel": float("nan"),
@@ -404,23 +353,14 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
             "mean": list(lm.mean),
             "std": list(lm.std),
             # clip: CLIP's logit scale (logits = scale * cosine); pooled-linear: raw logits, scale 1
-            "logit_scale": float(lm.model.logit_scale.detach().exp()) if lm.family == "clip" else 1.0,
+            "logit_scale": fam.logit_scale(lm),
             "dims": {k: v for k, v in dims.items() if k != "3"},
             "opset": opset,
             "versions": versions(),
         }
         manifest["graphs"] = graph_entries(paths, graph_specs, manifest)
-        manifest["class_sets"] = {}
         t = time.perf_counter()
-        if lm.family == "pooled-linear":  # the fixed classes: labels only, in the classifier's output order
-            name = labels_name or "labels"
-            manifest["class_sets"][name] = write_labels(out_dir, name, list(lm.labels))
-            manifest["default_class_set"] = name
-        else:
-            for cs in class_sets:
-                emb = given[cs.name] if cs.name in given else text_embeddings(lm.model, lm.name, lm.pretrained_id, cs)
-                manifest["class_sets"][cs.name] = write_class_set(out_dir, cs, emb)
-            manifest["default_class_set"] = class_sets[0].name if class_sets else None
+        manifest["class_sets"], manifest["default_class_set"] = fam.write_classes(lm, out_dir, classes)
         timings["class_sets_s"] = time.perf_counter() - t
         manifest["validation"] = {"sizes": report["sizes"], "max": _summarise(report)}
         install(out_dir, paths, graph_specs, manifest)
@@ -430,29 +370,11 @@ def export_model(lm: LoadedModel, class_sets: list[ClassSet], out_dir: str | os.
     return ExportResult(out_dir, manifest, report, timings)
 
 
-def _check_embeddings(embeddings: dict[str, np.ndarray], class_sets: list[ClassSet], d: int) -> dict[str, np.ndarray]:
-    """Validate precomputed class embeddings against their class sets; return them L2-normalised, float32."""
-    sets = {cs.name: cs for cs in class_sets}
-    out = {}
-    for name, emb in embeddings.items():
-        if name not in sets:
-            raise ExportError(f"embeddings given for class set '{name}', which is not exported "
-                              f"(class sets: {', '.join(sets) or 'none'})")
-        e = np.asarray(emb, dtype=np.float64)
-        want = (len(sets[name].labels), d)
-        if e.shape != want:
-            raise ExportError(f"embeddings for class set '{name}' have shape {e.shape}, expected {want}")
-        norms = np.linalg.norm(e, axis=1, keepdims=True)
-        if not np.all(np.isfinite(e)) or np.any(norms == 0):
-            raise ExportError(f"embeddings for class set '{name}' have a non-finite or all-zero row")
-        out[name] = (e / norms).astype(np.float32)
-    return out
-
-
 def ops_used(path: str | os.PathLike) -> list[str]:
     model = onnx.load(str(path), load_external_data=False)
     return sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})
 
 
 __all__ = ["export_model", "validate_graphs", "add_class_set", "ValidationError", "ExportError", "ops_used",
-           "format_parity_table", "EXPLAIN", "CLASSIFY", "HEAD", "FEATURES", "HEAD_GRAD"]
+           "format_parity_table", "write_class_set", "sample_inputs", "model_dims", "EXPLAIN", "CLASSIFY", "HEAD",
+           "FEATURES", "HEAD_GRAD"]

@@ -1003,7 +1003,9 @@ def gradient_graph(model: onnx.ModelProto, wrt: str, output: str, seed: str, gra
     e = Emitter(g, types, opset_of(m), dtype, path)
     cot: dict[str, str] = {output: seed}
     if output in path:
-        for node in reversed([n for n in g.node if any(o in path for o in n.output)]):
+        # nodes between wrt and output: an output on the path and an input on it (the node producing wrt has none)
+        on_path = [n for n in g.node if any(o in path for o in n.output) and any(i in path for i in n.input if i)]
+        for node in reversed(on_path):
             gy = [cot.get(o) if o in path else None for o in node.output]
             if all(v is None for v in gy):
                 continue

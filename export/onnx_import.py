@@ -567,6 +567,51 @@ def _declare(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
+def contract_shapes(graph_specs: dict, dims: dict) -> dict:
+    """{tensor: (element type, dims)} of every input and output the graphs declare: dynamic axes by name (batch, L),
+    the others at their size in `dims`."""
+    from runtime.spec import DYNAMIC_AXES
+
+    types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+    return {t.name: (types[t.dtype], [a if a in DYNAMIC_AXES else int(dims[a]) for a in t.axes])
+            for g in graph_specs.values() for t in g.inputs + g.outputs}
+
+
+def derive_graphs(forward: onnx.ModelProto, graph_specs: dict, shapes: dict) -> dict[str, onnx.ModelProto]:
+    """The family's five graphs from one forward graph whose tensors carry the contract's names: the image input
+    `image` (and, where the family has one, the class input `text`), the outputs `logits` and `activations` (the
+    target layer, read by the head):
+
+        features   the forward, cut to the features contract's inputs and outputs
+        classify   cut to image [, text] -> logits
+        head       cut to activations [, text] -> logits
+        explain    features + export/onnx_grad.py's backward of logits[b, t_b] to the activations, t_b = target[b]
+                   or the top-1 class where target[b] < 0 (a `target` input)
+        head_grad  head + the same backward
+
+    Each graph's inputs and outputs get the contract's order and the declared `shapes` (contract_shapes). A
+    GradientError names an op on the head's path without a rule."""
+    types = infer_types(forward)
+    cut = {name: _extract(forward, graph_specs[name].input_names, graph_specs[name].output_names, types)
+           for name in ("features", "classify", "head")}
+    graphs = {
+        **cut,
+        "explain": target_gradient_graph(cut["features"], "activations", "logits", "target", "gradients"),
+        "head_grad": target_gradient_graph(cut["head"], "activations", "logits", "target", "gradients"),
+    }
+    for name, m in graphs.items():   # the contract's order of inputs and outputs
+        _declare(m, shapes)
+        ins = {i.name: i for i in m.graph.input}
+        outs = {o.name: o for o in m.graph.output}
+        order_in = [ins[t.name] for t in graph_specs[name].inputs]
+        order_out = [outs[t.name] for t in graph_specs[name].outputs]
+        del m.graph.input[:]
+        m.graph.input.extend(order_in)
+        del m.graph.output[:]
+        m.graph.output.extend(order_out)
+    return {name: graphs[name] for name in graph_specs}
+
+
 def build_graphs(src: Source, target: Candidate) -> tuple[dict[str, onnx.ModelProto], dict]:
     """{graph name: model} of the family's five graphs, and the dims (C, h, w, K, H, W)."""
     model = onnx.ModelProto()
@@ -582,36 +627,11 @@ def build_graphs(src: Source, target: Candidate) -> tuple[dict[str, onnx.ModelPr
                 fresh = f"{name}__orig{i}"
             mapping[name] = fresh
     _rename(g, mapping)
-    types = infer_types(model)
-    k = _dims(types["logits"])[1]
+    k = _dims(infer_types(model)["logits"])[1]
     c, h, w = target.dims[1:]
     dims = {"C": c, "h": h, "w": w, "K": int(k), "H": src.size, "W": src.size}
-    shapes = {"image": (TensorProto.FLOAT, ["batch", 3, src.size, src.size]),
-              "target": (TensorProto.INT64, ["batch"]),
-              "logits": (TensorProto.FLOAT, ["batch", int(k)]),
-              "activations": (TensorProto.FLOAT, ["batch", c, h, w]),
-              "gradients": (TensorProto.FLOAT, ["batch", c, h, w])}
-    features = _extract(model, ["image"], ["logits", "activations"], types)
-    head = _extract(model, ["activations"], ["logits"], types)
-    graphs = {
-        "features": features,
-        "classify": _extract(model, ["image"], ["logits"], types),
-        "head": head,
-        "explain": target_gradient_graph(features, "activations", "logits", "target", "gradients"),
-        "head_grad": target_gradient_graph(head, "activations", "logits", "target", "gradients"),
-    }
     spec = FAMILIES[FAMILY].graphs
-    for name, m in graphs.items():   # the contract's order of inputs and outputs
-        _declare(m, shapes)
-        ins = {i.name: i for i in m.graph.input}
-        outs = {o.name: o for o in m.graph.output}
-        order_in = [ins[t.name] for t in spec[name].inputs]
-        order_out = [outs[t.name] for t in spec[name].outputs]
-        del m.graph.input[:]
-        m.graph.input.extend(order_in)
-        del m.graph.output[:]
-        m.graph.output.extend(order_out)
-    return graphs, dims
+    return derive_graphs(model, spec, contract_shapes(spec, {**dims, "3": 3})), dims
 
 
 # -- validation -----------------------------------------------------------------------------------------------------
@@ -924,4 +944,4 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
 
 
 __all__ = ["import_onnx", "read_source", "candidates", "choose_target", "format_candidates", "dominators",
-           "build_graphs", "Preprocess", "ImportError_", "check_gradients"]
+           "build_graphs", "derive_graphs", "contract_shapes", "Preprocess", "ImportError_", "check_gradients"]

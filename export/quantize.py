@@ -7,7 +7,7 @@ What is quantized: the convolutions (the trunk, where the time goes: the p + 1 c
 Decom-CAM explanation are ~90% of it), with per-channel int8 weights and uint8 activations (U8S8, ONNX
 Runtime's fast path on x86; `reduce_range` keeps AVX2 machines without VNNI from saturating), in the QDQ
 format (QuantizeLinear/DequantizeLinear pairs: standard ops, readable by every ONNX Runtime provider and by
-TensorRT). The head (MatMul, the attention pool, the hand-written backward) stays fp32. explain.onnx is
+TensorRT). The head (MatMul, the attention pool, the generated backward) stays fp32. explain.onnx is
 quantized only with `--explain-trunk` (its trunk int8, its head backward fp32): the gradients then carry
 the trunk's quantization error into the decomposition, which the validation measures.
 

@@ -8,7 +8,8 @@ some). `validate_manifest` raises one `ManifestError` naming `manifest.json` and
 
 Graph entries are checked for shape here; whether their inputs and outputs are this runtime's contract is
 checked per graph by `Artifacts.check_graph`. Optional fields and their defaults:
-    family        "clip" (text embeddings as class weights) or "pooled-linear" (fixed classes); "clip"
+    family        one of runtime/spec.py FAMILIES: "clip" (text embeddings as class weights) or "pooled-linear"
+                  (fixed classes); default spec.DEFAULT_FAMILY ("clip", written before families existed)
     preprocess    {resize: crop|stretch, resize_size: 1..8192, interpolation: bicubic|bilinear};
                   crop at input_size, bicubic
     class_sets.*  `embeddings` (required for "clip"), `sha256` (required with embeddings), `labels_sha256`
@@ -21,9 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from .spec import MANIFEST_VERSION
+from .spec import DEFAULT_FAMILY, FAMILIES as _FAMILIES, MANIFEST_VERSION
 
-FAMILIES = ("clip", "pooled-linear")
+FAMILIES = tuple(_FAMILIES)   # the families runtime/spec.py declares
 SET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")  # class-set and graph names: plain identifiers
 SET_NAME_RULE = "letters, digits, '_' and '-', at most 64, not starting with '-'"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -185,7 +186,7 @@ def validate_manifest(manifest, path="manifest.json") -> dict:
         if not isinstance(manifest, dict):
             raise ManifestError(f"the manifest must be a JSON object, got {type(manifest).__name__}")
         _check(manifest, MANIFEST, "")
-        family = manifest.get("family", "clip")
+        text_input = _FAMILIES[manifest.get("family", DEFAULT_FAMILY)].text_input
         sets = manifest.get("class_sets") or {}
         default = manifest.get("default_class_set")
         if default is not None and default not in sets:
@@ -199,11 +200,13 @@ def validate_manifest(manifest, path="manifest.json") -> dict:
         for axis in ("H", "W"):
             if axis in dims and dims[axis] != manifest["input_size"]:
                 raise ManifestError(f"field 'dims.{axis}': {dims[axis]} differs from input_size {manifest['input_size']}")
-        if family == "clip" and "D" not in manifest["dims"]:
-            raise ManifestError("field 'dims.D': missing (needed by the clip family)")
+        if text_input and "D" not in manifest["dims"]:
+            raise ManifestError(f"field 'dims.D': missing (needed by the {manifest.get('family', DEFAULT_FAMILY)} "
+                                f"family's text input)")
         for name, entry in sets.items():
-            if family == "clip" and "embeddings" not in entry:
-                raise ManifestError(f"field 'class_sets.{name}.embeddings': missing (needed by the clip family)")
+            if text_input and "embeddings" not in entry:
+                raise ManifestError(f"field 'class_sets.{name}.embeddings': missing (needed by the "
+                                    f"{manifest.get('family', DEFAULT_FAMILY)} family's text input)")
             if "embeddings" in entry and "sha256" not in entry:
                 raise ManifestError(f"field 'class_sets.{name}.sha256': missing (the embeddings' checksum)")
     except ManifestError as e:

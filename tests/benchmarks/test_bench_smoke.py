@@ -155,6 +155,26 @@ def test_parity_fp16_on_the_cpu_with_real_files(tiny, tiny_artifacts, tmp_path):
         parity.main([*argv[:6], "--images", str(broken), "--n-images", "1"])
 
 
+def test_backward_one_iteration(tiny_artifacts, tmp_path, capsys):
+    """benchmarks.backward on one export against itself: the same nodes, bytes and GFLOP, outputs that differ by
+    0, finite latencies at each batch size."""
+    from benchmarks import backward
+
+    out = tmp_path / "backward.json"
+    d = str(tiny_artifacts.out_dir)
+    assert backward.main(["--pair", "RN-tiny", d, d, "--batches", "1,2", "--runs", "1", "--threads", "1",
+                          "--json", str(out)]) == 0
+    rep = load(out)
+    assert rep["benchmark"] == "backward" and [r["graph"] for r in rep["results"]] == ["explain", "head_grad"]
+    for r in rep["results"]:
+        assert r["nodes"]["before"] == r["nodes"]["after"] > 0 and r["bytes"]["before"] == r["bytes"]["after"]
+        assert r["gflop_per_image"]["before"] == r["gflop_per_image"]["after"] > 0
+        for b in ("1", "2"):
+            assert r["outputs_max_rel_diff"][b]["gradients"] == 0.0
+            assert all(finite(v) and v > 0 for v in r["latency_ms"][b].values())
+    assert "| RN-tiny" in capsys.readouterr().out
+
+
 def test_metrics():
     rng = np.random.default_rng(0)
     a = rng.random((32, 32))

@@ -36,6 +36,18 @@ def test_counts_match_a_hand_count(tmp_path):
         assert f["unknown_nodes"] == 0
 
 
+def test_conv_transpose_counts_its_products(tmp_path):
+    """ConvTranspose (the generated backward of a Conv): every input element meets Cout/group x kh x kw weights."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")      # [Cin, Cout/group, kh, kw]
+    g = helper.make_graph([helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1],
+                                            output_padding=[1, 1])], "t",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "ct.onnx"))
+    f = graph_flops(tmp_path / "ct.onnx", 2)
+    assert f["products"] == 2 * (2 * 4 * 5 * 5) * (3 * 3 * 3) and f["unknown_nodes"] == 0
+
+
 @pytest.mark.parametrize("flags, mhz, threads, fp32, int8", [
     # an AVX-512 + VNNI Xeon at 2.0 GHz, 4 threads: 16 lanes x 2 FMA units x 2 flops x 2.0 GHz x 4 = 512
     ({"avx512f", "avx512_vnni", "avx2", "fma"}, "2000.000", 4, 512.0, 2048.0),

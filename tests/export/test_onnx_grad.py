@@ -136,8 +136,21 @@ class _GeluFloat64(OpRun):
 _GeluFloat64.__name__ = "Gelu"
 
 
+class _HardSwishFloat64(OpRun):
+    """HardSwish in the input's precision (onnx.reference runs the op's function body, whose HardSigmoid alpha 1/6
+    is a float32 attribute)."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,)
+
+
+_HardSwishFloat64.__name__ = "HardSwish"
+
+
 def run_reference(model: onnx.ModelProto, feed: dict, outputs=None) -> list:
-    ops = [_ConvTransposeTorch, _MaxPoolNumpy, _ErfFloat64, _GeluFloat64]
+    ops = [_ConvTransposeTorch, _MaxPoolNumpy, _ErfFloat64, _GeluFloat64, _HardSwishFloat64]
     return ReferenceEvaluator(model, new_ops=ops).run(outputs, feed)
 
 
@@ -509,6 +522,11 @@ def test_only_the_path_between_wrt_and_output_is_differentiated():
     assert "ConvTranspose" in {n.op_type for n in added}
     # one ConvTranspose (the second conv's input): nothing before t is differentiated, nor the TopK branch
     assert sum(n.op_type == "ConvTranspose" for n in added) == 1
+    # and nothing for the node that produces t (its Relu): every added node feeds the gradient
+    used = {i for n in grad.graph.node for i in n.input} | {o.name for o in grad.graph.output}
+    assert [n.name for n in added if not any(o in used for o in n.output)] == []
+    wrt_producer = next(n for n in model.graph.node if "t" in n.output)
+    assert not any(wrt_producer.input[0] in n.input for n in added)
     out = next(o for o in grad.graph.output if o.name == "grad_t")
     assert out.type.tensor_type.shape.dim[0].dim_param == "N"     # the batch stays symbolic
 
@@ -559,6 +577,86 @@ def test_target_seed_is_the_one_hot_of_target_or_the_top1_class():
     t = torch.where(torch.from_numpy(target) < 0, yt.argmax(1), torch.from_numpy(target))
     (ref,) = torch.autograd.grad(yt.gather(1, t[:, None]).sum(), xt)
     assert np.abs(g - ref.numpy()).max() <= ORT_TOL * np.abs(ref.numpy()).max()
+
+
+def _attention_pool_graph():
+    """x [N, C, h, w] and a second input text [L, D] (L dynamic) -> y [N, L]: tokens (mean token + positions),
+    query-0 attention (MatMul, Softmax), projection, L2 normalisation (ReduceL2, Div) and cosine logits against
+    text: the CLIP head's op mix, with an input the gradient does not flow into."""
+    C, D, n = 4, 3, 4
+    inits = {"pos": rnd(n + 1, C, seed=60, scale=0.3), "wq": rnd(C, C, seed=61, scale=0.5),
+             "wo": rnd(C, D, seed=62, scale=0.5), "shp": np.array([0, C, -1], np.int64),
+             "ax1": np.array([1], np.int64), "ax_last": np.array([-1], np.int64), "i0": np.array(0, np.int64),
+             "scale": np.array(0.5, np.float32), "s100": np.array(10.0, np.float32)}
+    nodes = [N("Reshape", ["x", "shp"], ["flat"]), N("Transpose", ["flat"], ["tok"], perm=[0, 2, 1]),
+             N("ReduceMean", ["tok", "ax1"], ["mean"], keepdims=1), N("Concat", ["mean", "tok"], ["cat"], axis=1),
+             N("Add", ["cat", "pos"], ["t"]), N("Gather", ["t", "i0"], ["t0"], axis=1),
+             N("MatMul", ["t0", "wq"], ["q"]), N("Unsqueeze", ["q", "ax1"], ["q1"]),
+             N("Transpose", ["t"], ["tt"], perm=[0, 2, 1]), N("MatMul", ["q1", "tt"], ["sc"]),
+             N("Mul", ["sc", "scale"], ["scs"]), N("Softmax", ["scs"], ["a"], axis=-1), N("MatMul", ["a", "t"], ["ctx"]),
+             N("Squeeze", ["ctx", "ax1"], ["o"]), N("MatMul", ["o", "wo"], ["z"]),
+             N("ReduceL2", ["z", "ax_last"], ["nz"], keepdims=1), N("Div", ["z", "nz"], ["e"]),
+             N("Transpose", ["text"], ["tT"], perm=[1, 0]), N("MatMul", ["e", "tT"], ["cos"]),
+             N("Mul", ["cos", "s100"], ["y"])]
+    tensors = [numpy_helper.from_array(np.asarray(v).astype(np.float32) if np.asarray(v).dtype == np.float64
+                                       else np.asarray(v), k) for k, v in inits.items()]
+    g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, 2, 2]),
+                                          helper.make_tensor_value_info("text", TensorProto.FLOAT, ["L", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])], tensors)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    m.ir_version = 10
+    return m, inits
+
+
+def _attention_pool_torch(x, text, c):
+    tok = x.flatten(2).transpose(1, 2)
+    t = torch.cat([tok.mean(1, keepdim=True), tok], 1) + c["pos"]
+    q = t[:, 0] @ c["wq"]
+    a = torch.softmax((q[:, None] @ t.transpose(1, 2)) * 0.5, -1)
+    z = (a @ t).squeeze(1) @ c["wo"]
+    return 10.0 * (z / z.norm(dim=-1, keepdim=True)) @ text.T
+
+
+def test_a_second_input_without_gradient_and_a_dynamic_class_axis():
+    """The CLIP head's shape of problem: a `text` input [L, D] with its own dynamic axis L that the gradient does not
+    flow into, logits [N, L] with L symbolic (the target seed's one-hot is built with Range). Float64 against central
+    differences and torch autograd, float32 in ONNX Runtime at two values of L and two batch sizes."""
+    model, inits = _attention_pool_graph()
+    c = {k: torch.from_numpy(np.asarray(v).astype(np.float32).astype(np.float64)) for k, v in inits.items()
+         if np.asarray(v).dtype.kind == "f" and np.asarray(v).ndim}
+    rng = np.random.default_rng(8)
+    f64 = to_float64(model)
+    grad64 = gradient_graph(with_seed(f64), "x", "y", "seed")
+    assert "grad_text" not in {o.name for o in grad64.graph.output}
+    for n, L in ((2, 3), (3, 7)):
+        x = rng.normal(size=(n, 4, 2, 2))
+        text = rng.normal(size=(L, 3))
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        seed = rng.normal(size=(n, L))
+        (g,) = run_reference(grad64, {"x": x, "text": text, "seed": seed}, ["grad_x"])
+        xt = torch.from_numpy(x).requires_grad_(True)
+        yt = _attention_pool_torch(xt, torch.from_numpy(text), c)
+        np.testing.assert_allclose(run_reference(f64, {"x": x, "text": text}, ["y"])[0], yt.detach().numpy(),
+                                   rtol=1e-12, atol=1e-12)
+        (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(seed), retain_graph=True)
+        assert np.abs(g - gt.numpy()).max() <= TORCH_TOL * np.abs(gt.numpy()).max()
+        worst = 0.0
+        for _ in range(3):
+            v = rng.normal(size=x.shape)
+            v /= np.linalg.norm(v)
+            up, down = (run_reference(f64, {"x": x + s * 1e-6 * v, "text": text}, ["y"])[0] for s in (1, -1))
+            fd = float(((up - down) * seed).sum()) / 2e-6
+            worst = max(worst, abs(fd - float((g * v).sum())) / np.linalg.norm(g))
+        assert worst <= FD_TOL
+        # the toolkit's seed: one-hot of target (or the top-1 class) over the dynamic L, in float32 ORT
+        target = np.array([-1] + [L - 1] * (n - 1), np.int64)
+        y, g32 = run_ort(target_gradient_graph(model, "x", "y"), {"x": x.astype(np.float32),
+                                                                  "text": text.astype(np.float32), "target": target},
+                         ["y", "gradients"])
+        t = torch.where(torch.from_numpy(target) < 0, yt.argmax(1), torch.from_numpy(target))
+        (ref,) = torch.autograd.grad(yt.gather(1, t[:, None]).sum(), xt)
+        assert y.shape == (n, L)
+        assert np.abs(g32 - ref.numpy()).max() <= ORT_TOL * np.abs(ref.numpy()).max()
 
 
 def test_onnx_grad_imports_no_torch():

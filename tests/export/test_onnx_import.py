@@ -2,7 +2,7 @@
 
     end to end   a tiny torchvision ResNet exported with plain torch.onnx.export (fixed batch 1), imported by the CLI
                  in a process that never imports torch; the runtime explains with it; its saliency equals the
-                 registry export of the same weights (hand-written head backward)
+                 registry export of the same weights (traced by torch.onnx's other exporter)
     the cut      auto-detection (plain CNN, residual net, a graph ending in Softmax), --list-targets, the block
                  interior refused, a baked batch rewritten or refused
     errors       one line each, exit 1 (model problems) or 2 (--out), nothing written
@@ -104,7 +104,8 @@ def _error_line(err: str) -> str:
 def resnet(tmp_path_factory):
     """resnet-tiny (seeded random weights, live BatchNorm) exported with plain torch.onnx.export (TorchScript
     exporter, fixed batch 1, input 'input.1'), imported by `python -m export onnx` in a subprocess that asserts torch
-    is never imported, and exported from the registry (hand-written head backward) for comparison."""
+    is never imported, and exported from the registry (the dynamo exporter, the same generated backward) for
+    comparison."""
     import torch
 
     from export.models import load_model
@@ -187,7 +188,7 @@ def test_imported_saliency_equals_the_registry_export_of_the_same_weights(resnet
         for x, y in zip(a, b):
             assert x.target == y.target
             assert _pearson(x.saliency, y.saliency) >= PEARSON, method
-    # the gradients themselves: generated backward vs the hand-written one, same activations
+    # the graphs themselves: the import of the TorchScript exporter's graph vs the registry's dynamo export
     import onnxruntime as ort
 
     x = np.stack([load_artifacts(resnet["out"]).preprocess_image(im)[0] for im in imgs])
@@ -198,15 +199,14 @@ def test_imported_saliency_equals_the_registry_export_of_the_same_weights(resnet
         assert np.abs(ours_out - reg_out).max() <= 1e-5 * np.abs(reg_out).max()
 
 
-def test_a_head_not_linear_in_the_activations_matches_the_hand_written_backward(tmp_path):
+def test_a_head_not_linear_in_the_activations_matches_torch_autograd(tmp_path):
     """mobilenet-tiny-lastblock: the target is the last inverted-residual block, and the head runs a 1x1 conv,
-    BatchNorm and Hardswish at every position before the pooling. The reference is export/pooled.py's hand-written
-    backward in torch (PooledExplain, what the registry's explain.onnx is traced from)."""
+    BatchNorm and Hardswish at every position before the pooling. The reference is torch autograd on the
+    unmodified model (a forward hook at the target layer)."""
     import onnxruntime as ort
     import torch
 
     from export.models import load_model
-    from export.pooled import PooledExplain
 
     lm = load_model("mobilenet-tiny-lastblock", "none")
     path = tmp_path / "mnv3.onnx"
@@ -221,8 +221,7 @@ def test_a_head_not_linear_in_the_activations_matches_the_hand_written_backward(
     t = np.array([-1, 2, 9], np.int64)
     ours = ort.InferenceSession(str(res.out_dir / "explain.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"image": x, "target": t})
-    with torch.no_grad():
-        theirs = [v.numpy() for v in PooledExplain(lm.model).eval()(torch.from_numpy(x), torch.from_numpy(t))]
+    theirs = [v.numpy() for v in lm.model.autograd(torch.from_numpy(x), torch.from_numpy(t))]
     assert res.manifest["dims"]["C"] == theirs[1].shape[1] == 24
     for a, b in zip(ours, theirs):   # logits, activations, gradients
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

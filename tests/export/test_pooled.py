@@ -1,7 +1,9 @@
 """The pooled-linear family: CNN classifiers with global average pooling + a small MLP head, and the same one
 block earlier (a position-wise 1x1 conv head before the pooling: not linear in A).
 
-    head backward     export/pooled.py's hand-written VJP vs torch autograd, float64, every supported op
+    head backward     the generated backward (export/onnx_grad.py) of every head shape the registry has, traced by
+                      torch.onnx as the export does, in float64 against torch autograd; heads the hand-written
+                      backward refused (a 3x3 local conv, GELU); an op without a rule refused by name
     export            every graph validated against autograd on the unmodified module (inside export_model),
                       the fixed-class contract (no `text` input, labels in the export, K static), dynamic batch
     runtime           Decom-CAM vs the eager reference; the CAM baselines vs pytorch-grad-cam and the eager
@@ -22,8 +24,8 @@ from torch import nn
 
 from export.baselines_reference import cam_reference
 from export.models import ModelError, list_models, load_model, model_info
-from export.onnx_export import ExportError, export_model
-from export.pooled import HeadError, PooledHead, head_ops, local_ops
+from export.onnx_export import ExportError, export_model, head_autograd
+from export.pooled import HeadError, PooledHead, PooledModel, PooledParts
 from export.reference import decomcam_reference
 from runtime.artifacts import load_artifacts
 from runtime.engines import EngineOptions
@@ -58,80 +60,125 @@ def _heads():
         "linear": [nn.Dropout(0.2), lin(24, 7)],
         "mlp-hardswish": [lin(24, 32), nn.Hardswish(), nn.Dropout(0.2), lin(32, 7)],
         "mlp-relu": [lin(24, 32), nn.ReLU(), lin(32, 7)],
-        "layernorm": [ln, nn.Flatten(), lin(24, 7)],
+        "layernorm": [nn.Flatten(), ln, lin(24, 7)],   # on the pooled [B, C] (ConvNeXt's LayerNorm2d: the tiny model)
     }
 
 
+def _head_model(mods, local=()) -> PooledModel:
+    """A PooledModel whose trunk is the identity: its PooledHead is what the export traces after the target layer."""
+    holder = nn.ModuleList(list(local) + list(mods)).eval()
+    return PooledModel(holder, PooledParts(lambda x: x, list(mods), holder, local_modules=list(local))).eval()
+
+
+def _generated_vs_autograd(mods, local, a: torch.Tensor, target: torch.Tensor):
+    """(generated gradient, autograd gradient, generated logits, torch logits), float64: PooledHead traced by
+    torch.onnx (dynamo, dynamic batch, float32 weights), export/onnx_grad.py's target gradient graph converted to
+    float64 and run by onnx.reference; torch autograd through float64 copies of the same modules."""
+    import copy
+    import warnings
+
+    from export.onnx_grad import target_gradient_graph, to_float64
+    from tests.export.test_onnx_grad import run_reference
+
+    pm = _head_model(mods, local)
+    buf = __import__("io").BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(PooledHead(pm), (a.float(),), buf, input_names=["activations"], output_names=["logits"],
+                          dynamic_shapes={"activations": {0: torch.export.Dim("batch")}}, dynamo=True,
+                          opset_version=20, external_data=False, verbose=False)
+    graph = to_float64(target_gradient_graph(onnx.load_from_string(buf.getvalue()), "activations", "logits"))
+    logits, grad = run_reference(graph, {"activations": a.double().numpy(), "target": target.numpy()},
+                                 ["logits", "gradients"])
+    pm64 = copy.deepcopy(pm).double()
+    x = a.double().clone().requires_grad_(True)
+    out = pm64.head_eager(x)
+    t = torch.where(target < 0, out.argmax(1), target)
+    (ref,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), x)
+    return grad, ref.numpy(), logits, out.detach().numpy()
+
+
+def _close(ours, ref, rtol=1e-6):
+    """The traced graph's constants are float32 (and torch.onnx folds BatchNorm into the conv in float32): about
+    1e-8 of the scale off the float64 modules; a wrong rule is off by far more."""
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp-hardswish", "mlp-relu", "layernorm"])
-def test_head_backward_matches_autograd_in_float64(kind):
-    mods = [m.double().eval() for m in _heads()[kind]]
-    a = (3 * torch.randn(4, 24, 3, 5, generator=torch.Generator().manual_seed(1))).double().requires_grad_(True)
-    # Hardswish kinks at +-3: keep the pre-activations away from them so both sides take the same branch
-    target = torch.tensor([0, 3, 6, 2])
-    x = a.mean((2, 3))
-    for m in mods:
-        x = m(x)
-    (ref,) = torch.autograd.grad(x.gather(1, target[:, None]).sum(), a)
-    head = PooledHead(head_ops(mods)).double()
-    logits, caches = head.forward_cache(a.detach())
-    ours = head.backward(a.detach(), caches, target)
-    torch.testing.assert_close(logits, x.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+def test_generated_head_backward_matches_autograd_in_float64(kind):
+    mods = [m.eval() for m in _heads()[kind]]
+    a = 3 * torch.randn(4, 24, 3, 5, generator=torch.Generator().manual_seed(1))
+    grad, ref, logits, out = _generated_vs_autograd(mods, (), a, torch.tensor([0, 3, -1, 2]))
+    _close(logits, out)
+    _close(grad, ref)
 
 
-def _local(act_cls, g):
-    conv = nn.Conv2d(6, 24, 1, bias=act_cls is not nn.ReLU6)
+def _local(act_cls, g, kernel=1):
+    conv = nn.Conv2d(6, 24, kernel, padding=kernel // 2, bias=act_cls is not nn.ReLU6)
     bn = nn.BatchNorm2d(24)
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(24, 6, 1, 1, generator=g) / 6 ** 0.5)
+        conv.weight.copy_(torch.randn(24, 6, kernel, kernel, generator=g) / (6 * kernel * kernel) ** 0.5)
         bn.running_mean.copy_(0.3 * torch.randn(24, generator=g))
         bn.running_var.copy_(0.5 + torch.rand(24, generator=g))
         bn.weight.copy_(0.5 + torch.rand(24, generator=g))
         bn.bias.copy_(0.5 * torch.randn(24, generator=g))
-    return [nn.Sequential(conv, bn, act_cls())]
+    return [nn.Sequential(conv, bn, act_cls()).eval()]
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.ReLU])
-@pytest.mark.parametrize("kind", ["linear", "mlp-hardswish"])
-def test_local_head_backward_matches_autograd_in_float64(act, kind):
-    """Position-wise 1x1 conv -> BN -> activation before the pooling, then the head: the hand-written backward
-    (pooling's first, then the local ops at every position) against torch autograd of the same modules."""
+def test_generated_local_head_backward_matches_autograd_in_float64(act):
+    """Position-wise 1x1 conv -> BN -> activation before the pooling, then an MLP head: the generated backward
+    against torch autograd of the same modules; not linear in A (the gradient moves with the activations)."""
     g = torch.Generator().manual_seed(2)
-    local = [m.double().eval() for m in _local(act, g)]
-    mods = [m.double().eval() for m in _heads()[kind]]
-    a = (4 * torch.randn(3, 6, 4, 5, generator=g)).double().requires_grad_(True)
+    local, mods = _local(act, g), [m.eval() for m in _heads()["mlp-hardswish"]]
+    a = 4 * torch.randn(3, 6, 4, 5, generator=g)
     target = torch.tensor([1, 6, 0])
-    x = a
-    for m in local:
-        x = m(x)
-    x = x.mean((2, 3))
-    for m in mods:
-        x = m(x)
-    (ref,) = torch.autograd.grad(x.gather(1, target[:, None]).sum(), a)
-    head = PooledHead(head_ops(mods), local_ops(local)).double()
-    logits, caches = head.forward_cache(a.detach())
-    ours = head.backward(a.detach(), caches, target)
-    torch.testing.assert_close(logits, x.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
-    # not linear in A: the gradient moves with the activations (ReLU6 / ReLU saturate some positions)
-    _, c2 = head.forward_cache(0.5 * a.detach())
-    assert (head.backward(a.detach(), c2, target) - ours).abs().max() > 1e-3 * ours.abs().max()
+    grad, ref, logits, out = _generated_vs_autograd(mods, local, a, target)
+    _close(logits, out)
+    _close(grad, ref)
+    half, _, _, _ = _generated_vs_autograd(mods, local, 0.5 * a, target)
+    assert np.abs(half - grad).max() > 1e-3 * np.abs(grad).max()
 
 
-def test_unsupported_local_module_is_named():
-    with pytest.raises(HeadError, match=r"Conv2d \(3, 3\) is not a position-wise 1x1"):
-        local_ops([nn.Conv2d(4, 4, 3)])
-    with pytest.raises(HeadError, match="is not a position-wise 1x1"):
-        local_ops([nn.Conv2d(4, 4, 1, groups=2)])
-    with pytest.raises(HeadError, match="local head module GELU has no hand-written backward"):
-        local_ops([nn.Conv2d(4, 4, 1), nn.GELU()])
+def test_heads_the_hand_written_backward_refused_are_differentiated():
+    """A 3x3 local conv (not position-wise) and a GELU in the head had no hand-written backward; the generated one
+    differentiates them, in float64 against autograd."""
+    g = torch.Generator().manual_seed(3)
+    gelu = torch.Generator().manual_seed(4)
+    mods = [nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 5)]
+    with torch.no_grad():
+        for m in mods[::2]:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gelu) / m.weight.shape[1] ** 0.5)
+    grad, ref, logits, out = _generated_vs_autograd(mods, _local(nn.SiLU, g, kernel=3), torch.randn(2, 6, 5, 5,
+                                                                                                   generator=g),
+                                                   torch.tensor([-1, 4]))
+    _close(logits, out)
+    _close(grad, ref)
 
 
-def test_unsupported_head_module_is_named():
-    with pytest.raises(HeadError, match="GELU has no hand-written backward"):
-        head_ops([nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)])
+def test_head_must_end_in_a_linear():
     with pytest.raises(HeadError, match="must end in a Linear"):
-        head_ops([nn.Linear(4, 2), nn.ReLU()])
+        _head_model([nn.Linear(4, 2), nn.ReLU()])
+    assert _head_model([nn.Linear(4, 3), nn.Dropout(0.1), nn.Identity()]).num_classes == 3
+
+
+def test_an_op_without_a_gradient_rule_in_the_head_is_refused_by_name(tmp_path):
+    """The export derives the head's backward from the traced graph: an op without a rule (here Resize, from an
+    Upsample among the local modules) is an ExportError naming the node and its type; nothing is written."""
+    from export.models import LoadedModel
+
+    conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+    lin = nn.Linear(6, 4)
+    holder = nn.ModuleList([conv, nn.Upsample(scale_factor=2.0), lin]).eval()
+    parts = PooledParts(conv, [lin], conv, name="conv", local_modules=[holder[1]])
+    lm = LoadedModel(PooledModel(holder, parts).eval(), "custom", "none", "none", 32, (0.5,) * 3, (0.5,) * 3, True,
+                     "pooled-linear", {"resize": "crop", "resize_size": 32, "interpolation": "bilinear"},
+                     ("a", "b", "c", "d"))
+    out = tmp_path / "o"
+    with pytest.raises(ExportError, match=r"custom: the head after conv cannot be differentiated: node .*\(Resize\) "
+                                          r"is on the path from 'activations' to 'logits' and has no gradient rule"):
+        export_model(lm, [], out)
+    assert not list(out.glob("*.onnx")) and not (out / MANIFEST_NAME).exists()
 
 
 # -- export --------------------------------------------------------------------------------------------
@@ -409,18 +456,17 @@ def test_kinked_local_head_validates_explain_gradients_at_the_graphs_activations
     graph's own activations (activations a float32 rounding away from torch's can sit across a kink), and
     the whole model's gradient is kept as a cosine floor; other graphs and pooling-first models keep the
     whole-model reference."""
+    import onnxruntime as ort
+
     from export.onnx_export import references_for, validation_cases
 
-    lm, _ = tiny_pooled["mobilenet-tiny-lastblock"]
+    lm, res = tiny_pooled["mobilenet-tiny-lastblock"]
     _, _, refs, feeds = next(validation_cases(lm, ((2, 10),), 7))
     act = refs["explain"]["activations"]
     moved = (act * 1.05 + 0.02).astype(np.float32)      # "the graph's" activations, off the reference's
-    with torch.no_grad():
-        _, own = lm.model.head().forward_cache(torch.from_numpy(moved))
-        tgt = torch.from_numpy(feeds["explain"]["target"])
-        logits = lm.model.head()(torch.from_numpy(moved))
-        tgt = torch.where(tgt < 0, logits.argmax(1), tgt)
-        at_moved = lm.model.head().backward(torch.from_numpy(moved), own, tgt).numpy()
+    # the written head_grad.onnx (the generated backward) at the moved activations: an independent computation
+    sess = ort.InferenceSession(str(res.out_dir / "head_grad.onnx"), providers=["CPUExecutionProvider"])
+    at_moved = sess.run(["gradients"], {"activations": moved, "target": feeds["explain"]["target"]})[0]
     ref, whole = references_for(lm, "explain", {"activations": moved}, feeds["explain"], refs)
     np.testing.assert_allclose(ref["gradients"], at_moved, rtol=1e-4, atol=1e-6 * np.abs(at_moved).max())
     assert np.abs(at_moved - refs["explain"]["gradients"]).max() > 1e-2 * np.abs(at_moved).max()
@@ -479,9 +525,9 @@ def test_larger_lite_package_weights_classify_a_real_photo(name):
         assert (info.image_size, info.resize_size, info.interpolation, info.mean, info.std, info.package) == \
             (base.image_size, base.resize_size, base.interpolation, base.mean, base.std, base.package)
         torch.testing.assert_close(lm.model.head_eager(act), whole, atol=1e-4, rtol=1e-4)
-        grad = lm.model.autograd(x, top)[2]
-        ours = lm.model.head().backward(act, lm.model.head().forward_cache(act)[1], top)
-        torch.testing.assert_close(ours, grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-4)
+        grad = lm.model.autograd(x, top)[2]       # the whole model, hooked at the target layer
+        split = head_autograd(lm, act, None, top)[1]   # the split's head alone (what the export traces)
+        torch.testing.assert_close(split, grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-4)
     else:
         assert act.shape[1] == 1280
 
@@ -489,23 +535,24 @@ def test_larger_lite_package_weights_classify_a_real_photo(name):
 @pytest.mark.parametrize("name", ["efficientnet_b0-lastblock", "mobilenet_v3_large-lastblock"])
 def test_torchvision_lastblock_split_is_the_whole_model(name):
     """The lastblock split of torchvision's EfficientNet-B0 and MobileNetV3-Large (random weights, eval): trunk
-    then the local 1x1 conv head, pooling and classifier give the whole model's logits, and the hand-written
-    backward equals autograd on the unmodified model with a hook on features[-2]."""
+    then the local 1x1 conv head, pooling and classifier give the whole model's logits, and the gradient through
+    the split's head alone equals autograd on the unmodified model with a hook on features[-2]."""
     from export.architectures import _build
-    from export.pooled import PooledModel
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model, parts = _build(model_info(name).arch, 1000)
     pm = PooledModel(model.eval(), parts(model)).eval()
-    assert len(pm.local) == 3 and pm.parts.target_module is model.features[-2]
+    assert pm.parts.local_modules == [model.features[-1]] and pm.parts.target_module is model.features[-2]
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([5, -1])
     logits, act, grad = pm.autograd(x, target)
     with torch.no_grad():
         torch.testing.assert_close(pm.head_eager(pm.parts.trunk(x)), logits, atol=1e-5, rtol=1e-5)
-        out, caches = pm.head().forward_cache(act)
-        ours = pm.head().backward(act, caches, torch.where(target < 0, out.argmax(1), target))
+    a = act.clone().requires_grad_(True)
+    out = pm.head_eager(a)
+    t = torch.where(target < 0, out.argmax(1), target)
+    (ours,) = torch.autograd.grad(out.gather(1, t[:, None]).sum(), a)
     torch.testing.assert_close(ours, grad, atol=1e-6 * float(grad.abs().max()), rtol=1e-4)
 
 
