@@ -278,7 +278,8 @@ def _import(rec: dict, path: Path, size: int | None, name: str, work: Path) -> d
     except (ImportError_, GradientError, ExportError) as e:
         rec["seconds"]["import"] = time.perf_counter() - t
         cat, op = _classify_import_error(e)
-        rec |= {"category": cat, "reason": _validation_reason(e) if cat == "validation" else _one_line(e)}
+        reason = _validation_reason(e) if cat == "validation" else _one_line(e)
+        rec |= {"category": cat, "reason": reason.replace(f"{path}: ", "").replace(str(path), path.name)}
         if op:
             rec["op"] = op
         return rec
