@@ -428,9 +428,9 @@ def tables(data: dict) -> str:
     if data.get("lite0_parity"):
         lp = data["lite0_parity"]
         out.append(f"EfficientNet-Lite0 (real weights), imported vs registry export, {lp['photos']} photos:")
-        out.append(common.format_table(["method", "photos", "min Pearson", "median Pearson"],
-                                       [[m, v["n"], f"{v['min']:.8f}", f"{v['median']:.8f}"]
-                                        for m, v in lp["methods"].items()]))
+        out.append(common.format_table(["method", "photos", "same target", "min Pearson", "median Pearson"],
+                                       [[m, v["n"], v.get("same_target", "-"), f"{v['min']:.8f}",
+                                         f"{v['median']:.8f}"] for m, v in lp["methods"].items()]))
     return "\n\n".join(out)
 
 
@@ -481,7 +481,7 @@ def run(args) -> dict:
             f"{': ' + rec['reason'] if rec['category'] != 'validated' else ''} ({rec['wall_s']:.0f} s, "
             f"{rec['peak_rss_mb'] / 1024:.1f} GiB)")
     if args.lite0_photos:
-        data["lite0_parity"] = lite0_parity(Path(args.lite0_photos), args.photos)
+        data["lite0_parity"] = lite0_parity(Path(args.lite0_photos), args.photos, args.scorecam_photos)
     _save(path, data, planned)
     return data
 
@@ -514,7 +514,7 @@ def pearson(a, b) -> float:
     return float((a * b).sum() / den) if den > 0 else (1.0 if not a.any() and not b.any() else 0.0)
 
 
-def lite0_parity(data_dir: Path, n: int) -> dict:
+def lite0_parity(data_dir: Path, n: int, n_score: int) -> dict:
     import csv
 
     import numpy as np
@@ -540,21 +540,25 @@ def lite0_parity(data_dir: Path, n: int) -> dict:
         b = Explainer.from_artifacts(tmp / "registry", engine="cpu")
         images = [load_image(data_dir / r["file"]) for r in rows]
         per: dict[str, list] = {}
+        same_target: dict[str, int] = {}
         for method in list_methods():
             t = time.perf_counter()
-            vals = []
-            for i in range(0, len(images), 8):
-                xa = a.explain_arrays(images[i:i + 8], method=method)
-                xb = b.explain_arrays(images[i:i + 8], method=method)
+            vals, same = [], 0
+            todo = images[:n_score] if method.startswith("scorecam") else images
+            for i in range(0, len(todo), 8):
+                xa = a.explain_arrays(todo[i:i + 8], method=method)
+                xb = b.explain_arrays(todo[i:i + 8], method=method)
                 vals += [pearson(p.saliency, q.saliency) for p, q in zip(xa, xb)]
-            per[method] = vals
+                same += sum(p.target == q.target for p, q in zip(xa, xb))
+            per[method], same_target[method] = vals, same
             log(f"[lite0] {method}: min Pearson {min(vals):.8f} over {len(vals)} photos "
                 f"({time.perf_counter() - t:.0f} s)")
     return {"photos": len(images), "data": "ImageNet validation photos (DATA_DIR/manifest.csv, first rows)",
             "target": "each export's top-1 class", "import_target_layer": imp.manifest["target_layer"],
             "registry_target_layer": reg.manifest["target_layer"],
+            "scorecam_photos": min(n_score, len(images)),
             "methods": {m: {"n": len(v), "min": float(np.min(v)), "median": float(np.median(v)),
-                            "values": v} for m, v in per.items()}}
+                            "same_target": same_target[m], "values": v} for m, v in per.items()}}
 
 
 def main(argv=None) -> int:
@@ -576,6 +580,8 @@ def main(argv=None) -> int:
     p.add_argument("--onnx-library", default=None, help="the name of --onnx-dir's models in the tables")
     p.add_argument("--lite0-photos", default=None, help="DATA_DIR: also measure Lite0 imported vs registry there")
     p.add_argument("--photos", type=int, default=48, help="photos for --lite0-photos (default 48)")
+    p.add_argument("--scorecam-photos", type=int, default=48,
+                   help="of those, for Score-CAM and Score-CAM++ (a classifier forward per channel: 1280 for Lite0)")
     args = p.parse_args(argv)
     if args.lite0_photos and not (Path(args.lite0_photos) / "manifest.csv").is_file():
         print(f"error: {args.lite0_photos}: no manifest.csv (an ImageNet validation folder, see benchmarks/README.md)",

@@ -953,8 +953,10 @@ def read_label_file(path: str | os.PathLike, count: int) -> tuple[str, ...]:
         raise ImportError_(f"{path}: cannot read labels ({e})") from None
     if len(labels) != count:
         raise ImportError_(f"{path}: {len(labels)} labels for a classifier with {count} outputs")
-    if len(set(labels)) != len(labels):
-        raise ImportError_(f"{path}: labels are not unique")
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:   # ImageNet-1k's standard names repeat two ("crane", "maillot"), as the registry's labels do
+        log(f"[import] {path}: {len(dup)} labels appear more than once ({', '.join(dup[:5])}): a target given by such "
+            f"a name takes its first index; give the index for the others")
     if any(not lab.isprintable() for lab in labels):
         raise ImportError_(f"{path}: a label contains a control character")
     return tuple(labels)

@@ -383,3 +383,21 @@ def test_a_head_that_reads_the_input_batch_is_cut_at_the_feature_map(tmp_path):
     fc_w = numpy_helper.to_array(inits[3]).astype(np.float64)
     assert np.abs(logits - (a.mean((2, 3)) @ fc_w.T + numpy_helper.to_array(inits[4]))).max() <= 1e-5
     assert np.abs(grads - (fc_w[[0, 1, 2]] / 144)[:, :, None, None]).max() <= 1e-7
+
+
+def test_repeated_labels_are_accepted_as_imagenet_has_them(tmp_path, capsys):
+    """ImageNet-1k's standard names repeat "crane" and "maillot": the import takes them (a name takes its first
+    index, as the runtime resolves it) and says so."""
+    from export.onnx_import import read_label_file
+
+    f = tmp_path / "names.txt"
+    f.write_text("crane\ncat\ncrane\n")
+    assert read_label_file(f, 3) == ("crane", "cat", "crane")
+    assert "1 labels appear more than once (crane)" in capsys.readouterr().err
+    with pytest.raises(ImportError_, match="2 labels for a classifier with 3 outputs"):
+        read_label_file(_write(tmp_path / "two.txt", "a\nb\n"), 3)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
