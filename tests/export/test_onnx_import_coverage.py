@@ -401,3 +401,34 @@ def test_repeated_labels_are_accepted_as_imagenet_has_them(tmp_path, capsys):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_gradient_check_moves_off_a_maxpool_tie_of_zeros(monkeypatch):
+    """Inception v3 at 96 px: the head max-pools the activations, which hold exact zeros after their ReLU; a window
+    of zeros is a kink at the point itself (no central difference measures a gradient there). The check moves
+    the points by TIE_BREAK of their RMS value first; without that it fails on a correct gradient."""
+    import export.onnx_import as oi
+    from export.onnx_grad import target_gradient_graph
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MaxPool", ["activations"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["mp"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "w", "b"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("activations", TensorProto.FLOAT,
+                                                                        ["batch", 4, 4, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])],
+                          [_init("w", rng.normal(size=(K, 4))), _init("b", rng.normal(size=K))])
+    head = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    head.ir_version = 8
+    sess = ort.InferenceSession(target_gradient_graph(head, "activations", "logits").SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    points = np.maximum(rng.normal(size=(2, 4, 4, 4)), 0).astype(np.float32)
+    points[:, :, :2, :2] = 0.0                       # a window of zeros in every channel
+    target = np.array([-1, 1], np.int64)
+    assert check_gradients_ok(oi, head, sess, points, target)
+    monkeypatch.setattr(oi, "TIE_BREAK", 0.0)
+    assert not check_gradients_ok(oi, head, sess, points, target)
+
+
+def check_gradients_ok(oi, head, sess, points, target) -> bool:
+    return oi.check_gradients(head, sess, points, target)["ok"]
