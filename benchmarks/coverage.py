@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
