@@ -426,9 +426,10 @@ def tables(data: dict) -> str:
     if data.get("lite0_parity"):
         lp = data["lite0_parity"]
         out.append(f"EfficientNet-Lite0 (real weights), imported vs registry export, {lp['photos']} photos:")
-        out.append(common.format_table(["method", "photos", "same target", "min Pearson", "median Pearson"],
+        out.append(common.format_table(["method", "photos", "same target", "min Pearson", "1 - min", "1 - median"],
                                        [[m, v["n"], v.get("same_target", "-"), f"{v['min']:.8f}",
-                                         f"{v['median']:.8f}"] for m, v in lp["methods"].items()]))
+                                         f"{1 - v['min']:.1e}", f"{1 - v['median']:.1e}"]
+                                        for m, v in lp["methods"].items()]))
     return "\n\n".join(out)
 
 
