@@ -910,6 +910,43 @@ def _layer_norm(e, node, gy):
     return [gx] + [None] * (len(node.input) - 1)
 
 
+@rule("InstanceNormalization")
+def _instance_norm(e, node, gy):
+    """y = scale_c (x - mean) / sqrt(var + eps) + B_c, mean and var over the spatial axes of each (n, c)."""
+    x, scale = node.input[0], node.input[1]
+    for t in node.input[1:]:
+        if e.needs(t):
+            raise GradientError(f"node {node_label(node)}: only the data input of InstanceNormalization is "
+                                f"differentiable here")
+    r = e.rank(x, node)
+    axes = list(range(2, r))
+    mu = e.reduce("ReduceMean", x, axes, keepdims=1)
+    xc = e.op("Sub", [x, mu])
+    var = e.reduce("ReduceMean", e.mul(xc, xc), axes, keepdims=1)
+    eps = float(_attrs(node).get("epsilon", 1e-5))
+    rstd = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [var, e.const(eps)])])])
+    xh = e.mul(xc, rstd)
+    gh = e.mul(gy[0], e.unsqueeze(scale, range(1, r - 1)))     # scale [C] -> [C, 1, ...]
+    m1 = e.reduce("ReduceMean", gh, axes, keepdims=1)
+    m2 = e.reduce("ReduceMean", e.mul(gh, xh), axes, keepdims=1)
+    return [e.mul(rstd, e.op("Sub", [e.op("Sub", [gh, m1]), e.mul(xh, m2)])), None, None]
+
+
+@rule("Tile")
+def _tile(e, node, gy):
+    """y = x repeated `repeats` times along each axis: the cotangent, viewed as [r_0, d_0, r_1, d_1, ...], summed
+    over the repeats."""
+    x = node.input[0]
+    r = e.rank(x, node)
+    reps = _const_input(e, node, 1, "repeats").astype(np.int64)
+    dims = e.shape_of(x)
+    parts = []
+    for i in range(r):
+        parts += [e.const(reps[i:i + 1]), e.op("Gather", [dims, e.const(np.array([i], np.int64))])]
+    view = e.op("Reshape", [gy[0], e.op("Concat", parts, axis=0)])
+    return [e.reduce("ReduceSum", view, range(0, 2 * r, 2), keepdims=0), None]
+
+
 # -- the reverse walk -----------------------------------------------------------------------------------------------
 
 def opset_of(model: onnx.ModelProto) -> int:

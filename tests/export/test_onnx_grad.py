@@ -23,6 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from export.onnx_grad import GradientError, gradient_graph, prepare, target_gradient_graph, to_float64
+from tests.export.grad_cases_cnn import CNN_CASES
 
 FD_TOL = 1e-7       # float64 central differences: |fd - <g, v>| <= FD_TOL * |g| |v|
 TORCH_TOL = 1e-9    # float64: max |ours - torch| <= TORCH_TOL * max |torch|
@@ -430,6 +431,8 @@ CASES = {
     "opset11-clip-attrs": ([N("Clip", ["x"], min=-0.5, max=0.5)], (2, 3), None,
                            lambda x, c: F.hardtanh(x, -0.5, 0.5), {"opset": 6}),
 }
+
+CASES.update(CNN_CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,0 +1,30 @@
+"""Gradient-rule cases for ops of CNN trunks (tests/export/test_onnx_grad.py runs them with its other CASES):
+the same (nodes, x shape, initializers, torch function[, options]) form."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from onnx import helper
+
+
+def _rnd(*shape, seed=1, scale=1.0):
+    return np.random.default_rng(seed).normal(size=shape) * scale
+
+
+def _n(op, inputs, outputs=("y",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), **attrs)
+
+
+CNN_CASES = {
+    "instance-norm": ([_n("InstanceNormalization", ["x", "s", "b"], epsilon=2 ** -10)], (2, 3, 4, 5),
+                      {"s": _rnd(3, seed=60), "b": _rnd(3, seed=61)},
+                      lambda x, c: F.instance_norm(x, weight=c["s"], bias=c["b"], eps=2 ** -10)),
+    "instance-norm-1d": ([_n("InstanceNormalization", ["x", "s", "b"])], (2, 3, 7),
+                         {"s": _rnd(3, seed=62), "b": _rnd(3, seed=63)},
+                         lambda x, c: F.instance_norm(x, weight=c["s"], bias=c["b"], eps=1e-5)),
+    "tile": ([_n("Tile", ["x", "rep"])], (2, 3, 4), {"rep": np.array([1, 2, 3], np.int64)},
+             lambda x, c: x.repeat(1, 2, 3)),
+    "tile-batch": ([_n("Tile", ["x", "rep"])], (2, 3, 1, 2), {"rep": np.array([2, 1, 3, 1], np.int64)},
+                   lambda x, c: x.repeat(2, 1, 3, 1)),
+}
