@@ -28,3 +28,29 @@ CNN_CASES = {
     "tile-batch": ([_n("Tile", ["x", "rep"])], (2, 3, 1, 2), {"rep": np.array([2, 1, 3, 1], np.int64)},
                    lambda x, c: x.repeat(2, 1, 3, 1)),
 }
+
+
+def _interp(mode, **kw):
+    import torch.nn.functional as F  # noqa: N812
+
+    return lambda x, c: F.interpolate(x, mode=mode, **kw)
+
+
+CNN_CASES.update({
+    # torch.onnx's F.interpolate(scale_factor=2) (nearest: asymmetric, floor) and bilinear (pytorch_half_pixel)
+    "resize-nearest-x2": ([_n("Resize", ["x", "", "sc"], mode="nearest", coordinate_transformation_mode="asymmetric",
+                              nearest_mode="floor")], (2, 3, 3, 4), {"sc": np.array([1, 1, 2, 2], np.float32)},
+                          _interp("nearest", scale_factor=2)),
+    "resize-bilinear-half-pixel": ([_n("Resize", ["x", "", "sc"], mode="linear",
+                                       coordinate_transformation_mode="pytorch_half_pixel")], (2, 3, 3, 4),
+                                   {"sc": np.array([1, 1, 2, 1.5], np.float32)},
+                                   _interp("bilinear", scale_factor=(2, 1.5), align_corners=False)),
+    # F.interpolate(size=...): the sizes computed from the input's shape (batch and channels kept)
+    "resize-bilinear-align-corners-sizes": ([_n("Shape", ["x"], ["s"], end=2), _n("Concat", ["s", "hw"], ["sz"], axis=0),
+                                             _n("Resize", ["x", "", "", "sz"], mode="linear",
+                                                coordinate_transformation_mode="align_corners")], (2, 3, 4, 3),
+                                            {"hw": np.array([7, 5], np.int64)},
+                                            _interp("bilinear", size=(7, 5), align_corners=True)),
+    "resize-down-nearest": ([_n("Resize", ["x", "", "sc"], mode="nearest")], (2, 3, 6, 4),
+                            {"sc": np.array([1, 1, 0.5, 0.5], np.float32)}, None),
+})

@@ -521,9 +521,9 @@ def test_an_op_without_a_rule_on_the_path_is_named():
     with pytest.raises(GradientError, match=r"node 'y' \(Einsum\) is on the path from 'x' to 'y' and has no "
                                             r"gradient rule"):
         gradient_graph(with_seed(m), "x", "y", "seed")
-    m = make_model([N("Relu", ["x"], ["r"]), N("Resize", ["r", "", "s"], ["y"], mode="nearest")], (2, 3, 2, 2),
-                   {"s": np.array([1, 1, 2, 2], np.float32)})
-    with pytest.raises(GradientError, match=r"\(Resize\)"):
+    m = make_model([N("Relu", ["x"], ["r"]), N("Resize", ["r", "", "s"], ["y"], mode="nearest", axes=[2, 3])],
+                   (2, 3, 2, 2), {"s": np.array([2, 2], np.float32)})    # the Resize rule takes no `axes`
+    with pytest.raises(GradientError, match=r"\(Resize\): Resize with an `axes` attribute has no rule"):
         gradient_graph(with_seed(m), "x", "y", "seed")
 
 

@@ -455,25 +455,50 @@ def check_gradients_ok(oi, head, sess, points, target) -> bool:
     return oi.check_gradients(head, sess, points, target)["ok"]
 
 
-def test_a_groupnorm_head_from_torch_is_differentiated(tmp_path):
-    """torch.onnx writes nn.GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add: with the
-    InstanceNormalization rule a head that holds one is imported, and its gradients equal torch autograd's."""
+def _head_net(kind):
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    nn = torch.nn
+
+    class _Upsample(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.mode = mode
+
+        def forward(self, x):
+            kw = {} if self.mode == "nearest" else {"align_corners": False}
+            return F.interpolate(x, scale_factor=2, mode=self.mode, **kw)
+
+    mid = {"groupnorm": [nn.GroupNorm(4, 8)],
+           "upsample": [_Upsample("bilinear"), nn.Conv2d(8, 8, 3, padding=1), _Upsample("nearest")]}[kind]
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *mid, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, K)).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    return net, {"groupnorm": "InstanceNormalization", "upsample": "Resize"}[kind]
+
+
+@pytest.mark.parametrize("kind", ["groupnorm", "upsample"])
+def test_a_head_with_groupnorm_or_upsampling_from_torch_is_differentiated(kind, tmp_path):
+    """torch.onnx writes nn.GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, and
+    F.interpolate as Resize: a head that holds them (a target layer chosen before them) is imported, and its
+    gradients equal torch autograd's."""
     import torch
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, K)).eval()
-    with torch.no_grad():
-        net[1].weight.normal_()
-        net[1].bias.normal_()
-    path = tmp_path / "gn.onnx"
+    net, op = _head_net(kind)
+    path = tmp_path / "m.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "InstanceNormalization" in ops
-    conv = next(n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
+    nodes = onnx.load(str(path)).graph.node
+    assert op in {n.op_type for n in nodes}
+    conv = next(n.output[0] for n in nodes if n.op_type == "Conv")
     res = import_onnx(path, tmp_path / "out", conv, Preprocess(resize="stretch"))
     assert res.manifest["validation"]["gradients"]["max_error"] <= 1e-3
     sess = ort.InferenceSession(str(tmp_path / "out" / "head_grad.onnx"), providers=["CPUExecutionProvider"])
@@ -481,6 +506,5 @@ def test_a_groupnorm_head_from_torch_is_differentiated(tmp_path):
     t = np.array([1, 4], np.int64)
     _, grads = sess.run(["logits", "gradients"], {"activations": a, "target": t})
     at = torch.from_numpy(a).double().requires_grad_(True)
-    head = net[1:].double()
-    (ref,) = torch.autograd.grad(head(at)[torch.arange(2), torch.from_numpy(t)].sum(), at)
+    (ref,) = torch.autograd.grad(net[1:].double()(at)[torch.arange(2), torch.from_numpy(t)].sum(), at)
     assert np.abs(grads - ref.numpy()).max() <= 1e-4 * np.abs(ref.numpy()).max()
