@@ -910,6 +910,108 @@ def _layer_norm(e, node, gy):
     return [gx] + [None] * (len(node.input) - 1)
 
 
+@rule("InstanceNormalization")
+def _instance_norm(e, node, gy):
+    """y = scale_c (x - mean) / sqrt(var + eps) + B_c, mean and var over the spatial axes of each (n, c)."""
+    x, scale = node.input[0], node.input[1]
+    for t in node.input[1:]:
+        if e.needs(t):
+            raise GradientError(f"node {node_label(node)}: only the data input of InstanceNormalization is "
+                                f"differentiable here")
+    r = e.rank(x, node)
+    axes = list(range(2, r))
+    mu = e.reduce("ReduceMean", x, axes, keepdims=1)
+    xc = e.op("Sub", [x, mu])
+    var = e.reduce("ReduceMean", e.mul(xc, xc), axes, keepdims=1)
+    eps = float(_attrs(node).get("epsilon", 1e-5))
+    rstd = e.op("Reciprocal", [e.op("Sqrt", [e.op("Add", [var, e.const(eps)])])])
+    xh = e.mul(xc, rstd)
+    gh = e.mul(gy[0], e.unsqueeze(scale, range(1, r - 1)))     # scale [C] -> [C, 1, ...]
+    m1 = e.reduce("ReduceMean", gh, axes, keepdims=1)
+    m2 = e.reduce("ReduceMean", e.mul(gh, xh), axes, keepdims=1)
+    return [e.mul(rstd, e.op("Sub", [e.op("Sub", [gh, m1]), e.mul(xh, m2)])), None, None]
+
+
+@rule("Tile")
+def _tile(e, node, gy):
+    """y = x repeated `repeats` times along each axis: the cotangent, viewed as [r_0, d_0, r_1, d_1, ...], summed
+    over the repeats."""
+    x = node.input[0]
+    r = e.rank(x, node)
+    reps = _const_input(e, node, 1, "repeats").astype(np.int64)
+    dims = e.shape_of(x)
+    parts = []
+    for i in range(r):
+        parts += [e.const(reps[i:i + 1]), e.op("Gather", [dims, e.const(np.array([i], np.int64))])]
+    view = e.op("Reshape", [gy[0], e.op("Concat", parts, axis=0)])
+    return [e.reduce("ReduceSum", view, range(0, 2 * r, 2), keepdims=0), None]
+
+
+def _resize_matrices(e, node, xs: list[int], ys: list[int]) -> list[np.ndarray]:
+    """Per spatial axis j, the matrix R_j [ys_j, xs_j] of the (separable, linear) Resize along it: the node's own
+    attributes and scales run by onnx.reference on a one-hot basis (constant along the other axes, which every
+    mode keeps constant)."""
+    from onnx.reference import ReferenceEvaluator
+
+    a = {k: v for k, v in _attrs(node).items()}
+    if "axes" in a:
+        raise GradientError(f"node {node_label(node)}: Resize with an `axes` attribute has no rule")
+    scales = _const_input(e, node, 2, "scales") if len(node.input) > 2 and node.input[2] else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    if len(node.input) > 1 and node.input[1] and _const_input(e, node, 1, "roi").size:
+        ctm = a.get("coordinate_transformation_mode", b"half_pixel")
+        if (ctm.decode() if isinstance(ctm, bytes) else ctm) == "tf_crop_and_resize":
+            raise GradientError(f"node {node_label(node)}: Resize in tf_crop_and_resize mode has no rule")
+    if scales is not None and (scales[:2] != 1).any():
+        raise GradientError(f"node {node_label(node)}: Resize of the batch or channel axis has no rule")
+    mats = []
+    for j, (n_in, n_out) in enumerate(zip(xs, ys)):
+        basis = np.zeros([n_in, 1] + list(xs), np.float64)       # item k: one-hot at k along axis j
+        np.moveaxis(basis, 2 + j, 2)[np.arange(n_in), 0, np.arange(n_in)] = 1.0
+        inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
+        inits = ([numpy_helper.from_array(scales.astype(np.float32), "scales")] if scales is not None else
+                 [numpy_helper.from_array(np.array([n_in, 1] + list(ys), np.int64), "sizes")])
+        g = helper.make_graph([helper.make_node("Resize", inputs, ["y"], **a)], "resize",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(basis.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(e.opset, 13))])
+        try:
+            out = ReferenceEvaluator(m).run(None, {"x": basis})[0]
+        except Exception as err:  # the reference raises several types for modes it lacks
+            raise GradientError(f"node {node_label(node)}: Resize's matrix could not be computed "
+                                f"({str(err).splitlines()[0][:120]})") from None
+        pick = [slice(None), 0] + [0] * len(xs)
+        pick[2 + j] = slice(None)
+        mats.append(np.ascontiguousarray(out[tuple(pick)].T))   # [n_out, n_in]
+    return mats
+
+
+@rule("Resize")
+def _resize(e, node, gy):
+    """A Resize is linear and separable: y = x x_j R_j along each spatial axis j (R_j from the node itself, see
+    _resize_matrices); the cotangent goes back through R_j^T, axis by axis, as MatMuls."""
+    x, y = node.input[0], node.output[0]
+    for i, t in enumerate(node.input[1:], 1):
+        if e.needs(t):
+            raise GradientError(f"node {node_label(node)}: input {i} of Resize depends on the differentiated "
+                                f"tensor")
+    r = e.rank(x, node)
+    xs, ys = e.static(x, range(2, r), node), e.static(y, range(2, r), node)
+    g = gy[0]
+    for j, mat in enumerate(_resize_matrices(e, node, xs, ys)):
+        axis = 2 + j
+        perm = list(range(r))
+        perm[axis], perm[-1] = perm[-1], perm[axis]
+        gt = e.op("Transpose", [g], perm=perm) if axis != r - 1 else g
+        gt = e.op("MatMul", [gt, e.const(mat.astype(e.np_dtype))])        # [..., n_out] @ [n_out, n_in]
+        g = e.op("Transpose", [gt], perm=perm) if axis != r - 1 else gt
+    return [g] + [None] * (len(node.input) - 1)
+
+
+NON_DIFFERENTIABLE_INPUTS["Resize"] = (1, 2, 3)   # roi, scales, sizes
+
+
 # -- the reverse walk -----------------------------------------------------------------------------------------------
 
 def opset_of(model: onnx.ModelProto) -> int:

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from runtime.artifacts import sha256_path
 from runtime.fsutil import remove_stale_temporaries, temp_dir
 from runtime.manifest import SET_NAME, ManifestError, validate_manifest
 from runtime.spec import FAMILIES, MANIFEST_VERSION
 
-from .onnx_grad import GradientError, infer_types, opset_of, prepare, target_gradient_graph, to_float64
+from .onnx_grad import NON_DIFFERENTIABLE_INPUTS, GradientError, dependents, infer_types, opset_of, prepare
+from .onnx_grad import target_gradient_graph, to_float64
 from .writing import ExportError, ValidationError, check_structure, compare, graph_entries, install, log, summarise
 from .writing import write_labels
 
@@ -53,12 +54,14 @@ ATOL, RTOL = 1e-4, 1e-4
 VALIDATION_BATCHES = (1, 3)
 # Gradients: for each direction v (unit norm per image), |central difference of logits[b, t_b] along v - <g_b, v>|
 # in units of |g_b| / sqrt(n) (the RMS derivative over random unit directions; n = C h w). Float64 differences
-# (step 1e-6 |A_b|) measure the float32 gradient's own error; float32 differences (heads too large for the float64
-# evaluator) are limited by rounding (step 1e-2 |A_b|).
+# (step 1e-9 |A_b|: small enough not to cross the ReLU and MaxPool kinks of a deep head, e.g. Inception v3; raised
+# where the logit's rounding would show, see check_gradients) measure the float32 gradient's own error; float32
+# differences (heads too large for the float64 evaluator) are limited by rounding (step 1e-2 |A_b|).
 GRAD_DIRECTIONS = 4           # random directions, plus the gradient's own
 GRAD_TOL = {"float64": 1e-3, "float32": 5e-2}
-GRAD_STEP = {"float64": 1e-6, "float32": 1e-2}
+GRAD_STEP = {"float64": 1e-9, "float32": 1e-2}
 FLOAT64_MAX_MACS = 3e8        # per image: larger heads are checked in float32 by ONNX Runtime
+TIE_BREAK = 1e-3              # the checked points move by this fraction of their RMS value (check_gradients)
 
 
 class ImportError_(ExportError):
@@ -128,6 +131,8 @@ class Source:
     rewritten: list = field(default_factory=list)   # Reshape nodes whose baked batch now copies the input's
     notes: list = field(default_factory=list)       # what the log says about the graph
     types: dict = field(default_factory=dict)       # tensor name -> onnx.TypeProto of `model`
+    channels_last: bool = False                     # the user's input is [N, H, W, 3]: `image` is a new NCHW input
+    original_image: str | None = None               # the user's input name (in `original`), when it differs
 
 
 @dataclass
@@ -157,7 +162,8 @@ def _load(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _image_input(model: onnx.ModelProto, path: Path) -> str:
+def _image_input(model: onnx.ModelProto, path: Path) -> tuple[str, bool]:
+    """(the image input's name, whether it is channels-last [N, H, W, 3])."""
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -168,9 +174,12 @@ def _image_input(model: onnx.ModelProto, path: Path) -> str:
         raise ImportError_(f"{path}: input '{vi.name}' must be float32 (it is "
                            f"{TensorProto.DataType.Name(vi.type.tensor_type.elem_type)})")
     d = _dims(vi.type)
+    if d is not None and len(d) == 4 and d[3] == 3 and d[1] != 3:
+        return vi.name, True      # channels last (Keras, TensorFlow, tf2onnx)
     if d is None or len(d) != 4 or d[1] not in (3, None) and not isinstance(d[1], str):
-        raise ImportError_(f"{path}: input '{vi.name}' must be an image batch [N, 3, H, W] (shape {d})")
-    return vi.name
+        raise ImportError_(f"{path}: input '{vi.name}' must be an image batch [N, 3, H, W] or [N, H, W, 3] "
+                           f"(shape {d})")
+    return vi.name, False
 
 
 def _logits(model: onnx.ModelProto, path: Path, output: str | None) -> tuple[str, str, str | None]:
@@ -274,10 +283,19 @@ def _fill_unknown_shapes(model: onnx.ModelProto, image: str, size: int, names: l
     sess = ort.InferenceSession(m.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"])
     outs = [o.name for o in sess.get_outputs()]
     runs = [dict(zip(outs, sess.run(outs, {image: np.zeros((b, 3, size, size), np.float32)}))) for b in (2, 3)]
+    filled = set()
     for n in names:
         a, b = runs[0][n], runs[1][n]
-        if a.ndim != b.ndim:
+        if a.ndim != b.ndim or any(x != y and (x, y) != (2, 3) for x, y in zip(a.shape, b.shape)):
             continue
+        filled.add(n)
+    keep = [vi for vi in model.graph.value_info if vi.name not in filled]   # the partial shapes they replace
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    for n in names:
+        if n not in filled:
+            continue
+        a, b = runs[0][n], runs[1][n]
         dims = ["batch" if (x, y) == (2, 3) else x for x, y in zip(a.shape, b.shape)]
         vi = helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), dims)
         model.graph.value_info.append(vi)
@@ -291,12 +309,12 @@ def read_source(path: str | os.PathLike, size: int | None = None, output: str | 
         model = prepare(original)
     except GradientError as e:
         raise ImportError_(f"{path}: {e}") from None
-    image = _image_input(model, path)
+    image, channels_last = _image_input(model, path)
     logits, out, dropped = _logits(model, path, output)
     vi = next(i for i in model.graph.input if i.name == image)
     d = _dims(vi.type)
     batch0 = d[0] if d[0] is not None else "N"
-    fixed = [x for x in d[2:] if isinstance(x, int)]
+    fixed = [x for x in (d[1:3] if channels_last else d[2:]) if isinstance(x, int)]
     if len(fixed) == 2 and fixed[0] != fixed[1]:
         raise ImportError_(f"{path}: input '{image}' is fixed at {fixed[0]}x{fixed[1]}; the runtime feeds square "
                            f"images")
@@ -304,6 +322,18 @@ def read_source(path: str | os.PathLike, size: int | None = None, output: str | 
         raise ImportError_(f"{path}: input '{image}' is fixed at {fixed[0]}x{fixed[0]}; --size {size} differs")
     size = int(size or (fixed[0] if fixed else 224))
     notes = []
+    original_image = image
+    if channels_last:   # the runtime feeds [N, 3, H, W]: a new input, transposed to the user's layout
+        taken = _all_names(model.graph) | {o.name for o in model.graph.output}
+        nchw, i = f"{image}__nchw", 0
+        while nchw in taken:
+            i += 1
+            nchw = f"{image}__nchw{i}"
+        model.graph.node.insert(0, helper.make_node("Transpose", [nchw], [image], perm=[0, 2, 3, 1],
+                                                    name=f"{image}__to_channels_last"))
+        vi.name = image = nchw
+        notes.append(f"input '{original_image}' is channels-last [N, H, W, 3]: the graphs take [N, 3, H, W] and "
+                     f"transpose it")
     # dynamic batch: the input's first axis, no stale intermediate shapes
     _set_dims(vi, ["batch", 3, size, size])
     del model.graph.value_info[:]
@@ -322,12 +352,16 @@ def read_source(path: str | os.PathLike, size: int | None = None, output: str | 
             o.CopyFrom(io)
     types = infer_types(model)
     on_path = sorted(_reachable(model.graph, image) & _ancestors(model.graph, logits))
-    unknown = [n for n in on_path if _dims(types.get(n)) is None]
+    # unknown: no rank, or an axis after the first without a size (a Pad or Reshape whose amounts are computed)
+    unknown = [n for n in on_path if _dims(types.get(n)) is None
+               or any(not isinstance(x, int) for x in _dims(types.get(n))[1:])]
     if unknown:
         _fill_unknown_shapes(model, image, size, unknown)
-        notes.append(f"shape inference left {len(unknown)} tensors unknown; their shapes come from running the graph")
+        notes.append(f"shape inference left {len(unknown)} tensors unknown or partly unknown; their shapes come from "
+                     f"running the graph")
         types = infer_types(model)
-    src = Source(model, original, path, image, logits, out, dropped, size, batch0, rewritten, notes, types)
+    src = Source(model, original, path, image, logits, out, dropped, size, batch0, rewritten, notes, types,
+                 channels_last, original_image)
     ld = _dims(types.get(logits))
     if ld is None or len(ld) != 2 or not isinstance(ld[1], int):
         raise ImportError_(f"{path}: the logits '{logits}' must be [batch, K] with a fixed K (shape {ld})")
@@ -372,11 +406,15 @@ def _ancestors(graph: onnx.GraphProto, sink: str) -> set:
     return seen
 
 
-def dominators(graph: onnx.GraphProto, source: str, sink: str) -> list[str]:
+def dominators(graph: onnx.GraphProto, source: str, sink: str, types: dict | None = None) -> list[str]:
     """The tensors every path from `source` to `sink` passes through, from source to sink (both included), by the
     immediate dominators of the tensor DAG in topological order (each tensor's is the lowest common dominator of
-    the tensors its node reads)."""
-    reach = _reachable(graph, source)
+    the tensors its node reads). With `types`, only paths of values count: a shape read from the image
+    (`x.view(x.size(0), -1)` at the head, with x the input) carries no value of it and goes around nothing."""
+    if types is None:
+        reach = _reachable(graph, source)
+    else:
+        reach = dependents(graph, source, types)
     idom, depth = {source: None}, {source: 0}
 
     def lca(a, b):
@@ -387,7 +425,8 @@ def dominators(graph: onnx.GraphProto, source: str, sink: str) -> list[str]:
         return a
 
     for n in graph.node:
-        preds = [i for i in n.input if i in reach and i in idom]
+        cut = NON_DIFFERENTIABLE_INPUTS.get(n.op_type, ()) if types is not None else ()
+        preds = [i for k, i in enumerate(n.input) if i in reach and i in idom and k not in cut]
         if not preds:
             continue
         d = preds[0]
@@ -405,14 +444,60 @@ def dominators(graph: onnx.GraphProto, source: str, sink: str) -> list[str]:
     return chain[::-1]
 
 
+# ops whose (first) input and output are [N, C, spatial...] by the operator's definition
+_NCHW_OPS = frozenset(("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool",
+                       "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "LRN",
+                       "DepthToSpace", "SpaceToDepth", "MaxRoiPool", "MaxUnpool"))
+# ops whose output keeps the axis order of their 4-D inputs (elementwise, with broadcasting)
+_LAYOUT_KEEPING_OPS = frozenset((
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
+    "Gelu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Identity", "Dropout",
+    "Cast", "CastLike", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where"))
+
+
+def layouts(graph: onnx.GraphProto, types: dict, image: str | None = None) -> dict:
+    """Tensor -> its axis order relative to [N, C, h, w], for the 4-D tensors where the graph says it: the operands
+    and results of convolutions, normalisations and pooling are [N, C, h, w] (identity), a Transpose permutes its
+    input's order, elementwise ops keep it. A channels-last copy made for a head (Keras / tf2onnx: Transpose to
+    [N, h, w, C] before ReduceMean) is (0, 2, 3, 1). Tensors the graph says nothing about are absent."""
+    ident = (0, 1, 2, 3)
+    out: dict = {image: ident} if image else {}
+    for n in graph.node:
+        if n.op_type in _NCHW_OPS:
+            if n.input and len(_dims(types.get(n.input[0])) or []) == 4:
+                out.setdefault(n.input[0], ident)
+            for o in n.output[:1]:
+                if len(_dims(types.get(o)) or []) == 4:
+                    out[o] = ident
+        elif n.op_type == "Transpose" and n.input[0] in out:
+            perm = list(_attrs_of(n).get("perm") or [3, 2, 1, 0])
+            if len(perm) == 4:
+                out[n.output[0]] = tuple(out[n.input[0]][p] for p in perm)
+        elif n.op_type in _LAYOUT_KEEPING_OPS:
+            od = _dims(types.get(n.output[0]))
+            for i in n.input:
+                if i in out and od is not None and _dims(types.get(i)) == od:
+                    out[n.output[0]] = out[i]
+                    break
+    return out
+
+
+def _attrs_of(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def candidates(src: Source) -> list[Candidate]:
-    """4-D tensors [batch, C, h, w] every path from the image to the logits passes through, first to last."""
+    """4-D tensors [batch, C, h, w] every path from the image to the logits passes through, first to last (tensors
+    the graph shows in another axis order, e.g. a channels-last copy for the head, are not feature maps [N, C, h,
+    w] and are left out)."""
     types = src.types
     producer = {o: n for n in src.model.graph.node for o in n.output}
+    order = layouts(src.model.graph, types, src.image)
     out = []
-    for t in dominators(src.model.graph, src.image, src.logits)[1:-1]:
+    for t in dominators(src.model.graph, src.image, src.logits, types)[1:-1]:
         d = _dims(types.get(t))
-        if d is not None and len(d) == 4 and all(isinstance(x, int) and x > 0 for x in d[1:]):
+        if d is not None and len(d) == 4 and all(isinstance(x, int) and x > 0 for x in d[1:]) \
+                and order.get(t, (0, 1, 2, 3)) == (0, 1, 2, 3):
             out.append(Candidate(t, d, producer[t].op_type if t in producer else "?"))
     return out
 
@@ -428,6 +513,10 @@ def _why_not(src: Source, name: str) -> str:
     d = _dims(src.types.get(name))
     if d is None or len(d) != 4 or not all(isinstance(x, int) and x > 0 for x in d[1:]):
         return f"--target-layer '{name}': not a 4-D tensor [batch, C, h, w] of fixed C, h, w (shape {d})"
+    order = layouts(g, src.types, src.image).get(name, (0, 1, 2, 3))
+    if order != (0, 1, 2, 3):
+        return (f"--target-layer '{name}': its axes are in the order {''.join('NChw'[a] for a in order)}, not "
+                f"[batch, C, h, w] (a transposed copy of a feature map; see --list-targets)")
     around = _reachable(g, src.image, avoid=name)
     below = _reachable(g, name)
     for n in g.node:   # the first node where a path around the tensor meets one through it: the skip's join
@@ -589,11 +678,15 @@ def derive_graphs(forward: onnx.ModelProto, graph_specs: dict, shapes: dict) -> 
                    or the top-1 class where target[b] < 0 (a `target` input)
         head_grad  head + the same backward
 
-    Each graph's inputs and outputs get the contract's order and the declared `shapes` (contract_shapes). A
+    Each graph's inputs and outputs get the contract's order and the declared `shapes` (contract_shapes).
+    A head that reads the image's shape (`x.view(image.size(0), -1)`) takes it from the activations' batch. A
     GradientError names an op on the head's path without a rule."""
     types = infer_types(forward)
-    cut = {name: _extract(forward, graph_specs[name].input_names, graph_specs[name].output_names, types)
-           for name in ("features", "classify", "head")}
+    height, width = shapes["image"][1][2:]
+    sources = {"features": forward, "classify": forward,
+               "head": _image_shape_from_activations(forward, int(height), int(width))}
+    cut = {name: _extract(src, graph_specs[name].input_names, graph_specs[name].output_names, types)
+           for name, src in sources.items()}
     graphs = {
         **cut,
         "explain": target_gradient_graph(cut["features"], "activations", "logits", "target", "gradients"),
@@ -610,6 +703,39 @@ def derive_graphs(forward: onnx.ModelProto, graph_specs: dict, shapes: dict) -> 
         del m.graph.output[:]
         m.graph.output.extend(order_out)
     return {name: graphs[name] for name in graph_specs}
+
+
+def _image_shape_from_activations(model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
+    """A copy in which every Shape node that reads the image computes [batch, 3, height, width] from the activations'
+    batch instead, for the head (whose only input is the activations): a model may read its input's batch at the
+    head (`x.view(inputs.size(0), -1)`). The nodes stay where the Shape node was: in the head they read an input."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type != "Shape" or n.input[0] != "image":
+            nodes.append(n)
+            continue
+        a = _attrs_of(n)
+        base = f"{n.output[0]}__from_activations"
+        rest = numpy_helper.from_array(np.array([3, height, width], np.int64), f"{base}/rest")
+        m.graph.initializer.append(rest)
+        full = f"{base}/full" if ("start" in a or "end" in a) else n.output[0]
+        nodes += [helper.make_node("Shape", ["activations"], [f"{base}/batch"], end=1, name=f"{base}/batch"),
+                  helper.make_node("Concat", [f"{base}/batch", rest.name], [full], axis=0, name=f"{base}/concat")]
+        if full != n.output[0]:
+            start, end = int(a.get("start", 0)), int(a.get("end", 4))
+            nodes.append(helper.make_node("Slice", [full, _int_init(m, f"{base}/start", start),
+                                                   _int_init(m, f"{base}/end", end)], [n.output[0]],
+                                          name=f"{base}/slice"))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def _int_init(m: onnx.ModelProto, name: str, value: int) -> str:
+    m.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    return name
 
 
 def build_graphs(src: Source, target: Candidate) -> tuple[dict[str, onnx.ModelProto], dict]:
@@ -673,9 +799,12 @@ def _original_logits(src: Source, x: np.ndarray) -> np.ndarray:
         m.graph.output.append(helper.make_empty_tensor_value_info(src.logits))
     sess = _session(m)
     b0 = src.batch
+    name = src.original_image or src.image
+    if src.channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     if not isinstance(b0, int):
-        return sess.run([src.logits], {src.image: x})[0]
-    rows = [sess.run([src.logits], {src.image: np.repeat(x[i:i + 1], b0, 0)})[0][:1] for i in range(len(x))]
+        return sess.run([src.logits], {name: x})[0]
+    rows = [sess.run([src.logits], {name: np.repeat(x[i:i + 1], b0, 0)})[0][:1] for i in range(len(x))]
     return np.concatenate(rows, 0)
 
 
@@ -731,8 +860,14 @@ def _float64_evaluator(head: onnx.ModelProto):
 
 def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, target: np.ndarray,
                     seed: int = 7) -> dict:
-    """Directional-derivative check of head_grad.onnx's gradients at `points` (see GRAD_* above)."""
+    """Directional-derivative check of head_grad.onnx's gradients at `points` (see GRAD_* above), each moved by
+    TIE_BREAK of its RMS value in a random direction: activations after a ReLU hold exact zeros, and a MaxPool
+    window of zeros in the head is a kink at the point itself (its one-sided derivatives differ; the backward
+    takes the first maximum, as torch), where no central difference measures a gradient."""
     rng = np.random.default_rng(seed)
+    b0, n0 = len(points), points[0].size
+    scale = np.linalg.norm(points.reshape(b0, -1).astype(np.float64), axis=1) / math.sqrt(n0)
+    points = (points + TIE_BREAK * scale.reshape(b0, 1, 1, 1) * rng.normal(size=points.shape)).astype(np.float32)
     logits, grads = head_grad_sess.run(["logits", "gradients"], {"activations": points.astype(np.float32),
                                                                  "target": target})
     t = np.where(target < 0, logits.argmax(1), target)
@@ -752,10 +887,15 @@ def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, t
     n = points[0].size
     rms = np.linalg.norm(g.reshape(b, -1), axis=1) / math.sqrt(n)
     dirs = [rng.normal(size=points.shape) for _ in range(GRAD_DIRECTIONS)] + [g]
+    # the step: GRAD_STEP |A_b|, or more where the logit's rounding (eps |y|, over 2 step) would exceed 1% of the
+    # tolerance on the derivative (|g| / sqrt(n)): activations that vanish next to a bias (random weights)
+    eps = float(np.finfo(np.float64 if mode == "float64" else np.float32).eps)
+    y0 = f(p)[np.arange(b), t]
+    floor = 100 * eps * np.abs(y0) * math.sqrt(n) / (GRAD_TOL[mode] * np.maximum(rms * math.sqrt(n), 1e-300))
+    step = np.maximum(GRAD_STEP[mode] * np.linalg.norm(p.reshape(b, -1), axis=1), floor).reshape(b, 1, 1, 1)
     worst, per = 0.0, []
     for k, v in enumerate(dirs):
         v = v / np.maximum(np.linalg.norm(v.reshape(b, -1), axis=1), 1e-300).reshape(b, 1, 1, 1)
-        step = GRAD_STEP[mode] * np.linalg.norm(p.reshape(b, -1), axis=1).reshape(b, 1, 1, 1)
         up, down = f(p + step * v), f(p - step * v)
         fd = (up[np.arange(b), t] - down[np.arange(b), t]) / (2 * step.reshape(b))
         dd = (g * v).reshape(b, -1).sum(1)
@@ -765,6 +905,8 @@ def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, t
     return {"method": f"central differences of head.onnx in {mode}" +
                       (" (onnx.reference)" if mode == "float64" else " (ONNX Runtime)"),
             "precision": mode, "points": b, "directions": len(dirs), "step_relative": GRAD_STEP[mode],
+            "steps_raised_for_rounding": int((floor > GRAD_STEP[mode] * np.linalg.norm(p.reshape(b, -1), axis=1)).sum()),
+            "tie_breaking": TIE_BREAK,
             "units": "|g| / sqrt(C h w) (the RMS derivative over random unit directions)",
             "max_error": worst, "per_direction": per, "tolerance": GRAD_TOL[mode], "ok": worst <= GRAD_TOL[mode]}
 
@@ -844,8 +986,10 @@ def read_label_file(path: str | os.PathLike, count: int) -> tuple[str, ...]:
         raise ImportError_(f"{path}: cannot read labels ({e})") from None
     if len(labels) != count:
         raise ImportError_(f"{path}: {len(labels)} labels for a classifier with {count} outputs")
-    if len(set(labels)) != len(labels):
-        raise ImportError_(f"{path}: labels are not unique")
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:   # ImageNet-1k's standard names repeat two ("crane", "maillot"), as the registry's labels do
+        log(f"[import] {path}: {len(dup)} labels appear more than once ({', '.join(dup[:5])}): a target given by such "
+            f"a name takes its first index; give the index for the others")
     if any(not lab.isprintable() for lab in labels):
         raise ImportError_(f"{path}: a label contains a control character")
     return tuple(labels)
@@ -921,7 +1065,8 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
             "dims": dims,
             "opset": opset_of(graphs["classify"]),
             "versions": _versions(),
-            "source": {"file": model_path.name, "input": src.image, "output": src.output, "logits": src.logits,
+            "source": {"file": model_path.name, "input": src.original_image or src.image,
+                       "layout": "NHWC" if src.channels_last else "NCHW", "output": src.output, "logits": src.logits,
                        "softmax_removed": src.softmax, "batch": src.batch, "reshapes_rewritten": src.rewritten,
                        "target_layer": {"name": target.name, "shape": target.dims, "producer": target.producer,
                                         "chosen": "auto" if target_layer in (None, "", "auto") else "given"}},

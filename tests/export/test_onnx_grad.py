@@ -23,6 +23,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from export.onnx_grad import GradientError, gradient_graph, prepare, target_gradient_graph, to_float64
+from tests.export.grad_cases_cnn import CNN_CASES
 
 FD_TOL = 1e-7       # float64 central differences: |fd - <g, v>| <= FD_TOL * |g| |v|
 TORCH_TOL = 1e-9    # float64: max |ours - torch| <= TORCH_TOL * max |torch|
@@ -444,6 +445,8 @@ CASES = {
                            lambda x, c: F.hardtanh(x, -0.5, 0.5), {"opset": 6}),
 }
 
+CASES.update(CNN_CASES)
+
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_rule_against_finite_differences_torch_and_ort(name):
@@ -536,9 +539,9 @@ def test_an_op_without_a_rule_on_the_path_is_named():
     with pytest.raises(GradientError, match=r"node 'y' \(Einsum\) is on the path from 'x' to 'y' and has no "
                                             r"gradient rule"):
         gradient_graph(with_seed(m), "x", "y", "seed")
-    m = make_model([N("Relu", ["x"], ["r"]), N("Resize", ["r", "", "s"], ["y"], mode="nearest")], (2, 3, 2, 2),
-                   {"s": np.array([1, 1, 2, 2], np.float32)})
-    with pytest.raises(GradientError, match=r"\(Resize\)"):
+    m = make_model([N("Relu", ["x"], ["r"]), N("Resize", ["r", "", "s"], ["y"], mode="nearest", axes=[2, 3])],
+                   (2, 3, 2, 2), {"s": np.array([2, 2], np.float32)})    # the Resize rule takes no `axes`
+    with pytest.raises(GradientError, match=r"\(Resize\): Resize with an `axes` attribute has no rule"):
         gradient_graph(with_seed(m), "x", "y", "seed")
 
 
