@@ -163,19 +163,23 @@ def test_head_must_end_in_a_linear():
 
 
 def test_an_op_without_a_gradient_rule_in_the_head_is_refused_by_name(tmp_path):
-    """The export derives the head's backward from the traced graph: an op without a rule (here Resize, from an
-    Upsample among the local modules) is an ExportError naming the node and its type; nothing is written."""
+    """The export derives the head's backward from the traced graph: an op without a rule (here Sin, from a local
+    module) is an ExportError naming the node and its type; nothing is written."""
     from export.models import LoadedModel
+
+    class Sine(nn.Module):
+        def forward(self, x):
+            return torch.sin(x)
 
     conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
     lin = nn.Linear(6, 4)
-    holder = nn.ModuleList([conv, nn.Upsample(scale_factor=2.0), lin]).eval()
+    holder = nn.ModuleList([conv, Sine(), lin]).eval()
     parts = PooledParts(conv, [lin], conv, name="conv", local_modules=[holder[1]])
     lm = LoadedModel(PooledModel(holder, parts).eval(), "custom", "none", "none", 32, (0.5,) * 3, (0.5,) * 3, True,
                      "pooled-linear", {"resize": "crop", "resize_size": 32, "interpolation": "bilinear"},
                      ("a", "b", "c", "d"))
     out = tmp_path / "o"
-    with pytest.raises(ExportError, match=r"custom: the head after conv cannot be differentiated: node .*\(Resize\) "
+    with pytest.raises(ExportError, match=r"custom: the head after conv cannot be differentiated: node .*\(Sin\) "
                                           r"is on the path from 'activations' to 'logits' and has no gradient rule"):
         export_model(lm, [], out)
     assert not list(out.glob("*.onnx")) and not (out / MANIFEST_NAME).exists()
