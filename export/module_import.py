@@ -403,9 +403,15 @@ def export_module(module: nn.Module, out: str | os.PathLike, target_layer: str =
         }
         if checkpoint is not None:
             provenance["pretrained_id"] = f"sha256:{sha256_path(checkpoint)}"
-        result = import_onnx(path, out, tensor, pre, labels=labels, name=model_name, output="logits",
-                             check=torch_check(module, layer, target_layer, input_size, k), provenance=provenance,
-                             target_advice=_enclosing(target_layer))
+        shown = f"the graph of {model_name} ({exporter})"
+        try:
+            result = import_onnx(path, out, tensor, pre, labels=labels, name=model_name, output="logits",
+                                 check=torch_check(module, layer, target_layer, input_size, k), provenance=provenance,
+                                 target_advice=_enclosing(target_layer), shown_as=shown)
+        except ImportError_ as e:   # name the graph, not its temporary file
+            if str(path) not in str(e):
+                raise
+            raise ModuleExportError(str(e).replace(str(path), shown)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and result is None:   # the folder this call made, still empty: nothing is left behind

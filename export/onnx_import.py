@@ -856,7 +856,7 @@ def _versions() -> dict:
 def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, target_layer: str = "auto",
                 pre: Preprocess | None = None, labels=None, name: str | None = None,
                 output: str | None = None, *, check=None, provenance: dict | None = None,
-                target_advice: str | None = None) -> ImportResult:
+                target_advice: str | None = None, shown_as: str | None = None) -> ImportResult:
     """Write the pooled-linear artifacts of a user's ONNX classifier into `out_dir` (module docstring).
 
     labels          a file (one name per line) or a sequence of names, in output order; default class_0 ...
@@ -867,13 +867,14 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
     provenance      manifest fields that replace the file's: pretrained, pretrained_id, random_weights; `source` and
                     `versions` are merged into the graph's
     target_advice   what a refusal of a tensor inside a residual block suggests instead
+    shown_as        how the log names the graph (default: its path)
     """
     t0 = time.perf_counter()
     pre = pre or Preprocess()
     model_path, out_dir = Path(model_path), Path(out_dir)
     src = read_source(model_path, pre.size, output)
     policy = pre.resolved(src.size)
-    log(f"[import] {model_path}: input '{src.image}' {src.size}x{src.size}, logits '{src.logits}'")
+    log(f"[import] {shown_as or model_path}: input '{src.image}' {src.size}x{src.size}, logits '{src.logits}'")
     for note in src.notes:
         log(f"[import] {note}")
     target = choose_target(src, target_layer, target_advice)
