@@ -131,6 +131,12 @@ def _export(args, info) -> int:
         lm = load_model(args.model, args.pretrained or ("package" if info.package else "none"), seed=args.seed)
         if args.labels is not None:
             lm.labels = read_labels(args.labels, len(lm.labels))
+        from .writing import log
+
+        log(f"[export] {lm.name}: {len(lm.labels)} classes named "
+            + (f"from {args.labels}" if args.labels is not None else
+               f"class_0 .. class_{len(lm.labels) - 1} (--labels FILE names them)" if lm.labels_name == "labels" else
+               f"by the registry's '{lm.labels_name or info.labels}' labels"))
         cs = None
         target_layer = lm.model.parts.name
     labels_name = (lm.labels_name or info.labels) if args.labels is None else Path(args.labels).stem

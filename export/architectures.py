@@ -220,10 +220,7 @@ def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
                 model, parts = _build(info.arch, k)
                 labels, labels_name = tuple(f"class_{i}" for i in range(k)), "labels"
         if k is not None:
-            named = (f"the registry's {info.labels} labels" if labels_name == info.labels
-                     else f"named class_0 .. class_{k - 1}")
-            log(f"[export] {info.name}: {k} classes, read from the checkpoint's last layer {tensor} ({named} "
-                f"unless --labels FILE names them)")
+            log(f"[export] {info.name}: {k} classes, read from the checkpoint's last layer {tensor}")
         load_state(model, sd, path)
         pid, random_weights = f"sha256:{sha256_path(path)}", False
     model.eval()

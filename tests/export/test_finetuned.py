@@ -103,6 +103,7 @@ def exports(tmp_path_factory):
 def test_k_is_read_from_the_checkpoint_and_named_in_the_log(exports, name, tensor):
     run = exports[name]
     assert f"{name}: 5 classes, read from the checkpoint's last layer {tensor}" in run["log"]
+    assert f"{name}: 5 classes named " + ("from " if run["labels"] else "class_0 .. class_4") in run["log"]
     m = json.loads((run["out"] / MANIFEST_NAME).read_text())
     assert m["dims"]["K"] == 5 and m["pretrained"] == str(run["ckpt"]) and m["random_weights"] is False
     cs = "animals" if run["labels"] else "labels"
