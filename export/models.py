@@ -142,6 +142,7 @@ class LoadedModel:
     family: str = "clip"      # runtime/spec.py FAMILIES
     preprocess: dict | None = None    # {"resize", "resize_size", "interpolation"} for the manifest
     labels: tuple | None = None       # pooled-linear: the fixed class names, in output order
+    labels_name: str | None = None    # pooled-linear: their class-set name in the export (e.g. imagenet, labels)
 
 
 def load_model(name: str, pretrained: str = "openai", seed: int = 0, cache_dir: str | None = None) -> LoadedModel:
@@ -273,13 +274,24 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state dict into `model` strictly; a mismatch names the missing and unexpected keys."""
-    path = Path(path)
-    sd = _read_state_dict(path)
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint file (_read_state_dict: no code from the file runs), with a DataParallel
+    `module.` prefix and OpenAI archive metadata removed."""
+    sd = _read_state_dict(Path(path))
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     for key in _METADATA_KEYS:
         sd.pop(key, None)
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict into `model` strictly; a mismatch names the missing and unexpected keys."""
+    load_state(model, read_checkpoint(path), path)
+
+
+def load_state(model: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load the tensors read from the checkpoint `path` into `model` strictly; a mismatch is one ModelError line
+    naming the missing, unexpected and mismatched keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -295,7 +307,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         if unexpected:
             parts.append(f"unexpected keys: {few(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatch: {few(mismatched)}")
+            shapes = [f"{k} {list(sd[k].shape)} (the model's {list(own[k].shape)})" for k in mismatched]
+            parts.append(f"shape mismatch: {few(shapes)}")
         raise ModelError(f"{path}: checkpoint does not fit this architecture; " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 

@@ -56,10 +56,13 @@ VALIDATION_BATCHES = (1, 3)
 # in units of |g_b| / sqrt(n) (the RMS derivative over random unit directions; n = C h w). Float64 differences
 # (step 1e-9 |A_b|: small enough not to cross the ReLU and MaxPool kinks of a deep head, e.g. Inception v3; raised
 # where the logit's rounding would show, see check_gradients) measure the float32 gradient's own error; float32
-# differences (heads too large for the float64 evaluator) are limited by rounding (step 1e-2 |A_b|).
+# differences (heads too large for the float64 evaluator) are limited by rounding (step 1e-2 |A_b|). A kink of the
+# head between the two points (a ReLU that switches) spoils one step only: a point that fails is differenced again
+# at the next smaller step (never under the rounding floor) and keeps its smallest error, while a wrong gradient
+# fails at every step.
 GRAD_DIRECTIONS = 4           # random directions, plus the gradient's own
 GRAD_TOL = {"float64": 1e-3, "float32": 5e-2}
-GRAD_STEP = {"float64": 1e-9, "float32": 1e-2}
+GRAD_STEPS = {"float64": (1e-9, 1e-10, 1e-11), "float32": (1e-2,)}
 FLOAT64_MAX_MACS = 3e8        # per image: larger heads are checked in float32 by ONNX Runtime
 TIE_BREAK = 1e-3              # the checked points move by this fraction of their RMS value (check_gradients)
 
@@ -502,8 +505,9 @@ def candidates(src: Source) -> list[Candidate]:
     return out
 
 
-def _why_not(src: Source, name: str) -> str:
-    """Why `name` cannot be the target layer (one line)."""
+def _why_not(src: Source, name: str, advice: str | None = None) -> str:
+    """Why `name` cannot be the target layer (one line); `advice` replaces the closing suggestion of a tensor inside a
+    residual block (what to choose instead, in the caller's terms)."""
     g = src.model.graph
     if name not in {o for n in g.node for o in n.output}:
         return f"--target-layer '{name}': no tensor of that name in the graph (see --list-targets)"
@@ -524,8 +528,9 @@ def _why_not(src: Source, name: str) -> str:
         skip = [i for i in n.input if i in around and i not in below]
         if inside and skip:
             return (f"--target-layer '{name}': the tensor is inside a residual block: the skip connection '{skip[0]}' "
-                    f"goes around it into node '{n.name or n.output[0]}' ({n.op_type}); choose a tensor every path "
-                    f"from the image to the logits passes through (--list-targets)")
+                    f"goes around it into node '{n.name or n.output[0]}' ({n.op_type}); "
+                    + (advice or "choose a tensor every path from the image to the logits passes through "
+                                 "(--list-targets)"))
     return f"--target-layer '{name}': a path from the image to the logits goes around the tensor"
 
 
@@ -540,7 +545,7 @@ def auto_target(cands: list[Candidate]) -> Candidate | None:
     return best
 
 
-def choose_target(src: Source, target_layer: str = "auto") -> Candidate:
+def choose_target(src: Source, target_layer: str = "auto", advice: str | None = None) -> Candidate:
     cands = candidates(src)
     if target_layer in (None, "", "auto"):
         best = auto_target(cands)
@@ -550,7 +555,7 @@ def choose_target(src: Source, target_layer: str = "auto") -> Candidate:
         return best
     hit = next((c for c in cands if c.name == target_layer), None)
     if hit is None:
-        raise ImportError_(_why_not(src, target_layer))
+        raise ImportError_(_why_not(src, target_layer, advice))
     return hit
 
 
@@ -887,25 +892,31 @@ def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, t
     n = points[0].size
     rms = np.linalg.norm(g.reshape(b, -1), axis=1) / math.sqrt(n)
     dirs = [rng.normal(size=points.shape) for _ in range(GRAD_DIRECTIONS)] + [g]
-    # the step: GRAD_STEP |A_b|, or more where the logit's rounding (eps |y|, over 2 step) would exceed 1% of the
+    # each step: GRAD_STEPS |A_b|, or more where the logit's rounding (eps |y|, over 2 step) would exceed 1% of the
     # tolerance on the derivative (|g| / sqrt(n)): activations that vanish next to a bias (random weights)
     eps = float(np.finfo(np.float64 if mode == "float64" else np.float32).eps)
     y0 = f(p)[np.arange(b), t]
     floor = 100 * eps * np.abs(y0) * math.sqrt(n) / (GRAD_TOL[mode] * np.maximum(rms * math.sqrt(n), 1e-300))
-    step = np.maximum(GRAD_STEP[mode] * np.linalg.norm(p.reshape(b, -1), axis=1), floor).reshape(b, 1, 1, 1)
+    size = np.linalg.norm(p.reshape(b, -1), axis=1)
     worst, per = 0.0, []
     for k, v in enumerate(dirs):
         v = v / np.maximum(np.linalg.norm(v.reshape(b, -1), axis=1), 1e-300).reshape(b, 1, 1, 1)
-        up, down = f(p + step * v), f(p - step * v)
-        fd = (up[np.arange(b), t] - down[np.arange(b), t]) / (2 * step.reshape(b))
         dd = (g * v).reshape(b, -1).sum(1)
-        err = np.abs(fd - dd) / np.maximum(rms, 1e-30)
+        err, last = np.full(b, np.inf), None
+        for rel in GRAD_STEPS[mode]:   # the next step only where a kink may have spoiled this one
+            step = np.maximum(rel * size, floor).reshape(b, 1, 1, 1)
+            if not (err > GRAD_TOL[mode]).any() or (last is not None and np.array_equal(step, last)):
+                break
+            last = step
+            up, down = f(p + step * v), f(p - step * v)
+            fd = (up[np.arange(b), t] - down[np.arange(b), t]) / (2 * step.reshape(b))
+            err = np.minimum(err, np.abs(fd - dd) / np.maximum(rms, 1e-30))
         per.append(float(err.max()))
         worst = max(worst, float(err.max()))
     return {"method": f"central differences of head.onnx in {mode}" +
                       (" (onnx.reference)" if mode == "float64" else " (ONNX Runtime)"),
-            "precision": mode, "points": b, "directions": len(dirs), "step_relative": GRAD_STEP[mode],
-            "steps_raised_for_rounding": int((floor > GRAD_STEP[mode] * np.linalg.norm(p.reshape(b, -1), axis=1)).sum()),
+            "precision": mode, "points": b, "directions": len(dirs), "step_relative": list(GRAD_STEPS[mode]),
+            "steps_raised_for_rounding": int((floor > GRAD_STEPS[mode][0] * size).sum()),
             "tie_breaking": TIE_BREAK,
             "units": "|g| / sqrt(C h w) (the RMS derivative over random unit directions)",
             "max_error": worst, "per_direction": per, "tolerance": GRAD_TOL[mode], "ok": worst <= GRAD_TOL[mode]}
@@ -984,6 +995,14 @@ def read_label_file(path: str | os.PathLike, count: int) -> tuple[str, ...]:
         labels = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ImportError_(f"{path}: cannot read labels ({e})") from None
+    return check_labels(labels, count, path)
+
+
+def check_labels(labels, count: int, path="labels") -> tuple[str, ...]:
+    """Class names in output order (`path`: where they come from, for the error line)."""
+    labels = list(labels)
+    if not all(isinstance(lab, str) and lab.strip() == lab and lab for lab in labels):
+        raise ImportError_(f"{path}: every label must be a non-empty string without surrounding spaces")
     if len(labels) != count:
         raise ImportError_(f"{path}: {len(labels)} labels for a classifier with {count} outputs")
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})
@@ -1002,18 +1021,30 @@ def _versions() -> dict:
 
 
 def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, target_layer: str = "auto",
-                pre: Preprocess | None = None, labels: str | os.PathLike | None = None, name: str | None = None,
-                output: str | None = None) -> ImportResult:
-    """Write the pooled-linear artifacts of a user's ONNX classifier into `out_dir` (module docstring)."""
+                pre: Preprocess | None = None, labels=None, name: str | None = None,
+                output: str | None = None, *, check=None, provenance: dict | None = None,
+                target_advice: str | None = None, shown_as: str | None = None) -> ImportResult:
+    """Write the pooled-linear artifacts of a user's ONNX classifier into `out_dir` (module docstring).
+
+    labels          a file (one name per line) or a sequence of names, in output order; default class_0 ...
+    check           a further validation of the graphs before anything is installed (export/module_import.py:
+                    torch autograd on the module the graph came from): check(paths, policy, pre) -> (key, summary)
+                    with paths {graph name: its temporary file}; the summary goes to the manifest's validation[key];
+                    it raises ValidationError to refuse
+    provenance      manifest fields that replace the file's: pretrained, pretrained_id, random_weights; `source` and
+                    `versions` are merged into the graph's
+    target_advice   what a refusal of a tensor inside a residual block suggests instead
+    shown_as        how the log names the graph (default: its path)
+    """
     t0 = time.perf_counter()
     pre = pre or Preprocess()
     model_path, out_dir = Path(model_path), Path(out_dir)
     src = read_source(model_path, pre.size, output)
     policy = pre.resolved(src.size)
-    log(f"[import] {model_path}: input '{src.image}' {src.size}x{src.size}, logits '{src.logits}'")
+    log(f"[import] {shown_as or model_path}: input '{src.image}' {src.size}x{src.size}, logits '{src.logits}'")
     for note in src.notes:
         log(f"[import] {note}")
-    target = choose_target(src, target_layer)
+    target = choose_target(src, target_layer, target_advice)
     how = "auto: the last" if target_layer in (None, "", "auto") else "given:"
     log(f"[import] target layer ({how} 4-D tensor every path passes through): '{target.name}' "
         f"[{', '.join(str(d) for d in target.dims)}] ({target.producer})")
@@ -1022,12 +1053,17 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
         + f", {policy['interpolation']}, mean {list(pre.mean)}, std {list(pre.std)}"
         + (" (ImageNet defaults)" if (pre.mean, pre.std) == (IMAGENET_MEAN, IMAGENET_STD) else ""))
     k = _dims(src.types[src.logits])[1]
-    label_names = read_label_file(labels, k) if labels is not None else tuple(f"class_{i}" for i in range(k))
+    if labels is None:
+        label_names = tuple(f"class_{i}" for i in range(k))
+    elif isinstance(labels, (str, os.PathLike)):
+        label_names = read_label_file(labels, k)
+    else:
+        label_names = check_labels(labels, k)
     try:
         graphs, dims = build_graphs(src, target)
     except GradientError as e:
         raise ImportError_(f"{model_path}: the head after '{target.name}' cannot be differentiated: {e}") from None
-    set_name = Path(labels).stem if labels is not None else "labels"
+    set_name = Path(labels).stem if isinstance(labels, (str, os.PathLike)) else "labels"
     if not SET_NAME.match(set_name):
         set_name = "labels"
     model_name = name or model_path.stem
@@ -1049,6 +1085,12 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
         report = validate(src, paths, dims, policy, pre.mean, pre.std)
         seconds["validate_s"] = time.perf_counter() - t
         log(format_report(report))
+        extra = {}
+        if check is not None:
+            t = time.perf_counter()
+            key, summary = check(paths, policy, pre)
+            extra[key] = summary
+            seconds[f"{key}_s"] = time.perf_counter() - t
         manifest = {
             "format_version": MANIFEST_VERSION,
             "family": FAMILY,
@@ -1071,12 +1113,16 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
                        "target_layer": {"name": target.name, "shape": target.dims, "producer": target.producer,
                                         "chosen": "auto" if target_layer in (None, "", "auto") else "given"}},
         }
+        for key, value in (provenance or {}).items():
+            manifest[key] = ({**manifest[key], **value} if isinstance(value, dict) and isinstance(manifest.get(key), dict)
+                             else value)
         manifest["graphs"] = graph_entries(paths, spec, manifest)
         manifest["class_sets"] = {set_name: write_labels(out_dir, set_name, list(label_names))}
         manifest["default_class_set"] = set_name
         manifest["validation"] = {"sizes": report["sizes"], "max": summarise(report),
                                   "reference": "the user's ONNX graph in ONNX Runtime (CPU)",
-                                  "tolerance": {"atol": ATOL, "rtol": RTOL}, "gradients": report["gradient_check"]}
+                                  "tolerance": {"atol": ATOL, "rtol": RTOL}, "gradients": report["gradient_check"],
+                                  **extra}
         try:
             validate_manifest(manifest)
         except ManifestError as e:
@@ -1089,4 +1135,5 @@ def import_onnx(model_path: str | os.PathLike, out_dir: str | os.PathLike, targe
 
 
 __all__ = ["import_onnx", "read_source", "candidates", "choose_target", "format_candidates", "dominators",
-           "build_graphs", "derive_graphs", "contract_shapes", "Preprocess", "ImportError_", "check_gradients"]
+           "build_graphs", "derive_graphs", "contract_shapes", "Preprocess", "ImportError_", "check_gradients",
+           "check_labels", "sample_images"]
