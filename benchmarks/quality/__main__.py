@@ -8,12 +8,19 @@
     python -m benchmarks.quality real --data DIR --artifacts DIR --json FILE [--methods ...] [--engine cpu]
         [--limit N] [--steps 14] [--substrates deletion=zero,insertion=blur] [--plot FILE.png]
         [--score-subset N] [--bootstrap 1000] [--tolerances 0,15] [--targets auto|index|name]
+        [--start ROW] [--road-fractions 0.1,...,0.9|none] [--road-subset N] [--pairs A:B,...|all|none]
+    python -m benchmarks.quality real --from-json A.json,B.json --json FILE     (chunks or method sets, merged)
     python -m benchmarks.quality pairs --from-json RUN.json[+MORE.json][,OTHER.json] --pairs A:B[,...]
+    python -m benchmarks.quality sanity --data DIR --model NAME --pretrained package --cache DIR --json FILE
+        [--levels head,1,2,3] [--methods ...] [--score-subset N]
 
 Prints the tables in the paper's formats (Table 1, Table 2) with baselines, and writes everything to the
 JSON file. Exit status: 0 on success, 2 for a usage or data error (one line on stderr: a missing folder, a
 class the artifacts' class set lacks, an unknown method, mismatched artifacts); `real` exits 1 when some
 images could not be used (one line each on stderr; the others are evaluated and the JSON is written).
+`real` and `sanity` append each photo's record to FILE.checkpoint.jsonl beside --json as they go: the same
+command resumes a killed run (other arguments are refused in one line, exit 2); Ctrl-C exits 130 with the
+records kept; the checkpoint is removed once the JSON is written.
 """
 
 from __future__ import annotations
@@ -76,11 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     re_ = sub.add_parser("real", help="both evaluations on labelled photos with boxes (ImageNet-val layout), "
                                       "with bootstrap intervals")
-    re_.add_argument("--data", required=True,
+    re_.add_argument("--data", default=None,
                      help="folder with manifest.csv (file, class_index, synset, class_name, width, height, "
-                          "orig_width, orig_height, n_boxes, boxes_xyxy) and the images")
-    re_.add_argument("--json", required=True, help="write the results here")
-    re_.add_argument("--limit", type=int, default=None, help="only the first N rows of manifest.csv")
+                          "orig_width, orig_height, n_boxes, boxes_xyxy) and the images (required unless "
+                          "--from-json)")
+    re_.add_argument("--json", required=True,
+                     help="write the results here; while the run goes, each photo's record is appended to "
+                          "FILE.checkpoint.jsonl beside it, and the same command resumes a killed run from there")
+    re_.add_argument("--limit", type=int, default=None, help="only the first N rows of manifest.csv (from --start)")
+    re_.add_argument("--start", type=int, default=0,
+                     help="first row of manifest.csv to score (0-based, default 0): with --limit, one chunk of "
+                          "a data set; chunks merge with --from-json")
+    re_.add_argument("--from-json", default=None,
+                     help="no model: merge earlier runs' JSON (comma-separated: chunks of the photos, or runs "
+                          "of other methods, of one model on one data folder) and report them as one run; a "
+                          "FILE.checkpoint.jsonl stands for the photos a running or killed run has scored so far")
+    re_.add_argument("--road-fractions", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                     help="ROAD's removed fractions (default 0.1,...,0.9); 'none' skips ROAD")
+    re_.add_argument("--road-subset", type=int, default=None,
+                     help="ROAD on the manifest's first N rows only (its imputation solves a sparse system per "
+                          "fraction and map: the slowest part of a run); default all")
+    re_.add_argument("--road-noise", type=float, default=0.01,
+                     help="ROAD's imputation noise, sd in normalised input space (default 0.01)")
+    re_.add_argument("--pairs", default=None,
+                     help="paired differences in the report: A:B,... (A~B where a name has a colon), 'all' "
+                          "(every two methods), or 'none'; default: the first method against each other "
+                          "method and each map baseline")
     re_.add_argument("--steps", type=int, default=14, help="deletion / insertion steps (default 14)")
     re_.add_argument("--substrates", default="deletion=zero,insertion=blur",
                      help="what deleted pixels become and what insertion starts from: zero (0 in normalised "
@@ -98,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _explainer_args(re_)
     _method_args(re_, default="every registered method")
+    for action in re_._actions:  # --from-json needs neither a model nor photos
+        if action.dest == "artifacts":
+            action.required = False
 
     sy = sub.add_parser("synthetic", help="the whole protocol offline: generate, train, export, evaluate")
     sy.add_argument("--quick", action="store_true", help="a few images and one training epoch (a smoke test)")
@@ -107,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--no-cache", action="store_true", help="retrain and re-export even when cached")
     _method_args(sy)
 
-    from . import pairs
+    from . import pairs, sanity
     pairs.add_parser(sub)
+    sanity.add_parser(sub)
     return p
 
 
@@ -269,23 +301,109 @@ def _parse_tolerances(spec: str) -> tuple[float, ...]:
     return tols
 
 
+def _parse_fractions(spec: str) -> tuple[float, ...]:
+    if spec.strip().lower() in ("none", ""):
+        return ()
+    try:
+        fr = tuple(float(q) for q in spec.split(",") if q.strip())
+    except ValueError:
+        raise ValueError(f"--road-fractions must be comma-separated numbers in (0, 1) or 'none', got {spec!r}") from None
+    if not fr or any(not 0.0 < q < 1.0 for q in fr):
+        raise ValueError(f"--road-fractions must be comma-separated numbers in (0, 1) or 'none', got {spec!r}")
+    return fr
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def real_config(args):
+    from .real import RealConfig
+
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    return RealConfig(tolerances=_parse_tolerances(args.tolerances), steps=args.steps,
+                      substrates=_parse_substrates(args.substrates), score_subset=args.score_subset,
+                      n_bootstrap=args.bootstrap, seed=args.seed, bin_width=args.bin_width, targets=args.targets,
+                      road_fractions=_parse_fractions(args.road_fractions), road_noise=args.road_noise,
+                      road_subset=args.road_subset)
+
+
+def print_real_report(res: dict) -> None:
+    """The tables of a real-data run (or of merged runs) on stdout."""
+    from . import report as rp
+
+    proto = res["protocol"]
+    note = (res.get("targets") or {}).get("note")
+    print(f"model {res['artifacts']['model']}, {res['n_images']} images ({res['n_bad']} unusable), top-1 "
+          f"{100 * res['accuracy']['top1']:.1f}% ({res['accuracy']['n_correct']} correct)"
+          + (f"; targets: {note}" if note else ""))
+    print()
+    print(rp.real_pointing_table(res, proto))
+    print()
+    print(rp.real_center_miss_table(res, proto))
+    print()
+    print(rp.real_deletion_table(res["deletion_insertion"], proto))
+    print()
+    print(rp.real_mean_table(res["deletion_insertion"], proto))
+    if res.get("road"):
+        print()
+        print(rp.real_road_table(res["road"], proto))
+    if res.get("on_subset") is not None:
+        sub = res["on_subset"]
+        first = res["subset"].get("n_first_rows")
+        extra = (f" on the manifest's first {first} rows" if first else " on the photos every method ran on") + \
+            f" ({sub['n_images']} images, all methods)"
+        print(f"\n{', '.join(res['subset']['methods'])} ran on a subset: {res['subset']['reason']}\n")
+        print(rp.real_pointing_table(sub, proto, extra))
+        print()
+        print(rp.real_deletion_table(sub["deletion_insertion"], proto, extra))
+        if sub.get("road"):
+            print()
+            print(rp.real_road_table(sub["road"], proto, extra))
+    if res.get("pairs"):
+        print()
+        print(rp.real_pairs_table(res["pairs"]))
+    print()
+    print(rp.real_seconds_table(res["seconds"]))
+
+
+def _report_pairs(res: dict, spec: str | None, n_bootstrap: int, seed: int) -> list[dict]:
+    from . import pairs as pr
+
+    methods = res["methods"]
+    if spec is not None and spec.strip().lower() == "none":
+        return []
+    if spec is None:
+        pairs = [(methods[0], b) for b in [*methods[1:], "center_point", *pr.MAP_BASELINES]] if methods else []
+    elif spec.strip().lower() == "all":
+        pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    else:
+        pairs = pr.parse_pairs(spec)
+    return pr.paired_metrics(res, pairs, resamples=n_bootstrap, seed=seed)
+
+
 def main_real(args, argv) -> int:
     from benchmarks.common import command_line, load_average, machine_info
     from runtime.methods import list_methods
 
     from .boxes_data import read_boxes_manifest
-    from .real import RealConfig, evaluate_real
-    from .report import real_deletion_table, real_mean_table, real_pointing_table, real_seconds_table
+    from .checkpoint import Checkpoint, checkpoint_path
+    from .real import evaluate_real
 
+    cfg = real_config(args)
+    if args.from_json:
+        return main_real_merge(args, argv, cfg)
+    if args.data is None or args.artifacts is None:
+        raise ValueError("real: --data and --artifacts are required (or --from-json to merge earlier runs)")
     methods = resolve_methods_all(args.methods, list_methods())
-    if args.bootstrap < 1:
-        raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    cfg = RealConfig(tolerances=_parse_tolerances(args.tolerances), steps=args.steps,
-                     substrates=_parse_substrates(args.substrates), score_subset=args.score_subset,
-                     n_bootstrap=args.bootstrap, seed=args.seed, bin_width=args.bin_width, targets=args.targets)
-    items = read_boxes_manifest(args.data, limit=args.limit)
+    if args.start < 0:
+        raise ValueError(f"--start must be >= 0, got {args.start}")
+    items = read_boxes_manifest(args.data, limit=args.limit, start=args.start)
     if args.resize != "stretch":
         raise ValueError("real: the protocol stretches every photo to the model input (--resize stretch), "
                          "as the boxes are scaled with it")
@@ -295,44 +413,91 @@ def main_real(args, argv) -> int:
 
     for m in methods:        # every graph each method runs, before any photo (an older export lacks head_grad)
         ex.check_graphs(parse_method_spec(m)[0])
-    res = evaluate_real(ex, items, methods, cfg, progress=not args.no_progress)
+    art = ex.artifacts
+    artifacts = {"path": str(args.artifacts), "model": art.manifest.get("model"),
+                 "pretrained": art.manifest.get("pretrained"),
+                 "pretrained_id": art.manifest.get("pretrained_id"), "random_weights": art.random_weights,
+                 "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels),
+                 "input_size": ex.size, "mean": list(art.mean), "std": list(art.std)}
+    key = {"data": str(Path(args.data).resolve()), "manifest_sha256": _sha256(Path(args.data) / "manifest.csv"),
+           "rows": [int(args.start), None if args.limit is None else int(args.start + args.limit)],
+           "artifacts": {"path": str(Path(args.artifacts).resolve()), "model": artifacts["model"],
+                         "pretrained_id": artifacts["pretrained_id"],
+                         "graphs": {k: v.get("sha256") for k, v in sorted(art.manifest["graphs"].items())}},
+           "engine": args.engine, "fp16": bool(args.fp16), "class_set": artifacts["class_set"],
+           "methods": list(methods), "protocol": cfg.key()}
+    ckpt = Checkpoint(checkpoint_path(args.json), "real", key)
+    ckpt.open()  # another run's checkpoint is refused before any work
+    try:
+        res = evaluate_real(ex, items, methods, cfg, progress=not args.no_progress, checkpoint=ckpt)
+    except KeyboardInterrupt:
+        print(f"interrupted: the photos scored so far are in {ckpt.path}; the same command resumes", file=sys.stderr)
+        return 130
+    finally:
+        ckpt.close()
     machine = machine_info(args.threads)
     machine["load_average"] = {"start": load_start, "end": load_average()}
-    art = ex.artifacts
     out = {
         "benchmark": "quality-real",
         "command": command_line("benchmarks.quality", argv),
         "machine": machine,
         "data": str(args.data),
-        "artifacts": {"path": str(args.artifacts), "model": art.manifest.get("model"),
-                      "pretrained": art.manifest.get("pretrained"), "random_weights": art.random_weights,
-                      "class_set": getattr(ex.classes, "name", None), "n_classes": len(ex.classes.labels),
-                      "input_size": ex.size, "mean": list(art.mean), "std": list(art.std)},
+        "rows": key["rows"],
+        "artifacts": artifacts,
         "engine": args.engine,
+        "run_key": key,
         **res,
     }
-    proto = res["protocol"]
-    print(f"model {out['artifacts']['model']}, {res['n_images']} images ({res['n_bad']} unusable), top-1 "
-          f"{100 * res['accuracy']['top1']:.1f}% ({res['accuracy']['n_correct']} correct); targets: "
-          f"{res['targets']['note']}")
-    print()
-    print(real_pointing_table(res["pointing_game"], proto))
-    print()
-    print(real_deletion_table(res["deletion_insertion"], proto))
-    print()
-    print(real_mean_table(res["deletion_insertion"], proto))
-    if res["on_subset"] is not None:
-        extra = f" on the first {res['on_subset']['n_images']} images (all methods)"
-        print(f"\n{', '.join(res['subset']['methods'])} ran on a subset: {res['subset']['reason']}\n")
-        print(real_pointing_table(res["on_subset"]["pointing_game"], proto, extra))
-        print()
-        print(real_deletion_table(res["on_subset"]["deletion_insertion"], proto, extra))
-    print()
-    print(real_seconds_table(res["seconds"]))
+    out["pairs"] = _report_pairs(out, args.pairs, cfg.n_bootstrap, cfg.seed)
+    print_real_report(out)
     if args.plot and _plot_curves(res["deletion_insertion"], args.plot):
         out["plot"] = str(args.plot)
     write_json(args.json, out)
+    ckpt.remove()
     return 1 if res["n_bad"] else 0
+
+
+def main_real_merge(args, argv, cfg) -> int:
+    """`real --from-json A.json,B.json`: one report over runs of one model on one data folder."""
+    from benchmarks.common import command_line
+
+    from .pairs import load_json, merge_real_runs
+    from .real import aggregate, config_from_key
+
+    names = [f.strip() for f in args.from_json.split(",") if f.strip()]
+    if not names:
+        raise ValueError("--from-json names no file")
+    runs = [load_json(n) for n in names]
+    merged = merge_real_runs(runs, names)
+    key = (merged.get("run_key") or {}).get("protocol")
+    if key is None:
+        raise ValueError(f"{names[0]}: a run without its settings (written before checkpoints); rerun it")
+    missing = [n for n, r in zip(names, runs) if any("curves" not in rec for rec in r["images"])]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: per-photo records without curves (an older run); rerun it")
+    cfg = config_from_key(key, cfg)
+    methods = merged["methods"]
+    res = aggregate(merged["images"], merged["bad"], methods, cfg, merged["artifacts"]["input_size"],
+                    merged.get("targets"), merged["n_rows"])
+    out = {k: merged[k] for k in ("benchmark", "machine", "data", "artifacts", "engine") if k in merged}
+    partial = [n for n, r in zip(names, runs) if r.get("partial")]
+    if partial:
+        out["partial"] = partial  # running or killed runs: the photos scored so far
+        print(f"note: {', '.join(partial)}: a checkpoint, the photos scored so far", file=sys.stderr)
+    out.update({"command": command_line("benchmarks.quality", argv), "merged_from": merged["merged_from"],
+                "rows": merged.get("rows"), **res})
+    out["pairs"] = _report_pairs(out, args.pairs, cfg.n_bootstrap, cfg.seed)
+    print_real_report(out)
+    if args.plot and _plot_curves(res["deletion_insertion"], args.plot):
+        out["plot"] = str(args.plot)
+    write_json(args.json, out)
+    return 0
+
+
+def _main_sanity(args, argv) -> int:
+    from . import sanity
+
+    return sanity.main(args, argv)
 
 
 def _main_pairs(args) -> int:
@@ -351,7 +516,8 @@ def resolve_methods_all(spec, registered) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"pointing-game": main_pointing, "deletion-insertion": main_deletion, "synthetic": main_synthetic,
-                "real": lambda a: main_real(a, argv), "pairs": _main_pairs}
+                "real": lambda a: main_real(a, argv), "pairs": _main_pairs,
+                "sanity": lambda a: _main_sanity(a, argv)}
     from runtime.artifacts import ArtifactsError
     from runtime.engines import EngineError
 

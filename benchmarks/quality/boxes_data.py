@@ -21,7 +21,7 @@ box count that disagrees with n_boxes, max < min) is a per-image problem: the ro
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,15 @@ class BoxedItem:
     height: int
     boxes: np.ndarray      # float64 [K, 4] (x0, y0, x1, y1), file pixel-index coordinates (written box - 0.5)
     error: str | None = None  # why this row cannot be used (None: usable)
+    row: int = -1          # 0-based position among the manifest's data rows
 
 
 def _parse_row(row: dict, root: Path, line: int, manifest: Path) -> BoxedItem:
+    item = _parse(row, root, line, manifest)
+    return replace(item, row=line - 2)
+
+
+def _parse(row: dict, root: Path, line: int, manifest: Path) -> BoxedItem:
     file = (row.get("file") or "").strip()
     where = f"{manifest}:{line} ({file or 'no file'})"
     try:
@@ -93,8 +99,9 @@ def _bad(row: dict, root: Path, error: str) -> BoxedItem:
                      width=0, height=0, boxes=np.zeros((0, 4)), error=error)
 
 
-def read_boxes_manifest(root, limit: int | None = None) -> list[BoxedItem]:
-    """Rows of ``root/manifest.csv`` in file order (the first ``limit`` when given).
+def read_boxes_manifest(root, limit: int | None = None, start: int = 0) -> list[BoxedItem]:
+    """Rows of ``root/manifest.csv`` in file order: rows ``start`` .. ``start + limit - 1`` (0-based data rows;
+    all from ``start`` when ``limit`` is None). Each item's ``row`` is its position in the manifest.
 
     Raises ValueError (one line) for a missing folder or manifest, a manifest without the columns in
     ``COLUMNS``, or no rows. Rows that cannot be used come back with ``error`` set.
@@ -111,12 +118,17 @@ def read_boxes_manifest(root, limit: int | None = None) -> list[BoxedItem]:
         if missing:
             raise ValueError(f"{manifest}: missing column(s) {', '.join(missing)}; expected: {', '.join(COLUMNS)}")
         items = []
+        n = 0
         for line, row in enumerate(reader, start=2):
+            n += 1
+            if line - 2 < start:
+                continue
             if limit is not None and len(items) >= limit:
                 break
             items.append(_parse_row(row, root, line, manifest))
     if not items:
-        raise ValueError(f"{manifest}: no images")
+        raise ValueError(f"{manifest}: no images" if not n else f"{manifest}: no rows from row {start} "
+                         f"(it has {n})")
     return items
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __all__ = ["display_name", "pointing_table", "pointing_per_class_table", "deletion_table",
            "mean_auc_table", "bins_table", "accuracy_table", "real_pointing_table", "real_deletion_table",
-           "real_mean_table", "real_seconds_table"]
+           "real_mean_table", "real_seconds_table", "real_center_miss_table", "real_road_table",
+           "real_pairs_table", "metric_label"]
 
 _DISPLAY = {
     "gradcam": "GradCAM", "gradcam++": "GradCAM++", "wgradcam": "WGradCAM", "scorecam": "ScoreCAM",
@@ -130,23 +131,106 @@ def _ci(lo_hi) -> str:
     return f"[{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
 
 
-def real_pointing_table(part: dict, protocol: dict, title_extra: str = "") -> str:
-    """Table 1: pointing accuracy per method (rows) and tolerance (column pairs: accuracy, 95% CI), with n."""
+def _mci(entry) -> tuple[str, str]:
+    """(mean in %, CI) of a {"mean", "ci"} entry, or dashes."""
+    if not entry:
+        return "-", "-"
+    return _pct(entry["mean"]), _ci(entry["ci"])
+
+
+def real_pointing_table(res: dict, protocol: dict, title_extra: str = "") -> str:
+    """Table 1: pointing accuracy and the energy-based pointing game per method (rows) and tolerance, with
+    95% CIs and n; the point baselines have no map (no energy)."""
     tols = [f"{t:g}" for t in protocol["pointing_game"]["tolerances_px"]]
     level = protocol["bootstrap"]["level"]
     head = ["Method", "n"]
     for t in tols:
-        head += [f"Acc@{t}px(%)↑", f"{100 * level:g}% CI"]
+        head += [f"Acc@{t}px(%)↑", f"{100 * level:g}% CI", f"Energy@{t}px(%)↑", f"{100 * level:g}% CI"]
+    pg, en = res["pointing_game"], res.get("energy") or {"methods": {}, "baselines": {}}
     rows = []
-    for n, s in [*part["methods"].items(), *part["baselines"].items()]:
+    for n, s in [*pg["methods"].items(), *pg["baselines"].items()]:
+        e = en["methods"].get(n) or en["baselines"].get(n) or {}
         row = [display_name(n), str(s[tols[0]]["n"])]
         for t in tols:
-            row += [_pct(s[t]["accuracy"]), _ci(s[t]["ci"])]
+            row += [_pct(s[t]["accuracy"]), _ci(s[t]["ci"]), *_mci(e.get(t))]
         rows.append(row)
-    title = (f"Table 1 - pointing game{title_extra} (explained class = label; stretch resize to "
-             f"{protocol['input_size']} px, boxes scaled; bootstrap over images, "
-             f"{protocol['bootstrap']['n_resamples']} resamples)")
+    title = (f"Table 1 - pointing game and energy-based pointing{title_extra} (explained class = label; stretch "
+             f"resize to {protocol['input_size']} px, boxes scaled; energy = share of the map's positive mass in "
+             f"the boxes; bootstrap over images, {protocol['bootstrap']['n_resamples']} resamples)")
     return _table(head, rows, title)
+
+
+def real_center_miss_table(res: dict, protocol: dict) -> str:
+    """Table 1b: the same on the centre-miss photos (per tolerance: the photos whose boxes do not hold the
+    centre; the centre point scores 0 there by construction)."""
+    tols = [f"{t:g}" for t in protocol["pointing_game"]["tolerances_px"]]
+    level = protocol["bootstrap"]["level"]
+    cm = res["center_miss"]
+    head = ["Method"]
+    for t in tols:
+        head += [f"Acc@{t}px(%)↑", f"{100 * level:g}% CI", f"Energy@{t}px(%)↑", f"{100 * level:g}% CI", "n"]
+    names = list(dict.fromkeys(n for t in tols for n in [*cm[t]["methods"], *cm[t]["baselines"]]))
+    rows = []
+    for n in names:
+        row = [display_name(n)]
+        for t in tols:
+            e = cm[t]["methods"].get(n) or cm[t]["baselines"].get(n)
+            if e is None:
+                row += ["-"] * 5
+                continue
+            row += [*_mci(e["pointing"]), *_mci(e["energy"]), str(e["pointing"]["n"])]
+        rows.append(row)
+    sizes = ", ".join(f"{cm[t]['n_images']} at {t} px" for t in tols)
+    title = (f"Table 1b - the centre-miss photos (boxes grown by the tolerance do not hold the photo's centre: "
+             f"{sizes}; the centre point scores 0 there by construction)")
+    return _table(head, rows, title)
+
+
+def real_road_table(part: dict, protocol: dict, title_extra: str = "") -> str:
+    """Table 3: ROAD (noisy linear imputation): MoRF, LeRF and (LeRF - MoRF) / 2, means over the fractions
+    and the correctly predicted photos, 95% CIs."""
+    level = protocol["bootstrap"]["level"]
+    road = protocol.get("road") or {}
+    head = ["Method", "n correct", "MoRF(%)↓", f"{100 * level:g}% CI", "LeRF(%)↑", f"{100 * level:g}% CI",
+            "(LeRF-MoRF)/2(%)↑", f"{100 * level:g}% CI"]
+    rows = []
+    for n, r in [*part["methods"].items(), *part["baselines"].items()]:
+        if r is None:
+            rows.append([display_name(n), "0", *["-"] * 6])
+            continue
+        rows.append([display_name(n), str(r["n_correct"]), *_mci(r["morf"]), *_mci(r["lerf"]), *_mci(r["combined"])])
+    fr = road.get("fractions") or []
+    frs = f"{100 * fr[0]:g}%, ..., {100 * fr[-1]:g}% ({len(fr)} fractions)" if fr else "-"
+    title = (f"Table 3 - ROAD{title_extra} (correct images only; remove {frs} of the pixels, noisy linear "
+             f"imputation; softmax probability of the label, mean over the fractions)")
+    return _table(head, rows, title)
+
+
+METRIC_LABELS = {"pointing": "pointing", "energy": "energy", "pointing_cm": "pointing, centre-miss",
+                 "energy_cm": "energy, centre-miss", "insertion": "insertion", "deletion": "deletion",
+                 "ins_del": "ins - del", "morf": "ROAD MoRF", "lerf": "ROAD LeRF", "road": "ROAD (LeRF-MoRF)/2"}
+
+
+def metric_label(key: str) -> str:
+    """"pointing@15" -> "pointing @15 px"; "ins_del" -> "ins - del"."""
+    base, _, tol = key.partition("@")
+    return METRIC_LABELS.get(base, base) + (f" @{tol} px" if tol else "")
+
+
+def real_pairs_table(rows: list[dict]) -> str:
+    """Paired differences A - B, one line per pair and metric: the mean difference in points with its 95%
+    bootstrap interval and the photos both ran on (lower is better for deletion and MoRF)."""
+    lines = ["Paired differences A - B (points; bootstrap over the photos both methods ran on, 95%; lower is "
+             "better for deletion and MoRF)",
+             "| A - B | metric | difference [95% CI] | n photos |", "|:--|:--|--:|--:|"]
+    for r in rows:
+        for key, m in r["metrics"].items():
+            if m is None:
+                continue
+            units = f" on {m['n_units']} photos" if m.get("n_units", m["n"]) != m["n"] else ""
+            lines.append(f"| {r['a']} - {r['b']} | {metric_label(key)} | {m['estimate']:+.2f} "
+                         f"[{m['lo']:.2f}, {m['hi']:.2f}] | {m['n']}{units} |")
+    return "\n".join(lines)
 
 
 def real_deletion_table(part: dict, protocol: dict, title_extra: str = "") -> str:
@@ -187,11 +271,12 @@ def real_mean_table(part: dict, protocol: dict) -> str:
 
 
 def real_seconds_table(seconds: dict) -> str:
-    """Seconds per method: explanation, pointing, curves, and per image."""
+    """Seconds per method: its explanations, everything for its map (pointing, curves, ROAD), per image."""
     rows = []
     for n, s in seconds.items():
         if n == "classify":
             continue
-        per = (s["explain"] + s["pointing"] + s["curves"]) / s["images"] if s["images"] else float("nan")
-        rows.append([display_name(n), str(s["images"]), f"{s['explain']:.1f}", f"{s['curves']:.1f}", f"{per:.2f}"])
-    return _table(["Method", "images", "explain s", "curves s", "s / image"], rows, "Time per method")
+        per = s["total"] / s["images"] if s["images"] else float("nan")
+        rows.append([display_name(n), str(s["images"]), f"{s['explain']:.1f}", f"{s['total']:.1f}", f"{per:.2f}"])
+    return _table(["Method", "images", "explain s", "total s", "s / image"], rows,
+                  "Time per method (explanation; total with pointing, curves and ROAD)")

@@ -1,5 +1,6 @@
-"""benchmarks/quality/pairs.py: paired differences between methods over a run's per-image records, pooled runs
-resampled by image, and merged runs of one model, against hand-computed means and normal approximations."""
+"""benchmarks/quality/pairs.py: paired differences between methods over a run's per-image records, for every
+metric and tolerance, pooled runs resampled by image (and left out where they lack a method), merged runs of one
+model (chunks, method sets), against hand-computed means and normal approximations."""
 
 from __future__ import annotations
 
@@ -25,26 +26,30 @@ def test_paired_differences_from_a_runs_records(tmp_path, capsys):
                {"correct": bool(c), "auc": ({"x": {"insertion": v[0], "deletion": v[1]},
                                              "layercam": {"insertion": v[2], "deletion": v[3]}} if c else {})}
                for v, c in zip(auc, correct)]}}
-    (row,) = ss.paired(res, [("x", "layercam")], resamples=2000)
-    assert row["n_trials"] == 40 and row["n_correct"] == int(correct.sum())
-    assert row["pointing"][0] == pytest.approx(100 * (hits_a.mean() - hits_b.mean()))
+    (row,) = ss.paired_metrics(res, [("x", "layercam")], resamples=2000)
+    pt, ov = row["metrics"]["pointing@0"], row["metrics"]["ins_del"]
+    assert pt["n"] == 40 and ov["n"] == int(correct.sum()) and set(row["metrics"]) == {
+        "pointing@0", "insertion", "deletion", "ins_del"}
+    assert pt["estimate"] == pytest.approx(100 * (hits_a.mean() - hits_b.mean()))
     d = 100 * ((auc[:, 0] - auc[:, 1]) - (auc[:, 2] - auc[:, 3]))[correct]
-    assert row["overall"][0] == pytest.approx(d.mean())
-    for mean, lo, hi in (row["pointing"], row["overall"]):
-        assert lo < mean < hi
-    assert ss.paired(res, [("layercam", "x"), ("x", "layercam")], resamples=2000)[1] == row   # order-free
-    (two,) = ss.paired([res, res], [("x", "layercam")], resamples=2000)                 # runs pooled
-    assert two["n_trials"] == 80 and two["n_correct"] == 2 * int(correct.sum())
-    assert two["pointing"][0] == pytest.approx(row["pointing"][0]) and two["overall"][0] == pytest.approx(d.mean())
-    assert two["overall"][2] - two["overall"][1] < row["overall"][2] - row["overall"][1]
-    half = (row["overall"][2] - row["overall"][1]) / 2
+    assert ov["estimate"] == pytest.approx(d.mean())
+    assert row["metrics"]["deletion"]["estimate"] == pytest.approx(100 * (auc[:, 1] - auc[:, 3])[correct].mean())
+    for m in (pt, ov):
+        assert m["lo"] < m["estimate"] < m["hi"]
+    assert ss.paired_metrics(res, [("layercam", "x"), ("x", "layercam")], resamples=2000)[1] == row   # order-free
+    (two,) = ss.paired_metrics([res, res], [("x", "layercam")], resamples=2000)                 # runs pooled
+    t2, o2 = two["metrics"]["pointing@0"], two["metrics"]["ins_del"]
+    assert t2["n"] == 80 and o2["n"] == 2 * int(correct.sum()) and two["runs"] == ["run 1", "run 2"]
+    assert t2["estimate"] == pytest.approx(pt["estimate"]) and o2["estimate"] == pytest.approx(d.mean())
+    assert o2["hi"] - o2["lo"] < ov["hi"] - ov["lo"]
+    half = (ov["hi"] - ov["lo"]) / 2
     assert half == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(len(d)), rel=0.25)
-    with pytest.raises(ValueError, match="'nope' is not a method"):
-        ss.paired(res, [("nope", "layercam")])
+    with pytest.raises(ValueError, match="no run holds both 'nope' and 'layercam' \\('nope' is missing\\)"):
+        ss.paired_metrics(res, [("nope", "layercam")])
     path = tmp_path / "run.json"
     path.write_text(json.dumps(res))
     assert qmain(["pairs", "--from-json", str(path), "--pairs", "x:layercam"]) == 0
-    assert "| x - layercam |" in capsys.readouterr().out
+    assert "| x - layercam | pointing @0 px |" in capsys.readouterr().out
     assert qmain(["pairs", "--from-json", str(path), "--pairs", "x"]) == 2
     assert "--pairs wants A:B" in capsys.readouterr().err
     assert qmain(["pairs", "--from-json", str(tmp_path / "missing.json"), "--pairs", "x:layercam"]) == 2
@@ -69,12 +74,14 @@ def test_paired_differences_from_a_real_data_run():
             "auc": ({m: {"insertion": auc[i, j, 0], "deletion": auc[i, j, 1]} for j, m in enumerate(methods)}
                     if correct[i] else {})})
     res = {"benchmark": "quality-real", "images": images}
-    (row,) = ss.paired(res, [("decomcam-ig", "scorecam")], resamples=500)
-    both = subset
-    assert row["n_trials"] == int(both.sum()) and row["n_correct"] == int((both & correct).sum())
-    assert row["pointing"][0] == pytest.approx(100 * (hit[both, 0, 0].astype(float) - hit[both, 1, 0]).mean())
+    (row,) = ss.paired_metrics(res, [("decomcam-ig", "scorecam")], resamples=500)
+    both, m = subset, row["metrics"]
+    assert m["pointing@0"]["n"] == m["pointing@15"]["n"] == int(both.sum())
+    assert m["ins_del"]["n"] == int((both & correct).sum())
+    assert m["pointing@0"]["estimate"] == pytest.approx(100 * (hit[both, 0, 0].astype(float) - hit[both, 1, 0]).mean())
+    assert m["pointing@15"]["estimate"] == pytest.approx(100 * (hit[both, 0, 1].astype(float) - hit[both, 1, 1]).mean())
     d = ((auc[:, 0, 0] - auc[:, 0, 1]) - (auc[:, 1, 0] - auc[:, 1, 1]))[both & correct]
-    assert row["overall"][0] == pytest.approx(100 * d.mean())
+    assert m["ins_del"]["estimate"] == pytest.approx(100 * d.mean())
 
 
 def test_pooled_runs_resample_images_not_records():
@@ -98,29 +105,35 @@ def test_pooled_runs_resample_images_not_records():
         return {"benchmark": "quality-real", "data": "/photos", "images": images}
 
     one = run(0)
-    (alone,) = ss.paired(one, [("a", "b")], resamples=1000)
-    (twice,) = ss.paired([one, one], [("a", "b")], resamples=1000)
-    assert (twice["n_trials"], twice["n_units"], twice["n_correct_units"]) == (2 * n, n, n)
-    assert twice["pointing"] == pytest.approx(alone["pointing"]) and twice["overall"] == pytest.approx(alone["overall"])
+    def units(rows, key="pointing@0"):
+        return rows[0]["metrics"][key]["n_units"]
+
+    (alone,) = ss.paired_metrics(one, [("a", "b")], resamples=1000)
+    (twice,) = ss.paired_metrics([one, one], [("a", "b")], resamples=1000)
+    tw, al = twice["metrics"], alone["metrics"]
+    assert (tw["pointing@0"]["n"], tw["pointing@0"]["n_units"], tw["ins_del"]["n_units"]) == (2 * n, n, n)
+    for key in ("pointing@0", "ins_del"):
+        assert [tw[key][k] for k in ("estimate", "lo", "hi")] == pytest.approx([al[key][k] for k in ("estimate", "lo", "hi")])
     runs = [one] + [run(k) for k in range(1, models)]
-    (pooled,) = ss.paired(runs, [("a", "b")], resamples=2000)
+    (pooled,) = ss.paired_metrics(runs, [("a", "b")], resamples=2000)
     per = np.array([[r["auc"]["a"]["insertion"] - r["auc"]["b"]["insertion"] for r in x["images"]] for x in runs])
     photo_mean = 100 * per.mean(0)
-    assert pooled["overall"][0] == pytest.approx(photo_mean.mean())
-    half = (pooled["overall"][2] - pooled["overall"][1]) / 2
+    po = pooled["metrics"]["ins_del"]
+    assert po["estimate"] == pytest.approx(photo_mean.mean())
+    half = (po["hi"] - po["lo"]) / 2
     assert half == pytest.approx(1.96 * photo_mean.std(ddof=1) / np.sqrt(n), rel=0.2)
     naive = 1.96 * (100 * per).ravel().std(ddof=1) / np.sqrt(per.size)
     assert half > 1.4 * naive
     table = ss.pairs_table([pooled])
-    assert f"({models * n} on {n} images)" in table
+    assert f"| {models * n} on {n} photos |" in table
     # records without an image name, or of runs that do not name their data, stay units of their own
     anon = {"benchmark": "quality-real", "data": "/photos", "images": [dict(r, file=None) for r in one["images"]]}
-    assert ss.paired([anon, anon], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
+    assert units(ss.paired_metrics([anon, anon], [("a", "b")], resamples=10)) == 2 * n
     nodata = {k: v for k, v in one.items() if k != "data"}
-    assert ss.paired([nodata, nodata], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
+    assert units(ss.paired_metrics([nodata, nodata], [("a", "b")], resamples=10)) == 2 * n
     # the same file names in another data folder are other photos; a trailing slash is the same folder
-    assert ss.paired([one, dict(one, data="/other")], [("a", "b")], resamples=10)[0]["n_units"] == 2 * n
-    assert ss.paired([one, dict(one, data="/photos/")], [("a", "b")], resamples=10)[0]["n_units"] == n
+    assert units(ss.paired_metrics([one, dict(one, data="/other")], [("a", "b")], resamples=10)) == 2 * n
+    assert units(ss.paired_metrics([one, dict(one, data="/photos/")], [("a", "b")], resamples=10)) == n
     # synthetic runs: the same image ids are the same images only under the same data settings
     spec = {"n_classes": 2, "image_size": 64, "seed": 0}
     syn = {"run": {"train": {"spec": spec, "seed": 0}, "n_val_per_class": 3, "n_point_per_class": 3, "seed": 0},
@@ -130,9 +143,10 @@ def test_pooled_runs_resample_images_not_records():
                                               "auc": {m: {"insertion": 0.5, "deletion": 0.1} for m in "ab"}}]}}
     retrained = {**syn, "run": {**syn["run"], "train": {"spec": spec, "seed": 1}}}
     regenerated = {**syn, "run": {**syn["run"], "train": {"spec": dict(spec, seed=1), "seed": 0}}}
-    (same,) = ss.paired([syn, retrained], [("a", "b")], resamples=10)
-    (other,) = ss.paired([syn, regenerated], [("a", "b")], resamples=10)
-    assert (same["n_units"], same["n_correct_units"], other["n_units"], other["n_correct_units"]) == (6, 1, 12, 2)
+    (same,) = ss.paired_metrics([syn, retrained], [("a", "b")], resamples=10)
+    (other,) = ss.paired_metrics([syn, regenerated], [("a", "b")], resamples=10)
+    got = [r["metrics"][k]["n_units"] for r in (same, other) for k in ("pointing@0", "ins_del")]
+    assert got == [6, 1, 12, 2]
 
 
 def test_merged_real_runs_pair_across_runs(tmp_path, capsys):
@@ -160,8 +174,9 @@ def test_merged_real_runs_pair_across_runs(tmp_path, capsys):
         files[k] = tmp_path / f"{k}.json"
         files[k].write_text(json.dumps(run))
     merged = ss.merge_real_runs([first, second], ["first", "second"])
-    ref = ss.paired(whole, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)
-    assert ss.paired(merged, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300) == ref
+    ref = ss.paired_metrics(whole, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)
+    assert ss.paired_metrics(merged, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)[0]["metrics"] == \
+        ref[0]["metrics"]
     assert qmain(["pairs", "--from-json", f"{files['first']}+{files['second']}",
                   "--pairs", "decomcam-ig~gradcam:kernel=bicubic,gradcam:kernel=bicubic~gradcam"]) == 0
     out = capsys.readouterr().out
@@ -169,11 +184,18 @@ def test_merged_real_runs_pair_across_runs(tmp_path, capsys):
     other = {**second, "artifacts": {**head["artifacts"], "path": "a/other"}}
     with pytest.raises(ValueError, match="artifacts.path is 'a/other'.*not the same model and photos"):
         ss.merge_real_runs([first, other], ["first", "other"])
-    with pytest.raises(ValueError, match="not the same photos"):
-        ss.merge_real_runs([first, {**second, "images": second["images"][1:]}], ["first", "short"])
+    # chunks: the second run on part of the photos pairs over the photos both methods ran on
+    short = ss.merge_real_runs([first, {**second, "images": second["images"][4:]}], ["first", "short"])
+    (row,) = ss.paired_metrics(short, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)
+    assert row["metrics"]["pointing@0"]["n"] == n - 4
+    assert row["metrics"]["pointing@0"]["estimate"] == pytest.approx(100 * (hit[4:, 0].astype(float) - hit[4:, 2]).mean())
+    halves = ss.merge_real_runs([{**whole, "images": whole["images"][:10]}, {**whole, "images": whole["images"][10:]}],
+                                ["a", "b"])
+    assert [r["file"] for r in halves["images"]] == [r["file"] for r in whole["images"]]
     # a method scored in both runs counts once when the records agree photo by photo, and is refused otherwise
     both = ss.merge_real_runs([first, whole], ["first", "whole"])
-    assert ss.paired(both, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300) == ref
+    assert ss.paired_metrics(both, [("decomcam-ig", "gradcam:kernel=bicubic")], resamples=300)[0]["metrics"] == \
+        ref[0]["metrics"]
     moved = json.loads(json.dumps(whole))
     moved["images"][5]["pointing"]["decomcam-ig"]["0"] = not moved["images"][5]["pointing"]["decomcam-ig"]["0"]
     with pytest.raises(ValueError, match="method 'decomcam-ig' is in more than one of the merged runs and differs "

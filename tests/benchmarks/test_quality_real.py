@@ -85,7 +85,7 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
     out, png = tmp_path / "real.json", tmp_path / "fig4.png"
     code, stdout, err = run_cli(["--data", dataset, "--artifacts", tiny_artifacts.out_dir, "--json", out,
                                  "--methods", "gradcam,decomcam,ablationcam", "--score-subset", "2", "--steps", "7",
-                                 "--bootstrap", "200", "--plot", png], capsys)
+                                 "--bootstrap", "200", "--plot", png, "--road-fractions", "0.25,0.75"], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
     finite_numbers(res)
@@ -93,17 +93,18 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
     assert {"cpu", "isa", "cores", "versions", "load_average"} <= set(res["machine"])
     assert res["n_images"] == N_IMAGES and res["n_bad"] == 0 and len(res["images"]) == N_IMAGES
     assert res["targets"]["mode"] == "name" and res["targets"]["names_agree"] == N_IMAGES  # 20 classes: by name
+    assert not (tmp_path / "real.checkpoint.jsonl").exists()  # removed once the JSON is written
     assert res["accuracy"]["n_correct"] == 3 and res["accuracy"]["top1"] == 0.5
     di_proto = res["protocol"]["deletion_insertion"]
     assert di_proto["n_steps"] == 7 and di_proto["step_px"] == math.ceil(128 * 128 / 7)
     assert di_proto["substrates"] == {"deletion": "zero", "insertion": "blur"}
     assert res["protocol"]["pointing_game"]["tolerances_px"] == [0.0, 15.0]
-    assert res["subset"]["methods"] == ["ablationcam"] and res["subset"]["n_first_images"] == 2
+    assert res["subset"]["methods"] == ["ablationcam"] and res["subset"]["n_first_rows"] == 2
     assert "ablationcam: one head forward per live channel" in res["subset"]["reason"]
 
     pg, di = res["pointing_game"], res["deletion_insertion"]
     assert list(pg["methods"]) == ["gradcam", "decomcam", "ablationcam"]
-    assert list(pg["baselines"]) == list(POINT_BASELINES)
+    assert list(pg["baselines"]) == [*POINT_BASELINES, *SALIENCY_BASELINES]
     assert list(di["baselines"]) == list(SALIENCY_BASELINES)
     for name, s in [*pg["methods"].items(), *pg["baselines"].items()]:
         n = 2 if name == "ablationcam" else N_IMAGES
@@ -123,13 +124,33 @@ def test_real_cli_json_and_tables(tiny_artifacts, dataset, tmp_path, capsys):
             lo, hi = r["ci"][metric]
             assert lo <= r["binned"]["auc"][metric] <= hi
         assert len(r["curves"]["insertion"]) == 8 and len(r["curves"]["deletion"]) == 8
+        road = (res["road"]["methods"] | res["road"]["baselines"])[name]
+        assert road["n_correct"] == len(rows) and len(road["curves"]["morf"]) == 2
+        for k in ("morf", "lerf"):
+            want = np.mean([np.mean(row["road"][name][k]) for row in rows])
+            assert road[k]["mean"] == pytest.approx(want) and road[k]["ci"][0] <= want <= road[k]["ci"][1]
+        assert road["combined"]["mean"] == pytest.approx((road["lerf"]["mean"] - road["morf"]["mean"]) / 2)
+        assert all(len(row["curves"][name]["insertion"]) == 8 for row in rows)  # records keep their curves
+    for name, e in [*res["energy"]["methods"].items(), *res["energy"]["baselines"].items()]:
+        vals = [row["energy"][name]["15"] for row in res["images"] if name in row["energy"]]
+        assert e["15"]["n"] == len(vals) and e["15"]["mean"] == pytest.approx(np.mean(vals))
+        assert all(0 <= v <= 1 for v in vals)
+    for tol in ("0", "15"):
+        miss = [row for row in res["images"] if not row["pointing"]["center_point"][tol]]
+        cm = res["center_miss"][tol]
+        assert cm["n_images"] == len(miss) and cm["baselines"]["center_point"]["pointing"]["mean"] == 0.0
+        assert cm["methods"]["gradcam"]["pointing"]["n"] == len(miss)
+    assert [p["b"] for p in res["pairs"]] == ["decomcam", "ablationcam", "center_point", *SALIENCY_BASELINES]
+    misses = {f"pointing_cm@{t}" for t in ("0", "15") if res["center_miss"][t]["n_images"]}
+    assert set(res["pairs"][2]["metrics"]) == {"pointing@0", "pointing@15", *misses} and "pointing_cm@0" in misses
+    assert {"pointing@0", "energy@15", "ins_del", "road", "morf"} <= set(res["pairs"][0]["metrics"])
     assert res["on_subset"]["n_images"] == 2
     assert set(res["on_subset"]["pointing_game"]["methods"]) == {"gradcam", "decomcam", "ablationcam"}
     assert [row["in_subset"] for row in res["images"]] == [True, True, False, False, False, False]
     assert png.is_file()
     assert "Table 1" in stdout and "Acc@15px(%)" in stdout and "Table 2" in stdout and "Overall(%)" in stdout
-    assert "first 2 images" in stdout and "AblationCAM" in stdout
-    assert "ablationcam run on the first 2 images only" in err
+    assert "first 2 rows" in stdout and "AblationCAM" in stdout and "Table 1b" in stdout and "Table 3" in stdout
+    assert "ablationcam run on the manifest's first 2 rows only" in err
 
 
 def test_real_default_methods_are_all_registered():
@@ -142,7 +163,8 @@ def test_real_index_targets_substrates_tolerances(tiny_artifacts, dataset, tmp_p
     out = tmp_path / "real.json"
     code, _, err = run_cli(["--data", dataset, "--artifacts", tiny_artifacts.out_dir, "--json", out, "--limit", "2",
                             "--targets", "index", "--bootstrap", "20", "--steps", "3", "--methods", "decomcam",
-                            "--substrates", "blur,zero", "--tolerances", "0", "--no-progress"], capsys)
+                            "--substrates", "blur,zero", "--tolerances", "0", "--no-progress",
+                            "--road-fractions", "none"], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
     assert res["methods"] == ["decomcam"] and res["subset"] is None and res["on_subset"] is None
@@ -167,7 +189,8 @@ def test_bad_images_are_reported_and_skipped(tiny_artifacts, dataset, tmp_path, 
         w.writerows(rows)
     out = tmp_path / "r.json"
     code, _, err = run_cli(["--data", data, "--artifacts", tiny_artifacts.out_dir, "--json", out,
-                            "--methods", "gradcam", "--bootstrap", "10", "--no-progress"], capsys)
+                            "--methods", "gradcam", "--bootstrap", "10", "--no-progress", "--road-fractions",
+                            "none"], capsys)
     assert code == 1
     res = json.loads(out.read_text())
     assert res["n_rows"] == 5 and res["n_images"] == 2 and res["n_bad"] == 3
@@ -189,7 +212,8 @@ def _one_error_line(err: str) -> str:
 
 
 def test_missing_folder_manifest_column_and_unknown_method(tiny_artifacts, dataset, tmp_path, capsys):
-    base = ["--artifacts", tiny_artifacts.out_dir, "--json", tmp_path / "x.json", "--no-progress"]
+    base = ["--artifacts", tiny_artifacts.out_dir, "--json", tmp_path / "x.json", "--no-progress",
+            "--road-fractions", "none"]
     code, _, err = run_cli(["--data", tmp_path / "nope", *base], capsys)
     assert code == 2 and "data folder not found" in _one_error_line(err)
     (tmp_path / "empty").mkdir()
@@ -220,7 +244,7 @@ def test_export_without_a_methods_graph_fails_before_any_photo(tiny_artifacts, d
     del man["graphs"]["head_grad"]
     (old / "manifest.json").write_text(json.dumps(man))
     code, out, err = run_cli(["--data", dataset, "--artifacts", old, "--json", tmp_path / "x.json",
-                              "--no-progress"], capsys)
+                              "--no-progress", "--road-fractions", "none"], capsys)
     assert code == 2 and "no 'head_grad' graph listed; re-export" in _one_error_line(err)
     assert "Table 1" not in out and not (tmp_path / "x.json").exists()
 
@@ -231,10 +255,11 @@ def test_label_missing_from_class_set_is_exit_2(tiny_artifacts, tmp_path, capsys
     text = (data / "manifest.csv").read_text().replace(",aeroplane,", ",tiger_cat,")
     (data / "manifest.csv").write_text(text)
     code, _, err = run_cli(["--data", data, "--artifacts", tiny_artifacts.out_dir, "--json", tmp_path / "x.json",
-                            "--methods", "gradcam", "--no-progress"], capsys)
+                            "--methods", "gradcam", "--no-progress", "--road-fractions", "none"], capsys)
     assert code == 2 and "lacks 1 data set class(es): tiger cat" in _one_error_line(err)
     code, _, err = run_cli(["--data", data, "--artifacts", tiny_artifacts.out_dir, "--json", tmp_path / "x.json",
-                            "--methods", "gradcam", "--no-progress", "--targets", "index"], capsys)
+                            "--methods", "gradcam", "--no-progress", "--targets", "index", "--road-fractions",
+                            "none"], capsys)
     assert code == 0, err  # by index the label is class 0 of the class set
 
 
@@ -306,6 +331,28 @@ def test_map_targets_and_step():
     assert step_for(224, 14) == (3584, 14) and step_for(128, 14) == (1171, 14)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         step_for(224, 0)
+
+
+def test_class_name_check_compares_indices():
+    """By index, the manifest's names only check the indices: another spelling of a class is a note, a name
+    that the class set holds at another index a warning, and neither changes a target."""
+    from benchmarks.quality.real import targets_message
+
+    labels = ["tench", "automated teller machine", "tiger cat", "crane", "crane"]
+    base = _item([[0, 0, 1, 1]], 4, 4)
+    items = [replace(base, class_index=i, class_name=n)
+             for i, n in ((1, "cash_machine"), (2, "tiger_cat"), (0, "tiger_cat"), (4, "crane"), (1, "cash_machine"))]
+    t, info = map_targets(labels, "s", items, "index")
+    assert t == [1, 2, 0, 4, 1]
+    assert (info["names_agree"], info["names_spelled_differently"], info["names_elsewhere"]) == (2, 2, 1)
+    assert info["spelling_examples"] == {"cash_machine": "automated teller machine"}
+    assert info["elsewhere_examples"]["tiger_cat"] == {"index": 0, "label": "tench", "name_at": [2]}
+    msg = targets_message(info)
+    assert "2/5 manifest names equal" in msg and "note: 2 are spelled differently" in msg
+    assert "'cash_machine' is 'automated teller machine'" in msg
+    assert msg.splitlines()[1].startswith("warning: 1 manifest name(s) are labels of other classes")
+    clean = targets_message(map_targets(labels, "s", items[:2], "index")[1])
+    assert "warning" not in clean and len(clean.splitlines()) == 1
 
 
 def test_bootstrap_ci_contains_estimate_and_narrows_with_n():
