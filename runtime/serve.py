@@ -217,10 +217,13 @@ def main(argv=None) -> int:
           f"Ctrl-C stops", flush=True)
     while not stop.wait(0.5):
         pass
+    for s in (signal.SIGINT, signal.SIGTERM):   # a second signal stops at once
+        signal.signal(s, signal.SIG_DFL)
     t1 = time.perf_counter()
-    print("stopping: the replicas finish the requests they hold", flush=True)
-    stop_serving(args.address)
-    print(f"stopped in {time.perf_counter() - t1:.1f} s", flush=True)
+    print("stopping: new requests are refused (503), those accepted are answered", flush=True)
+    left = stop_serving(args.address, opts.timeout_s)
+    cut = f"; {left} accepted requests were not answered within --timeout-s" if left else ""
+    print(f"stopped in {time.perf_counter() - t1:.1f} s{cut}", flush=True)
     return 0
 
 
@@ -243,14 +246,21 @@ def start_serving(opts, host: str = "127.0.0.1", port: int = 8000, metrics_port:
     serve.run(build_app(opts), name=APP_NAME, route_prefix="/")
 
 
-def stop_serving(address: str | None = None) -> None:
+def stop_serving(address: str | None = None, timeout_s: float = 60.0) -> int | None:
     """Stop what start_serving started: the whole local Serve and Ray, or only this application on a
-    cluster. The replicas finish the requests they hold first (up to the per-request timeout)."""
+    cluster. First the gateway drains: new requests are answered 503 with Retry-After while those already
+    accepted are answered (at most timeout_s); returns how many were still unanswered (None: no gateway)."""
     import ray
     from ray import serve
 
     from .serve_app import APP_NAME
 
+    left = None
+    try:
+        left = serve.get_deployment_handle("Gateway", APP_NAME).drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
+        time.sleep(0.5)   # the last answers leave the HTTP proxy
+    except Exception:  # noqa: BLE001  (nothing to drain: Serve or the application did not start)
+        pass
     try:
         if address is None:
             serve.shutdown()
@@ -259,6 +269,7 @@ def stop_serving(address: str | None = None) -> None:
     except Exception as e:  # noqa: BLE001  (stopping what did not start)
         error(f"while stopping Serve: {type(e).__name__}: {one_line(e)}")
     ray.shutdown()
+    return left
 
 
 if __name__ == "__main__":

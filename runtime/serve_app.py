@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,8 +64,10 @@ class ServeOptions:
             if not ok:
                 raise ValueError(what)
 
-        need(isinstance(self.replicas, int) and 1 <= self.replicas <= 1024, f"replicas must be in [1, 1024], got {self.replicas!r}")
-        need(isinstance(self.max_batch, int) and 1 <= self.max_batch <= 4096, f"max_batch must be in [1, 4096], got {self.max_batch!r}")
+        need(isinstance(self.replicas, int) and 1 <= self.replicas <= 1024,
+             f"replicas must be in [1, 1024], got {self.replicas!r}")
+        need(isinstance(self.max_batch, int) and 1 <= self.max_batch <= 4096,
+             f"max_batch must be in [1, 4096], got {self.max_batch!r}")
         need(0 <= self.batch_wait_s <= 60, f"batch_wait_s must be in [0, 60] seconds, got {self.batch_wait_s!r}")
         need(self.max_ongoing is None or 1 <= self.max_ongoing <= 65536,
              f"max_ongoing must be in [1, 65536], got {self.max_ongoing!r}")
@@ -310,6 +313,8 @@ class GatewayIngress:
         self.default_method = default_method
         self.max_request_bytes = int(max_request_bytes)
         self.timeout_s, self.retry_after_s = 60.0, 1.0
+        self.in_flight = 0          # /explain requests accepted and not yet answered
+        self.draining = False       # set by drain(): new requests are refused with 503
 
     def reconfigure(self, config: dict) -> None:
         self.timeout_s = float(config["timeout_s"])
@@ -330,11 +335,28 @@ class GatewayIngress:
             return to_response(error_reply(404, f"no endpoint {show(path)}; endpoints: {listed}"))
         if request.method != verb and not (verb == "GET" and request.method == "HEAD"):
             return to_response(error_reply(405, f"{path} takes {verb}, not {request.method}", {"allow": verb}))
+        if self.draining and path != "/classes":
+            return to_response(error_reply(503, "the server is stopping; retry later", self._retry_after()))
         if path == "/healthz":
             return await self._call_small("health", 503, "no Explain replica is ready")
         if path == "/classes":
             return await self._call_small("classes", 503, "no Explain replica is ready")
-        return to_response(await self._explain(request))
+        self.in_flight += 1
+        try:
+            return to_response(await self._explain(request))
+        finally:
+            self.in_flight -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503 with Retry-After; /healthz says 503 too) and wait until those accepted have
+        been answered, at most timeout_s: the number still unanswered (runtime.serve calls it before it stops
+        Serve, so that a stop cuts no accepted request)."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
 
     async def _call_small(self, name: str, status: int, problem: str) -> Response:
         try:
@@ -428,9 +450,10 @@ async def _result(response):
 
 
 def replica_pids(deployment: str = "Explain", app: str = APP_NAME) -> list[int]:
-    """The pids of this machine's replica processes of a deployment, of this user (Linux: Ray names each
-    replica's process `ray::ServeReplica:APP:DEPLOYMENT`); for monitoring their memory and the fault test."""
-    title = f"ray::ServeReplica:{app}:{deployment}".encode()
+    """The pids of this machine's replica processes of a deployment, of this user (Linux: Ray titles each
+    replica's process `ray::[ACTOR:]ServeReplica:APP:DEPLOYMENT[.METHOD]`); to watch their memory, and for
+    the fault test."""
+    title = re.compile(rb"ray::(\S*:)?ServeReplica:" + re.escape(f"{app}:{deployment}".encode()) + rb"(\.\S*)?")
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -442,7 +465,7 @@ def replica_pids(deployment: str = "Explain", app: str = APP_NAME) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if cmd.split(b"\0")[0].strip() == title:
+        if title.fullmatch(cmd.split(b"\0")[0].strip()):
             pids.append(int(entry))
     return sorted(pids)
 
