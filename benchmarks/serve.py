@@ -4,11 +4,12 @@
         [--concurrency 1,4,16,64] [--batching on,off] [--images DATA_DIR] [--n-images 32] [--fault] [--json FILE]
 
 For each export: the CLI (`python -m runtime.explain`, its own loop seconds: images/s without start-up)
-over the images; then the server, started as a separate process on 127.0.0.1 for each batching mode (on:
---max-batch 16, --batch-wait-ms 5; off: --max-batch 1), and for each method and number of concurrent
-clients a fixed number of requests (format=json) from a bounded local client (threads + urllib; each
-request has a timeout, the run stops by itself): throughput (answers 200 per second of wall time), latency
-p50/p90/p99, the statuses, and the replica processes' RSS (sampled every 0.25 s; VmHWM at the end).
+over the images; then two servers side by side, separate processes on 127.0.0.1, one per batching mode
+(on: --max-batch 16, --batch-wait-ms 5; off: --max-batch 1); for each method and number of concurrent
+clients a fixed number of requests (format=json) goes to one and then the other (the order alternating),
+from a bounded local client (threads + urllib; each request has a timeout, the run stops by itself):
+throughput (answers 200 per second of wall time), latency p50/p90/p99, the statuses, and the replica
+processes' RSS (sampled every 0.25 s; VmHWM at the end).
 
 --fault, on the first export: (1) two replicas under load, one of them killed with SIGKILL: what the
 requests in flight got, how long the replica took to come back, whether the later requests succeeded;
@@ -142,6 +143,13 @@ class ServerProcess:
         self.stop()
         raise SystemExit(f"the server was not ready in {limit:.0f} s: {self.log.read_text()[-2000:]}")
 
+    def replicas(self) -> list[int]:
+        """This server's Explain replica processes (two servers may run side by side)."""
+        from runtime.serve_app import replica_pids
+
+        mine = descendants(self.proc.pid)
+        return [p for p in replica_pids() if p in mine]
+
     def stop(self, sig: int = signal.SIGTERM, limit: float = 180.0) -> tuple[int | None, float]:
         """Signal the server and wait for it: (exit status, seconds); killed (its session too) past `limit`."""
         t0 = time.perf_counter()
@@ -154,6 +162,26 @@ class ServerProcess:
                 self.proc.wait(30)
         self._log.close()
         return self.proc.returncode, time.perf_counter() - t0
+
+
+def descendants(root: int) -> set[int]:
+    """The pids of every process below `root` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
 
 
 def replica_rss(pids: list[int]) -> tuple[float, float]:
@@ -173,12 +201,10 @@ def replica_rss(pids: list[int]) -> tuple[float, float]:
 
 
 class RssPeak:
-    """Samples the Explain replicas' summed VmRSS every 0.25 s while it is open."""
+    """Samples a server's Explain replicas' summed VmRSS every 0.25 s while it is open."""
 
-    def __init__(self):
-        from runtime.serve_app import replica_pids
-
-        self.pids = replica_pids
+    def __init__(self, server: ServerProcess):
+        self.pids = server.replicas
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -230,44 +256,51 @@ def server_args(args, max_batch: int, extra: list[str] = ()) -> list[str]:
 
 
 def run_load(args, artifacts: str, bodies: list[bytes], logs: Path) -> list[dict]:
-    from runtime.serve_app import replica_pids
-
+    """Both batching modes' servers side by side; each (method, clients) point is run on one and then the
+    other, the order alternating, so that the machine's load drifts over both alike."""
     rows = []
-    methods = args.methods.split(",")
-    for mode in args.batching.split(","):
-        max_batch = args.max_batch if mode == "on" else 1
-        server = ServerProcess(artifacts, server_args(args, max_batch), logs / f"server-{Path(artifacts).name}-{mode}.log")
-        print(f"  server ({mode}: max batch {max_batch}) ready in {server.ready_s:.1f} s", file=sys.stderr, flush=True)
-        try:
-            for method in methods:
-                url = f"{server.url}/explain?method={method}&format=json"
-                load(url, bodies, min(8, args.requests), 4)   # warm-up: untimed
-                for clients in [int(c) for c in args.concurrency.split(",")]:
+    name = Path(artifacts).name
+    modes = args.batching.split(",")
+    servers = {}
+    try:
+        for mode in modes:
+            max_batch = args.max_batch if mode == "on" else 1
+            servers[mode] = ServerProcess(artifacts, server_args(args, max_batch), logs / f"server-{name}-{mode}.log")
+            print(f"  server (batching {mode}: max batch {max_batch}) ready in {servers[mode].ready_s:.1f} s",
+                  file=sys.stderr, flush=True)
+        k = 0
+        for method in args.methods.split(","):
+            for mode in modes:
+                load(f"{servers[mode].url}/explain?method={method}&format=json", bodies, min(8, args.requests), 4)
+            for clients in [int(c) for c in args.concurrency.split(",")]:
+                for mode in (modes if k % 2 == 0 else modes[::-1]):
+                    server = servers[mode]
                     la0 = load_average()
-                    with RssPeak() as rss:
-                        r = load(url, bodies, args.requests, clients)
+                    with RssPeak(server) as rss:
+                        r = load(f"{server.url}/explain?method={method}&format=json", bodies, args.requests, clients)
                     r.pop("results")
-                    r.update(model=Path(artifacts).name, method=method, batching=mode, max_batch=max_batch,
+                    r.update(model=name, method=method, batching=mode, max_batch=args.max_batch if mode == "on" else 1,
                              rss_peak_mb=rss.peak, load_average=[la0, load_average()])
                     rows.append(r)
                     lat = r["latency_ms"]
-                    print(f"  {Path(artifacts).name} {method} batching {mode} x{clients}: {r['ok']}/{r['requests']} ok, "
+                    print(f"  {name} {method} batching {mode} x{clients}: {r['ok']}/{r['requests']} ok, "
                           f"{fmt(r['throughput'], 2)} img/s, p50 {fmt(lat['p50'], 0)} ms, p99 {fmt(lat['p99'], 0)} ms, "
                           f"RSS {rss.peak:.0f} MiB, load {la0[0] if la0 else '-'}", file=sys.stderr, flush=True)
-            hwm = replica_rss(replica_pids())[1]
+                k += 1
+        for mode, server in servers.items():
+            hwm = replica_rss(server.replicas())[1]
             for r in rows:
-                if r["batching"] == mode and r["model"] == Path(artifacts).name:
+                if r["batching"] == mode:
                     r["replica_hwm_mb"] = hwm
-        finally:
+    finally:
+        for mode, server in servers.items():
             code, secs = server.stop()
-            print(f"  server stopped: exit {code} in {secs:.1f} s", file=sys.stderr, flush=True)
+            print(f"  server (batching {mode}) stopped: exit {code} in {secs:.1f} s", file=sys.stderr, flush=True)
     return rows
 
 
 def run_fault(args, artifacts: str, bodies: list[bytes], logs: Path) -> dict:
     """Kill one of two replicas under load, then stop the server under load."""
-    from runtime.serve_app import replica_pids
-
     method = args.methods.split(",")[0]
     extra = ["--replicas", "2", "--replica-cpus", "1"] + ([] if args.threads else ["--threads", "1"])
     server = ServerProcess(artifacts, server_args(args, args.max_batch, extra), logs / "server-fault.log")
@@ -276,7 +309,7 @@ def run_fault(args, artifacts: str, bodies: list[bytes], logs: Path) -> dict:
                  "clients": args.fault_clients}
     try:
         load(url, bodies, 8, 4)
-        before = replica_pids()
+        before = server.replicas()
         assert len(before) == 2, before
         killed: dict = {}
 
@@ -290,7 +323,7 @@ def run_fault(args, artifacts: str, bodies: list[bytes], logs: Path) -> dict:
 
         def watch_back():
             while time.perf_counter() - killed["t"] < 600:
-                now = replica_pids()
+                now = server.replicas()
                 if len(now) == 2 and before[0] not in now:
                     killed["back_s"] = time.perf_counter() - killed["t"]
                     return
@@ -360,7 +393,8 @@ def tables(report: dict) -> str:
         rows.append([c["model"], c["method"], c["images"], fmt(c["loop_s"]), fmt(c["images_per_s"], 2)])
     parts.append(format_table(["model", "method", "images", "CLI loop s", "CLI img/s"], rows, "llrrr"))
     rows = []
-    for r in report["load"]:
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in report["load"]))}
+    for r in sorted(report["load"], key=lambda r: (r["model"], order[r["method"]], r["batching"] != "on", r["clients"])):
         lat = r["latency_ms"]
         base = cli.get((r["model"], r["method"]))
         vs = f"{r['throughput'] / base['images_per_s']:.2f}x" if base and r["throughput"] else "-"

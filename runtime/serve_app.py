@@ -427,6 +427,9 @@ class GatewayIngress:
             except asyncio.TimeoutError:
                 response.cancel()
                 return error_reply(504, f"no answer within the per-request timeout of {self.timeout_s:g} s")
+            except asyncio.CancelledError:   # the client went away: the replica need not finish it
+                response.cancel()
+                raise
             except BackPressureError:
                 return error_reply(503, "overloaded: every Explain replica is busy and the queue is full; "
                                         "retry later", self._retry_after())
