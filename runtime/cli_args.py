@@ -84,17 +84,27 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "stretch: whole image to S x S")
 
 
-def add_limit_args(p: argparse.ArgumentParser) -> None:
+def add_limit_args(p: argparse.ArgumentParser, max_pixels: int | None = None, max_bytes: int | None = None) -> None:
+    """The limit options; `max_pixels` / `max_bytes`: other defaults (the server's), None for the CLI's."""
     from .images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     g = p.add_argument_group("limits (each checked before decoding)")
-    g.add_argument("--max-pixels", type=_int("max_pixels"), default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse larger images (default {DEFAULT_MAX_PIXELS:,})")
-    g.add_argument("--max-bytes", type=_int("max_bytes"), default=DEFAULT_MAX_BYTES,
-                   help=f"refuse larger files before reading them (default {DEFAULT_MAX_BYTES:,} = 1 GiB)")
+    g.add_argument("--max-pixels", type=_int("max_pixels"), default=max_pixels,
+                   help=f"refuse larger images (default {max_pixels:,})")
+    g.add_argument("--max-bytes", type=_int("max_bytes"), default=max_bytes,
+                   help=f"refuse larger files before reading them (default {max_bytes:,} = {_size(max_bytes)})")
     g.add_argument("--max-aspect", type=float_range(1.0, MAX_ASPECT_MAX, closed=True), default=DEFAULT_MAX_ASPECT,
                    help=f"refuse images whose long side is more than this many times the short side "
                         f"(default {DEFAULT_MAX_ASPECT:g}; bounds the memory of preprocessing)")
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k and n % k == 0:
+            return f"{n // k} {unit}"
+    return f"{n:,} bytes"
 
 
 def settings_from_args(args):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_MODULES = {"runtime.explain", "runtime.cli_args"}         # command lines; runtime.dataset's main is its own
-CLI_USERS = {"runtime.explain", "runtime.cli_args", "runtime.dataset"}
+CLI_USERS = {"runtime.explain", "runtime.cli_args", "runtime.dataset", "runtime.serve"}
 
 
 def imports(path: Path, package: str) -> set[str]:
