@@ -19,12 +19,12 @@ SKIP_DIRS = {".git", ".venv", "bench-results", "artifacts", "outputs", "data", "
 FORBIDDEN = ("../shared", "/work/", "/tmp/", "/root/")   # paths of one machine, not of the repository
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
 _LINK = re.compile(r"(?<!\\)\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\(\s*<?([^()\s<>]*(?:\([^()\s]*\)[^()\s<>]*)*)>?"
                    r"(?:\s+(?:\"[^\"]*\"|'[^']*'))?\s*\)")
-_REF_DEF = re.compile(r"^ {0,3}\[([^\]]+)\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.M)
+_REF_DEF = re.compile(r"^ {0,3}\[([^\]]+)\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.MULTILINE)
 _HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
-_HTML_ANCHOR = re.compile(r"<a\s+[^>]*(?:name|id)\s*=\s*[\"']([^\"']+)[\"']", re.I)
+_HTML_ANCHOR = re.compile(r"<a\s+[^>]*(?:name|id)\s*=\s*[\"']([^\"']+)[\"']", re.IGNORECASE)
 
 
 def markdown_files(root: Path = ROOT) -> list[Path]:
@@ -106,9 +106,9 @@ def problems_of(path: Path, root: Path = ROOT) -> list[str]:
     out = []
     for line, target in links(path):
         where = f"{rel}:{line}: ({target})"
-        if re.match(r"^https?://", target, re.I):
+        if re.match(r"^https?://", target, re.IGNORECASE):
             continue                      # external: allowed, not fetched
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
             out.append(f"{where}: a link with the scheme of another machine or program")
             continue
         file_part, _, anchor = target.partition("#")
