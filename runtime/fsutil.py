@@ -14,7 +14,7 @@ goes through ``atomic_write`` / ``atomic_open`` / ``temp_dir`` here:
     * on any failure, Ctrl-C included, the temporary is removed.
 
 A run killed with SIGKILL cannot clean up. ``remove_stale_temporaries(folder)`` removes what such a run
-left, and only what is provably a dead writer's temporary (the rule, documented in the README):
+left, and only what is provably a dead writer's temporary (the rule, documented in docs/cli.md):
     * the name matches the current pattern exactly, and it is a regular file (never a folder, never a
       symlink) owned by this user;
     * nobody holds its lock (a live writer on this kernel, in any PID namespace or container, does);
