@@ -63,6 +63,8 @@ class Checkpoint:
         self.kind = kind
         self.key = json.loads(json.dumps(key))  # as it reads back
         self._fd: int | None = None
+        self._created = False   # this open wrote the file (no earlier run's)
+        self._appended = 0
         self.entries: dict[int, dict] = {}
 
     def _header(self) -> str:
@@ -109,7 +111,8 @@ class Checkpoint:
         """Entries an earlier run left (row -> {"row", "record"} or {"row", "bad"}); creates the file when
         there is none. Holds the append lock until ``close``."""
         entries, trimmed = self._read()
-        if not self.path.exists() or trimmed:
+        self._created = not self.path.exists()
+        if self._created or trimmed:
             body = self._header() + "".join(json.dumps(entries[r], sort_keys=True) + "\n" for r in sorted(entries))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, body)
@@ -143,9 +146,18 @@ class Checkpoint:
         while view:  # a regular file takes the whole line in one write; the loop only guards a short write
             n = os.write(self._fd, view)
             view = view[n:]
+        self._appended += 1
 
     def close(self) -> None:
+        """Release the lock. A checkpoint this open created and nothing was appended to (a run that stopped
+        before its first photo, e.g. on a usage error) is removed: it holds no work and would only refuse the
+        corrected command's settings."""
         if self._fd is not None:
+            if self._created and not self._appended:   # still under the lock, so no other run has opened it
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
             os.close(self._fd)  # releases the lock
             self._fd = None
 

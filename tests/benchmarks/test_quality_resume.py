@@ -154,3 +154,25 @@ def test_chunks_and_method_sets_merge_into_one_run(tiny_artifacts, dataset, tmp_
     assert run(args_for(dataset, art, other, "--limit", "2", "--steps", "3"), capsys)[0] == 0
     code, _, err = run(["real", "--from-json", f"{chunks[1]},{other}", "--json", str(merged)], capsys)
     assert code == 2 and "protocol settings steps differ" in err
+
+
+def test_a_checkpoint_without_records_is_not_left_behind(tmp_path):
+    """A run that stops before its first photo (a usage error found after the checkpoint opened) leaves no
+    checkpoint to refuse the corrected command; one with records, or one an earlier run wrote, stays."""
+    from benchmarks.quality.checkpoint import Checkpoint
+
+    path = tmp_path / "x.checkpoint.jsonl"
+    c = Checkpoint(path, "real", {"a": 1})
+    c.open()
+    assert path.exists()
+    c.close()
+    assert not path.exists()
+    c = Checkpoint(path, "real", {"a": 1})
+    c.open()
+    c.append(0, record={"v": 1})
+    c.close()
+    assert path.exists()
+    again = Checkpoint(path, "real", {"a": 1})
+    assert set(again.open()) == {0}
+    again.close()   # opened an earlier run's file: kept, though this run appended nothing
+    assert path.exists()

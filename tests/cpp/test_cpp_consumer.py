@@ -48,14 +48,9 @@ def cpp_binary() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pooled_artifacts(tmp_path_factory):
-    """resnet-tiny (pooled-linear family: no text input, fixed classes) exported once per session."""
-    from export.models import load_model
-    from export.onnx_export import export_model
-
-    out = tmp_path_factory.mktemp("artifacts") / "resnet-tiny"
-    export_model(load_model("resnet-tiny", "none"), [], out, labels_name="voc10")
-    return out
+def pooled_artifacts(resnet_tiny_artifacts):
+    """resnet-tiny (pooled-linear family: no text input, fixed classes), from the session's export registry."""
+    return resnet_tiny_artifacts
 
 
 @pytest.fixture(params=["clip", "pooled-linear"])

@@ -13,12 +13,30 @@ import pytest
 import torch
 
 from export.__main__ import main as export_main
-from export.classes import ClassSetError, class_set_from_names, get_class_set, resolve_templates
+from export.classes import (
+    ClassSetError,
+    class_set_from_names,
+    get_class_set,
+    resolve_templates,
+)
 from export.graphs import PoolHead, Trunk
-from export.models import (ModelError, PretrainedUnavailable, has_live_residuals, list_models, load_checkpoint,
-                           load_model)
-from export.onnx_export import (ValidationError, _check_structure, _references, export_model,
-                                model_dims, ops_used, sample_inputs)
+from export.models import (
+    ModelError,
+    PretrainedUnavailable,
+    has_live_residuals,
+    list_models,
+    load_checkpoint,
+    load_model,
+)
+from export.onnx_export import (
+    ValidationError,
+    _check_structure,
+    _references,
+    export_model,
+    model_dims,
+    ops_used,
+    sample_inputs,
+)
 from runtime.artifacts import ArtifactsError, load_artifacts
 from runtime.spec import GRAPHS, HEAD, MANIFEST_NAME
 
@@ -331,3 +349,16 @@ def test_large_models_export_and_validate(name, size, tmp_path):
     assert all(r["ok"] for r in res.report["rows"])
     sizes = {k: v["bytes"] for k, v in res.manifest["graphs"].items()}
     print(f"\n{name}: export+validate {dt:.1f} s, graphs {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items())}")
+
+
+# -- 7. export --out that is a file -----------------------------------------------------------------
+
+@pytest.mark.parametrize("sub", ["", "below"])
+def test_export_out_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys, sub):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = f / sub if sub else f
+    code = export_main(["--model", "RN-tiny", "--pretrained", "none", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"--out {out}: cannot create or write the artifacts folder" in err
+

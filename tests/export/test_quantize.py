@@ -20,10 +20,8 @@ from tests.conftest import make_images
 
 
 @pytest.fixture(scope="module")
-def resnet_tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "resnet-tiny"
-    export_model(load_model("resnet-tiny", "none"), [], out, labels_name="voc10")
-    return out
+def resnet_tiny(resnet_tiny_artifacts):
+    return resnet_tiny_artifacts
 
 
 @pytest.fixture(scope="module")

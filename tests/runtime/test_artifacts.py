@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.artifacts import ArtifactsError, load_artifacts, sha256_path
 from tests.conftest import make_images
 from tests.runtime.test_cli import run_cli, write_good
 
@@ -145,3 +146,77 @@ def test_image_pool_threads_are_daemons_and_render_many_stays_a_window_ahead(mon
     assert out == [[0]]
     gen.close()                           # the writer stops: the job still pending is cancelled
     assert len(submitted) == 2            # and nothing more is submitted
+
+
+@pytest.fixture(name="art")
+def art_copy(tiny_artifacts, tmp_path) -> Path:
+    a = tmp_path / "art"
+    shutil.copytree(tiny_artifacts.out_dir, a)
+    return a
+
+
+def edit_manifest(a: Path, fn) -> None:
+    m = json.loads((a / "manifest.json").read_text())
+    m = fn(m)
+    (a / "manifest.json").write_text(json.dumps(m))
+
+
+# -- 5. class-set files are checked before use ------------------------------------------------------
+
+def test_reordered_embeddings_are_refused(art):
+    npy = art / "classes" / "voc.npy"
+    np.save(npy, np.load(npy)[::-1])
+    with pytest.raises(ArtifactsError, match=r"voc\.npy: sha256 .* does not match the manifest"):
+        load_artifacts(art).load_class_set("voc")
+
+
+def test_altered_labels_are_refused(art):
+    lab = art / "classes" / "voc.txt"
+    lines = lab.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    lab.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ArtifactsError, match=r"voc\.txt: sha256 does not match the manifest's labels_sha256"):
+        load_artifacts(art).load_class_set("voc")
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.array([["x"] * 64] * 20), "dtype <U1, expected a float type"),
+    (np.ones((20, 64), np.int64), "dtype int64, expected a float type"),
+    (np.ones((20, 64), np.complex64), "dtype complex64, expected a float type"),
+    (np.ones((20, 63), np.float32), r"shape \(20, 63\), expected \(20, 64\)"),
+    (np.array([None] * 20, dtype=object), "dtype object"),
+])
+def test_embeddings_of_the_wrong_dtype_or_shape_are_refused(art, array, match):
+    npy = art / "classes" / "voc.npy"
+    np.save(npy, array, allow_pickle=True)
+    edit_manifest(art, lambda m: (m["class_sets"]["voc"].update(sha256=sha256_path(npy)), m)[1])
+    with pytest.raises(ArtifactsError, match=match):
+        load_artifacts(art).load_class_set("voc")
+
+
+def test_header_claiming_a_huge_shape_is_refused_before_reading(art):
+    npy = art / "classes" / "voc.npy"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (20, 1 << 40)}
+    with open(npy, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    edit_manifest(art, lambda m: (m["class_sets"]["voc"].update(sha256=sha256_path(npy)), m)[1])
+    with pytest.raises(ArtifactsError, match=r"shape \(20, 1099511627776\), expected \(20, 64\)"):
+        load_artifacts(art).load_class_set("voc")
+    header["shape"] = (20, 64)
+    with open(npy, "wb") as f:  # right header, truncated data
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    edit_manifest(art, lambda m: (m["class_sets"]["voc"].update(sha256=sha256_path(npy)), m)[1])
+    with pytest.raises(ArtifactsError, match="file size does not match its header"):
+        load_artifacts(art).load_class_set("voc")
+
+
+def test_cli_refuses_tampered_class_set_with_exit_2(art, tmp_path, capsys):
+    npy = art / "classes" / "voc.npy"
+    np.save(npy, np.load(npy)[::-1])
+    img = write_good(tmp_path / "in", 1)[0]
+    code, _, err = run_cli([img, "--artifacts", art, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "voc.npy: sha256" in err and err.count("error:") == 1
+
+

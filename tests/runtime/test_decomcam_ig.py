@@ -167,14 +167,12 @@ def test_runtime_ig_matches_eager_reference_clip(tiny, tiny_artifacts):
 
 
 @pytest.fixture(scope="module")
-def mobilenet_tiny(tmp_path_factory):
-    """The MobileNetV3 head (Linear-Hardswish-Linear): its gradient depends on A."""
+def mobilenet_tiny(tiny_export):
+    """The MobileNetV3 head (Linear-Hardswish-Linear): its gradient depends on A. The torch model (seed 0) and
+    its export from the session's registry."""
     from export.models import load_model
-    from export.onnx_export import export_model
 
-    lm = load_model("mobilenet-tiny", "none")
-    res = export_model(lm, [], tmp_path_factory.mktemp("ig") / "mobilenet-tiny", labels_name="voc10")
-    return lm, res.out_dir
+    return load_model("mobilenet-tiny", "none", seed=0), tiny_export("mobilenet-tiny")
 
 
 def test_runtime_ig_matches_eager_reference_pooled(mobilenet_tiny):
