@@ -54,8 +54,11 @@ ATOL, RTOL = 1e-4, 1e-4
 VALIDATION_BATCHES = (1, 3)
 # Gradients: for each direction v (unit norm per image), |central difference of logits[b, t_b] along v - <g_b, v>|
 # in units of |g_b| / sqrt(n) (the RMS derivative over random unit directions; n = C h w). Float64 differences
-# (step 1e-9 |A_b|: small enough not to cross the ReLU and MaxPool kinks of a deep head, e.g. Inception v3; raised
-# where the logit's rounding would show, see check_gradients) measure the float32 gradient's own error; float32
+# (step 1e-9 |A_b|: small enough not to cross the ReLU and MaxPool kinks of a deep head, e.g. Inception v3) measure
+# the float32 gradient's own error. Where the logit's rounding would show at that step (activations that vanish next
+# to a bias: the logit is mostly the bias), the point is scaled up until it does not (its RMS up to RESCALE_MAX_RMS),
+# and past that the step is raised (see check_gradients): a raised step of 1% |A| crossed the kinks of Inception
+# v4's head (random weights, 96 px, |A| ~ 1e-6) and failed its correct gradient with an error of 58. Float32
 # differences (heads too large for the float64 evaluator) are limited by rounding (step 1e-2 |A_b|). A kink of the
 # head between the two points (a ReLU that switches) spoils one step only: a point that fails is differenced again
 # at the next smaller step (never under the rounding floor) and keeps its smallest error, while a wrong gradient
@@ -65,6 +68,7 @@ GRAD_TOL = {"float64": 1e-3, "float32": 5e-2}
 GRAD_STEPS = {"float64": (1e-9, 1e-10, 1e-11), "float32": (1e-2,)}
 FLOAT64_MAX_MACS = 3e8        # per image: larger heads are checked in float32 by ONNX Runtime
 TIE_BREAK = 1e-3              # the checked points move by this fraction of their RMS value (check_gradients)
+RESCALE_MAX_RMS = 1.0         # points whose logit's rounding would raise the step are scaled up to at most this RMS
 
 
 class ImportError_(ExportError):
@@ -868,36 +872,50 @@ def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, t
     """Directional-derivative check of head_grad.onnx's gradients at `points` (see GRAD_* above), each moved by
     TIE_BREAK of its RMS value in a random direction: activations after a ReLU hold exact zeros, and a MaxPool
     window of zeros in the head is a kink at the point itself (its one-sided derivatives differ; the backward
-    takes the first maximum, as torch), where no central difference measures a gradient."""
+    takes the first maximum, as torch), where no central difference measures a gradient. A point whose logit is
+    mostly a constant (activations that vanish next to a bias) is scaled up where the logit's rounding would raise
+    the step above GRAD_STEPS[0] |A| (see RESCALE_MAX_RMS)."""
     rng = np.random.default_rng(seed)
     b0, n0 = len(points), points[0].size
     scale = np.linalg.norm(points.reshape(b0, -1).astype(np.float64), axis=1) / math.sqrt(n0)
     points = (points + TIE_BREAK * scale.reshape(b0, 1, 1, 1) * rng.normal(size=points.shape)).astype(np.float32)
-    logits, grads = head_grad_sess.run(["logits", "gradients"], {"activations": points.astype(np.float32),
-                                                                 "target": target})
-    t = np.where(target < 0, logits.argmax(1), target)
     f64 = _float64_evaluator(head) if _head_macs(head) <= FLOAT64_MAX_MACS else None
     if f64 is not None:
-        mode, f = "float64", f64
-        p = points.astype(np.float64)
+        mode, f, ftype = "float64", f64, np.float64
     else:
-        mode = "float32"
+        mode, ftype = "float32", np.float32
         head_sess = _session(head)
-        p = points.astype(np.float32)
 
         def f(a):
             return head_sess.run(["logits"], {"activations": a.astype(np.float32)})[0].astype(np.float64)
-    g = grads.astype(np.float64)
-    b = len(points)
-    n = points[0].size
-    rms = np.linalg.norm(g.reshape(b, -1), axis=1) / math.sqrt(n)
+    eps = float(np.finfo(ftype).eps)
+    b, n = len(points), points[0].size
+
+    def at(points):
+        """(point, target, gradient, its RMS, the rounding floor of the step, |point|) at float32 `points`."""
+        logits, grads = head_grad_sess.run(["logits", "gradients"], {"activations": points, "target": target})
+        t = np.where(target < 0, logits.argmax(1), target)
+        p, g = points.astype(ftype), grads.astype(np.float64)
+        rms = np.linalg.norm(g.reshape(b, -1), axis=1) / math.sqrt(n)
+        # each step: GRAD_STEPS |A_b|, or more where the logit's rounding (eps |y|, over 2 step) would exceed 1% of
+        # the tolerance on the derivative (|g| / sqrt(n)): activations that vanish next to a bias (random weights)
+        y0 = f(p)[np.arange(b), t]
+        floor = 100 * eps * np.abs(y0) / (GRAD_TOL[mode] * np.maximum(rms, 1e-300))
+        return p, t, g, rms, floor, np.linalg.norm(p.reshape(b, -1).astype(np.float64), axis=1)
+
+    p, t, g, rms, floor, size = at(points)
+    # a raised step crosses the kinks of a deep head (ReLU, MaxPool) and measures a mix of its pieces: where the
+    # floor is above GRAD_STEPS[0] |A|, the point itself is scaled up instead (by twice the ratio: a head whose
+    # logit is a constant plus a positively homogeneous function, as ReLU CNNs without biases, then needs no raised
+    # step), its RMS value up to RESCALE_MAX_RMS; head_grad's gradient is checked as a function at valid inputs
+    rms_a = size / math.sqrt(n)
+    lift = np.where(size > 0, 2 * floor / (GRAD_STEPS[mode][0] * np.maximum(size, 1e-300)), 1.0)
+    lift = np.minimum(lift, RESCALE_MAX_RMS / np.maximum(rms_a, 1e-300))
+    lift = np.where(np.isfinite(lift) & (lift > 1.0), lift, 1.0)
+    if (lift > 1.0).any():
+        points = (points.astype(np.float64) * lift.reshape(b, 1, 1, 1)).astype(np.float32)
+        p, t, g, rms, floor, size = at(points)
     dirs = [rng.normal(size=points.shape) for _ in range(GRAD_DIRECTIONS)] + [g]
-    # each step: GRAD_STEPS |A_b|, or more where the logit's rounding (eps |y|, over 2 step) would exceed 1% of the
-    # tolerance on the derivative (|g| / sqrt(n)): activations that vanish next to a bias (random weights)
-    eps = float(np.finfo(np.float64 if mode == "float64" else np.float32).eps)
-    y0 = f(p)[np.arange(b), t]
-    floor = 100 * eps * np.abs(y0) * math.sqrt(n) / (GRAD_TOL[mode] * np.maximum(rms * math.sqrt(n), 1e-300))
-    size = np.linalg.norm(p.reshape(b, -1), axis=1)
     worst, per = 0.0, []
     for k, v in enumerate(dirs):
         v = v / np.maximum(np.linalg.norm(v.reshape(b, -1), axis=1), 1e-300).reshape(b, 1, 1, 1)
@@ -917,6 +935,7 @@ def check_gradients(head: onnx.ModelProto, head_grad_sess, points: np.ndarray, t
                       (" (onnx.reference)" if mode == "float64" else " (ONNX Runtime)"),
             "precision": mode, "points": b, "directions": len(dirs), "step_relative": list(GRAD_STEPS[mode]),
             "steps_raised_for_rounding": int((floor > GRAD_STEPS[mode][0] * size).sum()),
+            "points_rescaled": int((lift > 1.0).sum()), "rescale_max": float(lift.max()),
             "tie_breaking": TIE_BREAK,
             "units": "|g| / sqrt(C h w) (the RMS derivative over random unit directions)",
             "max_error": worst, "per_direction": per, "tolerance": GRAD_TOL[mode], "ok": worst <= GRAD_TOL[mode]}

@@ -12,8 +12,9 @@ benchmark (benchmarks/coverage.py) found in torchvision's and timm's CNNs.
                  every method's saliency equals the registry export's on a real photo and generated images
     coverage     shapes that ONNX shape inference leaves partly unknown (a Pad or Reshape whose amounts are
                  computed: ShuffleNet's channel shuffle, EfficientNet-Lite's same padding) come from running the
-                 graph; the gradient check's step stays above the logits' rounding where activations vanish next
-                 to a bias (random weights), and still catches a wrong gradient there
+                 graph; where activations vanish next to a bias (random weights) the gradient check scales the
+                 points up (or raises its step) above the logits' rounding, without crossing a deep head's ReLU
+                 kinks, and still catches a wrong gradient there
 """
 
 from __future__ import annotations
@@ -341,9 +342,11 @@ class _Session:
         return logits.astype(np.float32), g.astype(np.float32)
 
 
-def test_gradient_check_steps_above_rounding_where_activations_vanish_next_to_a_bias():
-    """GoogLeNet with random weights: activations ~1e-11 at the last block, logits ~ the bias. A step of 1e-6 |A|
-    would move the logit by less than its rounding; the check raises the step to what float64 can resolve."""
+def test_gradient_check_steps_above_rounding_where_activations_vanish_next_to_a_bias(monkeypatch):
+    """GoogLeNet with random weights: activations ~1e-11 at the last block, logits ~ the bias. A step of 1e-9 |A|
+    would move the logit by less than its rounding; the check scales the points up (up to RESCALE_MAX_RMS), or,
+    where it may not, raises the step to what float64 can resolve."""
+    import export.onnx_import as oi
     from export.onnx_import import check_gradients
 
     rng = np.random.default_rng(0)
@@ -361,13 +364,69 @@ def test_gradient_check_steps_above_rounding_where_activations_vanish_next_to_a_
     points = (np.abs(rng.normal(size=(2, c, hw, hw))) * 1e-11).astype(np.float32)
     target = np.array([-1, 2], np.int64)
     ok = check_gradients(head, _Session(w32, b32), points, target)
-    assert ok["ok"] and ok["steps_raised_for_rounding"] == 2 and ok["max_error"] <= 1e-5
+    assert ok["ok"] and ok["points_rescaled"] == 2 and ok["steps_raised_for_rounding"] == 0, ok
+    assert ok["max_error"] <= 1e-5, ok
     wrong = check_gradients(head, _Session(w32, b32, scale=1.01), points, target)
     assert not wrong["ok"] and wrong["max_error"] > 5e-3
+    monkeypatch.setattr(oi, "RESCALE_MAX_RMS", 0.0)
+    raised = check_gradients(head, _Session(w32, b32), points, target)
+    assert raised["ok"] and raised["points_rescaled"] == 0 and raised["steps_raised_for_rounding"] == 2, raised
+    assert raised["max_error"] <= 1e-5, raised
+    wrong = check_gradients(head, _Session(w32, b32, scale=1.01), points, target)
+    assert not wrong["ok"] and wrong["max_error"] > 5e-3
+    monkeypatch.undo()
     # at ordinary activations the step is the usual 1e-6 |A|
     usual = check_gradients(head, _Session(w32, b32), points * 1e11, target)
     assert usual["ok"] and usual["steps_raised_for_rounding"] == 0
 
+
+class _ScaledGradients:
+    """A head_grad session whose gradients are off by a factor (a wrong backward)."""
+
+    def __init__(self, sess, scale):
+        self.sess, self.scale = sess, scale
+
+    def run(self, names, feed):
+        logits, grads = self.sess.run(names, feed)
+        return logits, grads * np.float32(self.scale)
+
+
+def test_gradient_check_scales_up_vanishing_activations_where_the_raised_step_would_cross_relu_kinks():
+    """Inception v4 (timm, random weights) at 96 px: activations ~1e-8 at the target, logits ~ the classifier's
+    bias, and a head of Conv + ReLU blocks. float64 resolves the logit's change only at steps of ~1 % of |A| or
+    more, which cross the head's ReLU kinks: a correct gradient failed (error 58 along the gradient). The check
+    scales such points up, where a step of 1e-9 |A| is above the rounding; a wrong gradient still fails there."""
+    from export.onnx_grad import target_gradient_graph
+    from export.onnx_import import check_gradients
+
+    rng = np.random.default_rng(3)
+    c, hw = 8, 6
+    nodes = [helper.make_node("Conv", ["activations", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "w", "b"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("activations", TensorProto.FLOAT,
+                                                                        ["batch", c, hw, hw])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])],
+                          [_init("w1", rng.normal(size=(c, c, 3, 3)) * 0.3),
+                           _init("w2", rng.normal(size=(c, c, 3, 3)) * 0.3),
+                           _init("w", rng.normal(size=(K, c)) * 0.01), _init("b", np.full(K, 0.03))])
+    head = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    head.ir_version = 8
+    sess = ort.InferenceSession(target_gradient_graph(head, "activations", "logits").SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    points = (np.abs(rng.normal(size=(2, c, hw, hw))) * 1e-10).astype(np.float32)
+    target = np.array([-1, 2], np.int64)
+    ok = check_gradients(head, sess, points, target)
+    assert ok["ok"] and ok["max_error"] <= 1e-4, ok
+    assert ok["points_rescaled"] == 2 and ok["steps_raised_for_rounding"] == 0, ok
+    wrong = check_gradients(head, _ScaledGradients(sess, 1.01), points, target)
+    assert not wrong["ok"] and wrong["max_error"] > 5e-3, wrong
+    # at ordinary activations the points stay where they are
+    usual = check_gradients(head, sess, points * 1e10, target)
+    assert usual["ok"] and usual["points_rescaled"] == 0 and usual["steps_raised_for_rounding"] == 0, usual
 
 def test_a_head_that_reads_the_input_batch_is_cut_at_the_feature_map(tmp_path):
     """EfficientNet-Lite's `x.view(inputs.size(0), -1)`: the head's Reshape reads the image's batch through Shape.
