@@ -200,6 +200,12 @@ def main(argv=None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        if "--list-methods" in argv:   # needs no artifacts
+            from .methods import list_methods
+
+            print("\n".join(list_methods()))
+            return 0
         args = build_parser().parse_args(argv)
         return run(args)
     except KeyboardInterrupt:

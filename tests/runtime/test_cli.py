@@ -450,3 +450,12 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(tiny_artifacts, tmp_
         text = fake.getvalue()
         assert ("3/3" in text) == (not quiet), text
         assert ("img/s" in text) == (not quiet)
+
+
+def test_list_methods_needs_no_artifacts(capsys):
+    """`--list-methods` prints every registered method and exits 0, without --artifacts or inputs."""
+    from runtime.explain import main
+    from runtime.methods import list_methods
+
+    assert main(["--list-methods"]) == 0
+    assert capsys.readouterr().out.split() == list(list_methods())
