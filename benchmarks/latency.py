@@ -451,7 +451,9 @@ def latency_tables(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Throughput mode
 
-_CLI_SECONDS = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s")
+# the CLI's summary: explained OK of N inputs ... in T s (T/OK s/image); T has one decimal, T/OK four
+# significant digits, so the loop time is OK x the per-image time (a fast run's T reads 0.0)
+_CLI_SECONDS = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s(?: \(([0-9.e+-]+) s/image\))?")
 
 
 THROUGHPUT_MODES = ("pipeline", "serial", "ray-1", "ray-2", "ray-4")
@@ -490,7 +492,10 @@ def _run_cli_mode(args, eng: str, mode: str, paths, out_dir: str) -> tuple[int, 
     if rc != 0:
         raise SystemExit(f"runtime.explain failed (exit {rc}):\n{stderr.getvalue()[-2000:]}")
     m = _CLI_SECONDS.search(stdout.getvalue())
-    return (int(m.group(1)), float(m.group(3)), "") if m else (len(paths), None, "")
+    if not m:
+        return len(paths), None, ""
+    ok = int(m.group(1))
+    return ok, (ok * float(m.group(4)) if m.group(4) else float(m.group(3))), ""
 
 
 def _run_ray_mode(args, eng: str, workers: int, paths, out_dir: str) -> tuple[int, float | None, str]:

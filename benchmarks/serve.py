@@ -42,7 +42,9 @@ from benchmarks.common import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-_CLI_LINE = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s")
+# the CLI's summary: explained OK of N inputs ... in T s (T/OK s/image); T has one decimal, T/OK four
+# significant digits, so the loop time is OK x the per-image time (a fast run's T reads 0.0)
+_CLI_LINE = re.compile(r"explained (\d+) of (\d+) inputs .* in ([0-9.]+) s(?: \(([0-9.e+-]+) s/image\))?")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,7 +241,8 @@ def run_cli(artifacts: str, paths: list[Path], method: str, top_p: int, threads:
     m = _CLI_LINE.search(r.stdout)
     if r.returncode != 0 or not m:
         raise SystemExit(f"runtime.explain failed ({r.returncode}): {r.stderr[-2000:]}")
-    n, loop_s = int(m.group(1)), float(m.group(3))
+    n = int(m.group(1))
+    loop_s = n * float(m.group(4)) if m.group(4) else float(m.group(3))
     return {"method": method, "images": n, "loop_s": loop_s, "wall_s": wall, "images_per_s": n / loop_s}
 
 

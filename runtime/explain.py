@@ -188,7 +188,7 @@ def run(args) -> int:
             error(f"{show(out_dir / 'index.html')}: could not write the report ({err})")
             failed += 1
     ok = counts["ok"]
-    per = f" ({dt / ok:.3f} s/image)" if ok else ""
+    per = f" ({dt / ok:.4g} s/image)" if ok else ""   # significant digits: never 0 on a fast machine
     print(f"explained {ok} of {len(items) + len(problems)} inputs with {args.method} on {args.engine}: "
           f"{failed} failed, {counts['skipped']} skipped (outputs exist) in {dt:.1f} s{per} -> {show(out_dir)}")
     return 1 if failed else 0

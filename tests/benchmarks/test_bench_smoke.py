@@ -266,3 +266,18 @@ def test_gpu_engines_that_fell_back_are_skipped_not_mislabelled(tiny_artifacts, 
         assert "has none" in parity.skip_reason("cuda", "fp16", has_fp16=False)
     finally:
         eng.probe_engine.cache_clear()
+
+
+def test_a_fast_runs_loop_time_comes_from_the_per_image_time():
+    """The CLI prints its total with one decimal ("in 0.0 s" for a run under 50 ms) and the time per image with
+    four significant digits: the benchmarks read the loop time as images x the per-image time, so a fast run
+    still gets a positive, finite throughput."""
+    from benchmarks import serve
+    from benchmarks.latency import _CLI_SECONDS
+
+    line = "explained 2 of 2 inputs with decomcam on cpu: 0 failed, 0 skipped (outputs exist) in 0.0 s (0.01234 s/image) -> 'o'"
+    for rx in (_CLI_SECONDS, serve._CLI_LINE):
+        m = rx.search(line)
+        assert (m.group(1), m.group(3), m.group(4)) == ("2", "0.0", "0.01234")
+    m = _CLI_SECONDS.search("explained 0 of 1 inputs with gradcam on cpu: 1 failed, 0 skipped (outputs exist) in 0.4 s -> 'o'")
+    assert m.group(1) == "0" and m.group(4) is None
