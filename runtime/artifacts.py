@@ -170,9 +170,6 @@ class Artifacts:
     def graph_path(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]["file"]
 
-    def class_set_names(self) -> list[str]:
-        return list(self.manifest.get("class_sets", {}))
-
     def load_class_set(self, name: str | None = None) -> ClassSetData:
         """A class set, checked before use: labels against the manifest's count (and `labels_sha256` when
         recorded), the embeddings' .npy header (float dtype, shape [count, D], file size) before anything

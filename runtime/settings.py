@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -114,19 +114,7 @@ class Settings:
         return EngineOptions(device_id=self.device_id, fp16=self.fp16, intra_op_threads=self.threads,
                              allow_spinning=allow_spinning, cuda_graph=self.cuda_graph)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def outputs_key(self) -> dict:
-        """The settings an explanation's numbers depend on (what a resumed run compares; not the engine,
-        batch size or threads, which change no number beyond float rounding)."""
-        return {k: getattr(self, k) for k in ("method", "top_p", "target", "class_set", "resize", "ig_steps",
-                                               "blur_sigma", "precision")}
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(Settings)]
