@@ -340,9 +340,10 @@ def test_requests_batched_together_each_get_their_own_answer(server, explainer):
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
-    """18 requests at once: 4 held in the replica (a batch of 8 waits up to 3 s for more), at most 8 waiting
-    for it; the others are refused at once with 503 and Retry-After, and the held ones are answered."""
-    server.deploy(max_batch=8, batch_wait_s=3.0)
+    """18 requests at once: 4 held in the replica (a batch of 8 waits up to 15 s for more: long enough for every
+    request to arrive on a slow or loaded machine), at most 8 waiting for it; the others are refused at once with
+    503 and Retry-After, and the held ones are answered."""
+    server.deploy(max_batch=8, batch_wait_s=15.0)
     rgb = png(make_images(1, seed=9)[0])
     with concurrent.futures.ThreadPoolExecutor(18) as pool:
         answers = list(pool.map(lambda _: server.explain(rgb, "method=gradcam"), range(18)))
