@@ -137,8 +137,8 @@ def test_a_foreign_writers_temporary_is_kept_until_old_and_unlocked(tmp_path):
     old_locked = _foreign(tmp_path, fsutil.FOREIGN_STALE_AFTER_S + 60)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
                                "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-                               "print('locked', flush=True); time.sleep(60)", str(old_locked)],
-                              stdout=subprocess.PIPE, text=True)
+                               "print('locked', flush=True); sys.stdin.read()", str(old_locked)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         removed = fsutil.remove_stale_temporaries(tmp_path)
